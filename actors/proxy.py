@@ -1,0 +1,36 @@
+"""Proxy: runs source movers, at most ``max_tasks`` at once, for the sources it can reach."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blockferry.actor import Completion
+from blockferry.config import ProxyConfig
+from blockferry.errors import BlockferryError
+from blockferry.format import TaskStats
+from blockferry.messages import ProxyStatus, ProxyStatusQuery, RunSource
+from blockferry.task import Runtime
+
+from ._host import MoverHost
+from .source_mover import SourceMover
+
+
+class Proxy(MoverHost):
+    def __init__(self, config: ProxyConfig, runtime: Runtime) -> None:
+        super().__init__(f"proxy:{config.name}", max_tasks=config.max_tasks, mailbox_size=runtime.settings.mailbox_size)
+        self.config = config
+        self.runtime = runtime
+
+    def __repr__(self) -> str:
+        return (f"<Proxy {self.config.name} tasks={self.load}/{self.max_tasks} "
+                f"transports={','.join(self.config.transports)}>")
+
+    async def handle(self, msg: Any) -> Any:
+        match msg:
+            case RunSource(task=task, out=out):
+                done: Completion[TaskStats] = Completion()
+                return await self.host(SourceMover(task, out, self.runtime, done), done)
+            case ProxyStatusQuery():
+                return ProxyStatus(name=self.config.name, load=self.load, peak=self.peak, max_tasks=self.max_tasks,
+                                   tasks_run=self.tasks_run, transports=list(self.config.transports))
+        raise BlockferryError(f"{self.name}: unexpected message {type(msg).__name__}")

@@ -1,0 +1,96 @@
+"""Repository: owns one repository's store, runs target movers (at most ``max_tasks`` at once),
+checks availability before tasks start, and commits restore points."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blockferry.actor import Completion
+from blockferry.config import RepositorySettings
+from blockferry.errors import BlockferryError, NotFoundError, RepositoryError, RepositoryUnavailableError
+from blockferry.format import DiskRecord
+from blockferry.messages import (
+    Availability,
+    CheckAvailable,
+    CommitPoint,
+    FindBase,
+    OpenTarget,
+    RepositoryStatus,
+    RepositoryStatusQuery,
+)
+from blockferry.registry import backend_plugin
+from blockferry.store import CONFIG_KEY, RepositoryStore
+from blockferry.task import Runtime
+
+from ._host import MoverHost
+from .target_mover import TargetMover
+
+
+class Repository(MoverHost):
+    def __init__(self, settings: RepositorySettings, runtime: Runtime, store: RepositoryStore | None = None) -> None:
+        super().__init__(f"repository:{settings.name}", max_tasks=settings.max_tasks,
+                         mailbox_size=runtime.settings.mailbox_size)
+        self.settings = settings
+        self.runtime = runtime
+        self.store = store
+        self._own_store = store is None
+
+    def __repr__(self) -> str:
+        return f"<Repository {self.settings.name} {self.settings.url} tasks={self.load}/{self.settings.max_tasks}>"
+
+    async def on_start(self) -> None:
+        if self.store is None:
+            backend = await backend_plugin(self.settings.url).open(self.settings.url, {"limiter": self.runtime.io})
+            self.store = await RepositoryStore.open(backend)
+        await self.store.load_index()
+
+    async def on_stop(self) -> None:
+        if self.store is not None and self._own_store:
+            await self.store.close()
+        elif self.store is not None:
+            await self.store.unlock()
+
+    async def handle(self, msg: Any) -> Any:
+        store = self.store
+        assert store is not None
+        match msg:
+            case CheckAvailable():
+                return await self._check_available(store)
+            case OpenTarget(task=task, inbox=inbox):
+                done: Completion[DiskRecord] = Completion()
+                # the source mover deduplicates against this index before compressing
+                task.index = store.index
+                return await self.host(TargetMover(task, inbox, store, self.runtime, done), done)
+            case FindBase(object=obj, disk=disk):
+                return await store.latest_disk(obj, disk)
+            case CommitPoint(manifest=manifest):
+                await store.commit(manifest)
+                self.log.info("point_committed", point=manifest.id, object=manifest.object, disks=len(manifest.disks))
+                return manifest.id
+            case RepositoryStatusQuery():
+                return RepositoryStatus(name=self.settings.name, url=self.settings.url, load=self.load,
+                                        peak=self.peak, max_tasks=self.settings.max_tasks, chunks=len(store.index))
+        raise BlockferryError(f"{self.name}: unexpected message {type(msg).__name__}")
+
+    async def _check_available(self, store: RepositoryStore) -> Availability:
+        """Reachable, writable, not locked by another writer, enough free space; the reason
+        otherwise. Takes the writer lock (held until the repository actor stops)."""
+        backend = store.backend
+        try:
+            await backend.stat(CONFIG_KEY)
+        except (NotFoundError, RepositoryError) as exc:
+            raise RepositoryUnavailableError(f"repository {self.settings.name} is not reachable: {exc}") from exc
+        try:
+            await backend.check_writable()
+        except RepositoryError as exc:
+            raise RepositoryUnavailableError(f"repository {self.settings.name} is not writable: {exc}") from exc
+        try:
+            await store.lock("backup")
+        except RepositoryError as exc:
+            raise RepositoryUnavailableError(f"repository {self.settings.name} is locked: {exc}") from exc
+        free = await backend.free_space()
+        if free is not None and free < self.settings.min_free_bytes:
+            raise RepositoryUnavailableError(
+                f"repository {self.settings.name} has {free} bytes free, less than the {self.settings.min_free_bytes} required"
+            )
+        return Availability(url=backend.url, free_bytes=free)

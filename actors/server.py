@@ -1,0 +1,160 @@
+"""BackupServer: the root actor. Owns the configuration, the proxies and repositories, and the
+resource scheduler; starts a JobManager per job run.
+
+Embedded use (no daemon)::
+
+    async with running_server(ServerConfig(...)) as server:
+        await server.add_repository(RepositorySettings(name="main", url="/srv/repo"))
+        handle = await server.run_job(JobSpec(...))
+        session = await handle.result()
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from blockferry.actor import Actor, Completion
+from blockferry.config import JobSpec, ProxyConfig, RepositorySettings, ServerConfig
+from blockferry.errors import BlockferryError, ConfigError
+from blockferry.messages import (
+    AddProxy,
+    AddRepository,
+    ProxyStatusQuery,
+    RepositoryStatusQuery,
+    RunJob,
+    ServerStatus,
+    ServerStatusQuery,
+    SessionResult,
+)
+from blockferry.scheduler import ResourceScheduler
+from blockferry.task import Runtime
+
+from .job import JobManager
+from .proxy import Proxy
+from .repository import Repository
+
+
+@dataclass
+class JobHandle:
+    """A running job: ask its ``manager`` for status, await :meth:`result` for the session."""
+
+    manager: JobManager
+    done: Completion[SessionResult]
+
+    async def result(self) -> SessionResult:
+        return await self.done.wait()
+
+
+class BackupServer(Actor[Any]):
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self.config = config or ServerConfig()
+        super().__init__("server", mailbox_size=self.config.engine.mailbox_size)
+        self.proxies: dict[str, Proxy] = {}
+        self.repositories: dict[str, Repository] = {}
+        self.jobs: dict[str, JobManager] = {}
+
+    def __repr__(self) -> str:
+        return f"<BackupServer proxies={list(self.proxies)} repositories={list(self.repositories)} jobs={list(self.jobs)}>"
+
+    async def on_start(self) -> None:
+        self.runtime = Runtime(self.config.engine)
+        self.scheduler = ResourceScheduler()
+        for p in self.config.proxies:
+            await self._add_proxy(p)
+        for r in self.config.repositories:
+            await self._add_repository(r, None)
+
+    async def handle(self, msg: Any) -> Any:
+        match msg:
+            case RunJob(spec=spec):
+                return await self._run_job(spec)
+            case AddRepository(settings=settings, store=store):
+                return await self._add_repository(settings, store)
+            case AddProxy(config=config):
+                return await self._add_proxy(config)
+            case ServerStatusQuery():
+                return ServerStatus(
+                    proxies=[await p.ask(ProxyStatusQuery()) for p in self.proxies.values()],
+                    repositories=[await r.ask(RepositoryStatusQuery()) for r in self.repositories.values()],
+                    jobs=sorted(self.jobs), waiting_tasks=self.scheduler.waiting,
+                )
+        raise BlockferryError(f"{self.name}: unexpected message {type(msg).__name__}")
+
+    async def _add_proxy(self, config: ProxyConfig) -> Proxy:
+        if config.name in self.proxies:
+            raise ConfigError(f"a proxy named {config.name!r} exists")
+        proxy = await self.spawn(Proxy(config, self.runtime))
+        self.proxies[config.name] = proxy
+        self.scheduler.add_proxy(config, proxy)
+        return proxy
+
+    async def _add_repository(self, settings: RepositorySettings, store: Any) -> Repository:
+        if settings.name in self.repositories:
+            raise ConfigError(f"a repository named {settings.name!r} exists")
+        repo = await self.spawn(Repository(settings, self.runtime, store))
+        self.repositories[settings.name] = repo
+        self.scheduler.add_repository(settings.name, settings.max_tasks)
+        return repo
+
+    def _find_repository(self, ref: str) -> Repository:
+        repo = self.repositories.get(ref)
+        if repo is None:
+            repo = next((r for r in self.repositories.values() if r.settings.url == ref), None)
+        if repo is None:
+            raise ConfigError(f"unknown repository {ref!r} (known: {', '.join(self.repositories) or 'none'})")
+        return repo
+
+    async def _run_job(self, spec: JobSpec) -> JobHandle:
+        if spec.name in self.jobs:
+            raise ConfigError(f"job {spec.name!r} is already running")
+        repo = self._find_repository(spec.repository)
+        assert repo.store is not None
+        cfg = repo.store.config
+        done: Completion[SessionResult] = Completion()
+        manager = JobManager(spec, repository=repo, repository_name=repo.settings.name, block_size=cfg.block_size,
+                             level=cfg.zstd_level, scheduler=self.scheduler, runtime=self.runtime, done=done)
+        self.jobs[spec.name] = manager
+        try:
+            await self.spawn(manager)
+        except BaseException:
+            del self.jobs[spec.name]
+            raise
+        self.start_soon(self._forget_job, spec.name, done)
+        return JobHandle(manager, done)
+
+    async def _forget_job(self, name: str, done: Completion[SessionResult]) -> None:
+        try:
+            await done.wait()
+        finally:
+            self.jobs.pop(name, None)
+
+    # -- convenience for embedding ---------------------------------------------------------------
+
+    async def add_repository(self, settings: RepositorySettings, store: Any = None) -> Repository:
+        return await self.ask(AddRepository(settings, store))
+
+    async def add_proxy(self, config: ProxyConfig) -> Proxy:
+        return await self.ask(AddProxy(config))
+
+    async def run_job(self, spec: JobSpec) -> JobHandle:
+        return await self.ask(RunJob(spec))
+
+    async def status(self) -> ServerStatus:
+        return await self.ask(ServerStatusQuery())
+
+
+@asynccontextmanager
+async def running_server(config: ServerConfig | None = None) -> AsyncIterator[BackupServer]:
+    """Run a BackupServer for the duration of the block; it stops (draining) on exit."""
+    async with anyio.create_task_group() as tg:
+        server: BackupServer = await tg.start(BackupServer(config).run)
+        try:
+            yield server
+        finally:
+            with anyio.CancelScope(shield=True):
+                await server.stop()

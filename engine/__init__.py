@@ -1,0 +1,42 @@
+"""blockferry: an image-level backup engine for virtual machines and volumes.
+
+The embedded API (no daemon needed)::
+
+    async with blockferry.open_repository("/srv/repo") as repo:
+        session = await repo.backup(["disk0.img", "disk1.img"], name="vm1")
+
+See docs/api.md. The actor runtime is :mod:`blockferry.actor`, the roles are in
+:mod:`blockferry.actors`, the plugins in :mod:`blockferry.plugins`.
+"""
+
+from __future__ import annotations
+
+from .api import Repository, init_repository, open_repository
+from .config import DiskSpec, EngineSettings, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
+from .errors import (
+    BlockferryError,
+    ConfigError,
+    CorruptionError,
+    HintError,
+    NotARepositoryError,
+    NotFoundError,
+    RepositoryError,
+    RepositoryLockedError,
+    RepositoryUnavailableError,
+    SourceError,
+    UnsupportedFormatError,
+)
+from .format import Manifest, RepositoryConfig, TaskStats
+from .messages import SessionResult
+from .restore import RestoreResult
+from .verify import VerifyReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockferryError", "ConfigError", "CorruptionError", "DiskSpec", "EngineSettings", "HintError", "JobSpec",
+    "Manifest", "NotARepositoryError", "NotFoundError", "ObjectSpec", "ProxyConfig", "Repository",
+    "RepositoryConfig", "RepositoryError", "RepositoryLockedError", "RepositorySettings",
+    "RepositoryUnavailableError", "RestoreResult", "ServerConfig", "SessionResult", "SourceError", "TaskStats",
+    "UnsupportedFormatError", "VerifyReport", "init_repository", "open_repository", "__version__",
+]

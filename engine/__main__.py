@@ -1,0 +1,3 @@
+from blockferry.cli import main
+
+raise SystemExit(main())

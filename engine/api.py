@@ -1,0 +1,221 @@
+"""The embedded Python API: every CLI operation, no daemon needed.
+
+::
+
+    import blockferry
+
+    await blockferry.init_repository("/srv/repo")
+    async with blockferry.open_repository("/srv/repo") as repo:
+        session = await repo.backup(["vm1-disk0.img", "vm1-disk1.img"], name="vm1")
+        points = await repo.points()
+        await repo.restore(points[-1].id, "/restore/here")
+        report = await repo.verify()
+
+Everything runs on asyncio or trio (through anyio). Bad input (a missing source, a malformed
+hint file, an unknown point) raises before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+
+from .config import DiskSpec, EngineSettings, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
+from .errors import ConfigError, NotFoundError
+from .format import DEFAULT_BLOCK_SIZE, Manifest, RepositoryConfig
+from .hints import check_within, load_hints
+from .messages import JobStatus, SessionResult
+from .registry import backend_plugin, scheme_of, source_plugin
+from .restore import RestoreResult, restore_disk
+from .store import PointSummary, RepositoryStore
+from .task import Runtime
+from .verify import VerifyReport, verify
+
+ProgressCallback = Callable[[JobStatus], None]
+
+
+async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "default") -> RepositoryConfig:
+    """Create a repository at ``url``. A local directory is created if missing and must be empty
+    otherwise; a location that already holds a repository is refused."""
+    if scheme_of(url) == "file":
+        from blockferry.plugins.local import path_from_url
+
+        path = path_from_url(url)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{path} exists and is not a directory")
+        if path.is_dir() and any(path.iterdir()) and not (path / "config").exists():
+            raise ConfigError(f"{path} is not empty; a new repository needs an empty or new directory")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
+    backend = await backend_plugin(url).open(url, {})
+    try:
+        return await RepositoryStore.init(backend, block_size=block_size, compression=compression)
+    finally:
+        await backend.aclose()
+
+
+@asynccontextmanager
+async def open_repository(url: str, *, engine: EngineSettings | None = None,
+                          proxies: Sequence[ProxyConfig] | None = None, max_tasks: int = 4) -> AsyncIterator[Repository]:
+    """Open an existing repository (NotARepositoryError, UnsupportedFormatError otherwise).
+
+    ``proxies`` and ``max_tasks`` shape backups made through this handle: by default one local
+    proxy of 4 tasks and a repository limit of 4 tasks.
+    """
+    runtime = Runtime(engine)
+    backend = await backend_plugin(url).open(url, {"limiter": runtime.io})
+    try:
+        store = await RepositoryStore.open(backend)
+        repo = Repository(url, store, runtime, list(proxies) if proxies else None, max_tasks)
+        try:
+            yield repo
+        finally:
+            with anyio.CancelScope(shield=True):
+                await store.close()
+    finally:
+        await backend.aclose()
+
+
+class Repository:
+    """An open repository (see :func:`open_repository`)."""
+
+    def __init__(self, url: str, store: RepositoryStore, runtime: Runtime, proxies: list[ProxyConfig] | None,
+                 max_tasks: int) -> None:
+        self.url = url
+        self.store = store
+        self.runtime = runtime
+        self.proxies = proxies
+        self.max_tasks = max_tasks
+
+    def __repr__(self) -> str:
+        return f"<blockferry.Repository {self.url}>"
+
+    @property
+    def config(self) -> RepositoryConfig:
+        return self.store.config
+
+    async def points(self, object: str | None = None) -> list[PointSummary]:
+        """Restore points, oldest first (only those of ``object`` if given)."""
+        return [s for s in await self.store.summaries() if object is None or s.object == object]
+
+    async def point(self, ref: str = "latest", *, object: str | None = None) -> Manifest:
+        """A restore point by id, unique id prefix, or ``latest``."""
+        return await self.store.manifest(await self.store.resolve_point(ref, object_name=object))
+
+    async def backup(
+        self,
+        sources: Sequence[str | DiskSpec],
+        *,
+        name: str | None = None,
+        hints: Mapping[str, str | os.PathLike[str]] | None = None,
+        job: str | None = None,
+        retries: int = 2,
+        retry_delay: float = 1.0,
+        progress: ProgressCallback | None = None,
+        progress_interval: float = 0.5,
+    ) -> SessionResult:
+        """Back up ``sources`` (the disks of one object, named ``name`` or after the first
+        source) into one new restore point. ``hints`` maps a source to its changed-extent file.
+
+        Returns the session; its ``state`` says whether it succeeded. Bad input raises first.
+        """
+        if not sources:
+            raise ConfigError("nothing to back up: give at least one source")
+        hints = {str(k): str(v) for k, v in (hints or {}).items()}
+        disks = [s if isinstance(s, DiskSpec) else DiskSpec(source=str(s), hints=hints.pop(str(s), None)) for s in sources]
+        if hints:
+            raise ConfigError(f"changed extents given for {', '.join(hints)}, which is not among the sources")
+        await self._preflight(disks)
+        obj = name or disks[0].name or source_plugin(disks[0].source).disk_name(disks[0].source)
+        spec = JobSpec(name=job or f"backup {obj}", repository="repository",
+                       objects=[ObjectSpec(name=obj, disks=disks)], retries=retries, retry_delay=retry_delay)
+        return await self.run_job(spec, progress=progress, progress_interval=progress_interval)
+
+    async def run_job(self, spec: JobSpec, *, progress: ProgressCallback | None = None,
+                      progress_interval: float = 0.5) -> SessionResult:
+        """Run a whole job (several objects) against this repository, in an embedded server."""
+        from blockferry.actors.server import running_server
+
+        cfg = ServerConfig(proxies=self.proxies or [ProxyConfig(name="local", max_tasks=self.max_tasks)],
+                           engine=self.runtime.settings)
+        async with running_server(cfg) as server:
+            await server.add_repository(RepositorySettings(name=spec.repository, url=self.url, max_tasks=self.max_tasks),
+                                        self.store)
+            handle = await server.run_job(spec)
+            if progress is None:
+                return await handle.result()
+            async with anyio.create_task_group() as tg:
+                async def report() -> None:
+                    while True:
+                        progress(handle.manager.status())
+                        await anyio.sleep(progress_interval)
+
+                tg.start_soon(report)
+                result = await handle.result()
+                tg.cancel_scope.cancel()
+            progress(handle.manager.status())
+            return result
+
+    async def _preflight(self, disks: list[DiskSpec]) -> None:
+        """Open every source and read every hint file once, so bad input fails before anything
+        is locked or written."""
+        for d in disks:
+            extents = load_hints(d.hints) if d.hints else None
+            disk = await source_plugin(d.source).open(d.source, d.options)
+            try:
+                if extents is not None:
+                    check_within(extents, disk.size, d.hints or d.source)
+            finally:
+                await disk.aclose()
+
+    async def restore(
+        self,
+        point: str,
+        to: str | os.PathLike[str],
+        *,
+        disk: str | None = None,
+        overwrite: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[RestoreResult]:
+        """Restore a point's disks (or only ``disk``) as image files named after the disks in
+        the directory ``to`` (created if missing)."""
+        m = await self.point(point)
+        disks = [m.disk(disk)] if disk else m.disks
+        out = Path(to)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {out}: {exc.strerror}") from exc
+        await self.store.load_index()
+        results = []
+        for d in disks:
+            results.append(await restore_disk(self.store, m, d, out / d.name, runtime=self.runtime,
+                                              overwrite=overwrite, progress=progress))
+        return results
+
+    async def restore_onto(self, point: str, target: str | os.PathLike[str], *, disk: str | None = None,
+                           progress: Callable[[int], None] | None = None) -> RestoreResult:
+        """Restore one disk onto an existing image file or block device, overwriting it."""
+        m = await self.point(point)
+        if disk is None:
+            if len(m.disks) != 1:
+                raise ConfigError(f"point {m.id} has {len(m.disks)} disks: name the one to restore")
+            record = m.disks[0]
+        else:
+            record = m.disk(disk)
+        await self.store.load_index()
+        return await restore_disk(self.store, m, record, Path(target), runtime=self.runtime, into_existing=True,
+                                  progress=progress)
+
+    async def verify(self, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+        """Re-read and hash every chunk any restore point references."""
+        return await verify(self.store, self.runtime, progress=progress)
+
+
+__all__ = ["Repository", "init_repository", "open_repository", "NotFoundError"]

@@ -1,0 +1,350 @@
+"""The ``blockferry`` command.
+
+Embedded commands (no daemon needed): ``init``, ``backup``, ``points``, ``restore``, ``verify``,
+``unlock`` and ``demo``. Each takes ``--json`` for machine-readable output on stdout. Progress
+goes to stderr: a redrawn line on a terminal, plain lines otherwise.
+
+Exit codes: 0 success; 1 the operation failed (a backup session failed, an I/O error);
+2 bad input (arguments, configuration, missing source or point); 3 damaged data found;
+4 the repository is locked by another process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from . import __version__
+from .errors import BlockferryError, ConfigError, unwrap_group
+from .format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, parse_size, stats_dict
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED = 0, 1, 2, 3, 4
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _json_out(obj: Any) -> None:
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(obj), indent=2).decode() + "\n")
+
+
+class Progress:
+    """Progress on stderr: one redrawn line on a terminal, a plain line every ``every`` seconds
+    otherwise, nothing with ``quiet``."""
+
+    def __init__(self, *, quiet: bool, every: float = 10.0) -> None:
+        self.tty = sys.stderr.isatty()
+        self.quiet = quiet
+        self.every = every
+        self._last = 0.0
+        self._started = time.monotonic()
+        self._drawn = False
+
+    def line(self, text: str, *, final: bool = False) -> None:
+        if self.quiet:
+            return
+        now = time.monotonic()
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K" + text + ("\n" if final else ""))
+            sys.stderr.flush()
+            self._drawn = not final
+        elif final or now - self._last >= self.every:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+            self._last = now
+
+    def done(self) -> None:
+        if self.tty and self._drawn and not self.quiet:
+            sys.stderr.write("\n")
+            self._drawn = False
+
+    def bar(self, done: int, total: int, extra: str = "") -> str:
+        frac = done / total if total else 1.0
+        width = 24
+        fill = int(frac * width)
+        rate = done / max(1e-9, time.monotonic() - self._started)
+        return f"[{'#' * fill}{'.' * (width - fill)}] {frac * 100:5.1f}% {human(done)}/{human(total)} {human(rate)}/s {extra}"
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+async def cmd_init(a: argparse.Namespace) -> int:
+    from .api import init_repository
+
+    cfg = await init_repository(a.repo, block_size=a.block_size, compression=a.compression)
+    if a.json:
+        _json_out({"repository": a.repo, "config": cfg})
+    else:
+        print(f"created repository {a.repo} (id {cfg.id[:12]}, block size {human(cfg.block_size)}, "
+              f"compression {cfg.compression})")
+    return EXIT_OK
+
+
+def _parse_hints(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        src, sep, path = item.rpartition("=")
+        if not sep or not src or not path:
+            raise ConfigError(f"--changed-extents takes SOURCE=FILE, not {item!r}")
+        out[src] = path
+    return out
+
+
+async def cmd_backup(a: argparse.Namespace) -> int:
+    from .api import open_repository
+    from .messages import JobStatus
+
+    progress = Progress(quiet=a.json or a.quiet)
+    seen: dict[str, str] = {}
+
+    def show(st: JobStatus) -> None:
+        for t in st.tasks:  # plain lines for state changes, on every kind of output
+            if seen.get(t.disk) != t.state and not progress.tty:
+                seen[t.disk] = t.state
+                progress.line(f"{t.object}/{t.disk}: {t.state}" + (f" on proxy {t.proxy}" if t.proxy else ""), final=True)
+        done = sum(t.done_bytes for t in st.tasks)
+        total = sum(t.total_bytes for t in st.tasks)
+        running = sum(t.state == "running" for t in st.tasks)
+        waiting = sum(t.state == "waiting" for t in st.tasks)
+        progress.line(progress.bar(done, total, f"disks: {running} running, {waiting} waiting"))
+
+    async with open_repository(a.repo, max_tasks=a.max_tasks) as repo:
+        session = await repo.backup(a.sources, name=a.name, hints=_parse_hints(a.changed_extents),
+                                    retries=a.retries, progress=show)
+    progress.done()
+    if a.json:
+        out = msgspec.to_builtins(session)
+        out["stats"] = stats_dict(session.stats)
+        for o, oo in zip(session.objects, out["objects"]):
+            for d, dd in zip(o.disks, oo["disks"]):
+                dd["stats"] = stats_dict(d.stats)
+        _json_out(out)
+    else:
+        print_session(session)
+    return EXIT_OK if session.state in ("success", "warning") else EXIT_FAILED
+
+
+def print_session(session: Any) -> None:
+    for o in session.objects:
+        if o.state == "done":
+            print(f"{o.name}: restore point {o.point} ({len(o.disks)} disk{'s' * (len(o.disks) != 1)})")
+        else:
+            print(f"{o.name}: FAILED after {o.attempts} attempt(s): {o.error}")
+        for d in o.disks:
+            s = d.stats
+            if d.state != "done":
+                print(f"  {d.name}: {d.state}" + (f": {d.error}" if d.error else ""))
+                continue
+            bn = s.bottleneck()
+            worst = max(bn, key=lambda k: bn[k])
+            print(f"  {d.name}: {human(s.disk_size)} in {s.duration:.2f} s ({human(s.rate())}/s) via proxy {d.proxy}; {d.plan}")
+            print(f"    read {human(s.read_bytes)}, zero {human(s.zero_bytes)}, unchanged {human(s.unchanged_bytes)}, "
+                  f"new {human(s.new_bytes)}, deduplicated {human(s.dedup_bytes)}, "
+                  f"compressed {human(s.compressed_bytes)}, written {human(s.written_bytes)}")
+            print(f"    busy: source {bn['source']:.0%}, proxy {bn['proxy']:.0%}, target {bn['target']:.0%} "
+                  f"(bottleneck: {worst})")
+    s = session.stats
+    print(f"session {session.state}: {human(s.disk_size)} covered in {session.duration:.2f} s, "
+          f"{human(s.read_bytes)} read, {human(s.written_bytes)} written")
+    for w in session.warnings:
+        print(f"warning: {w}")
+
+
+async def cmd_points(a: argparse.Namespace) -> int:
+    from .api import open_repository
+
+    async with open_repository(a.repo) as repo:
+        pts = await repo.points(object=a.object)
+    if a.json:
+        _json_out(pts)
+        return EXIT_OK
+    if not pts:
+        print("no restore points")
+        return EXIT_OK
+    print(f"{'ID':16}  {'CREATED (UTC)':19}  {'OBJECT':20}  DISKS")
+    for p in pts:
+        disks = ", ".join(f"{d.name} ({human(d.size)}{', incremental' if d.hinted else ''})" for d in p.disks)
+        print(f"{p.id:16}  {p.created[:19].replace('T', ' '):19}  {p.object[:20]:20}  {disks}")
+    return EXIT_OK
+
+
+async def cmd_restore(a: argparse.Namespace) -> int:
+    from .api import open_repository
+
+    if (a.to is None) == (a.to_file is None):
+        raise ConfigError("give either --to DIR or --to-file PATH")
+    progress = Progress(quiet=a.json or a.quiet, every=10.0)
+    async with open_repository(a.repo) as repo:
+        m = await repo.point(a.point)
+        disks = [m.disk(a.disk)] if a.disk else m.disks
+        total = sum(d.size for d in disks)
+        done = [0]
+
+        def tick(n: int) -> None:
+            done[0] += n
+            progress.line(progress.bar(done[0], total))
+
+        if a.to_file is not None:
+            results = [await repo.restore_onto(m.id, a.to_file, disk=a.disk, progress=tick)]
+        else:
+            results = await repo.restore(m.id, a.to, disk=a.disk, overwrite=a.overwrite, progress=tick)
+    progress.done()
+    if a.json:
+        _json_out(results)
+    else:
+        for r in results:
+            print(f"restored {r.disk} of point {r.point} to {r.path}: {human(r.size)} "
+                  f"({human(r.data_bytes)} data, {human(r.hole_bytes)} holes) in {r.duration:.2f} s")
+    return EXIT_OK
+
+
+async def cmd_verify(a: argparse.Namespace) -> int:
+    from .api import open_repository
+
+    progress = Progress(quiet=a.json or a.quiet)
+    async with open_repository(a.repo) as repo:
+        report = await repo.verify(progress=lambda n, total: progress.line(f"verified {n}/{total} chunks"))
+    progress.done()
+    if a.json:
+        out = msgspec.to_builtins(report)
+        out["healthy"] = report.healthy
+        _json_out(out)
+    else:
+        print(f"{report.points} points, {report.chunks_checked} chunks ({human(report.bytes_checked)}) checked "
+              f"in {report.duration:.2f} s")
+        for d in report.damaged:
+            print(f"damaged chunk {d.chunk[:16]}{' in ' + d.pack if d.pack else ''}: {d.reason}")
+        for x in report.affected:
+            offs = ", ".join(str(o) for o in x.offsets)
+            print(f"  affects point {x.point} ({x.object}) disk {x.disk}: {x.damaged_blocks} block(s) at {offs}")
+        print("repository is healthy" if report.healthy else "repository is DAMAGED")
+    return EXIT_OK if report.healthy else EXIT_DAMAGED
+
+
+async def cmd_unlock(a: argparse.Namespace) -> int:
+    from .registry import backend_plugin
+    from .store import LOCK_KEY, RepositoryStore
+
+    backend = await backend_plugin(a.repo).open(a.repo, {})
+    store = await RepositoryStore.open(backend)
+    holder = await store.read_lock()
+    if holder is None:
+        print("the repository is not locked")
+        return EXIT_OK
+    await backend.delete(LOCK_KEY)
+    print(f"removed the lock of pid {holder.pid} on {holder.host} ({holder.purpose}, since {holder.created})")
+    return EXIT_OK
+
+
+async def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return await run_demo(Path(a.dir), size=a.size)
+
+
+# -- wiring --------------------------------------------------------------------------------------
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blockferry", description="Image-level backup of VM disks and volumes.")
+    p.add_argument("--version", action="version", version=f"blockferry {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    p.add_argument("--log-json", action="store_true", help="log JSON lines to stderr")
+    p.add_argument("--async-backend", choices=("asyncio", "trio"), default=os.environ.get("BLOCKFERRY_ASYNC", "asyncio"),
+                   help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, fn: Callable[[argparse.Namespace], Any], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        return sp
+
+    sp = cmd("init", cmd_init, "create a repository")
+    sp.add_argument("repo", help="directory (created if missing) or URL")
+    sp.add_argument("--block-size", type=_size_arg, default=DEFAULT_BLOCK_SIZE,
+                    help="block size, a power of two from 256KiB to 8MiB (default 1MiB)")
+    sp.add_argument("--compression", choices=list(COMPRESSION_LEVELS), default="default",
+                    help="none, fast (zstd 1), default (zstd 3), high (zstd 9)")
+
+    sp = cmd("backup", cmd_backup, "back up the disks of one object (VM) into a new restore point")
+    sp.add_argument("repo")
+    sp.add_argument("sources", nargs="+", metavar="SOURCE", help="disk image, block device or source URL")
+    sp.add_argument("--name", help="object name (default: the first source's name)")
+    sp.add_argument("--changed-extents", action="append", default=[], metavar="SOURCE=FILE",
+                    help="only these extents of SOURCE changed since its last point ('OFFSET LENGTH' lines or rbd diff JSON)")
+    sp.add_argument("--max-tasks", type=int, default=4, help="disks processed at once (default 4)")
+    sp.add_argument("--retries", type=int, default=2, help="retries of a transient failure (default 2)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
+
+    sp = cmd("points", cmd_points, "list restore points")
+    sp.add_argument("repo")
+    sp.add_argument("--object", help="only this object's points")
+
+    sp = cmd("restore", cmd_restore, "restore a point's disks")
+    sp.add_argument("repo")
+    sp.add_argument("point", help="point id, unique prefix, or 'latest'")
+    sp.add_argument("--to", help="directory: one image file per disk, named after the disk")
+    sp.add_argument("--to-file", help="an existing image file or block device to overwrite with one disk")
+    sp.add_argument("--disk", help="only this disk")
+    sp.add_argument("--overwrite", action="store_true", help="replace existing files in --to")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
+
+    sp = cmd("verify", cmd_verify, "re-read every chunk and check its hash")
+    sp.add_argument("repo")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
+
+    sp = cmd("unlock", cmd_unlock, "remove the writer lock left by a process that is gone")
+    sp.add_argument("repo")
+
+    sp = cmd("demo", cmd_demo, "back up and restore two generated disk images, end to end")
+    sp.add_argument("dir", nargs="?", default="blockferry-demo", help="work directory (default ./blockferry-demo)")
+    sp.add_argument("--size", type=_size_arg, default=64 << 20, help="size of each demo disk (default 64MiB)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    from .log import configure
+
+    configure(level=("warning", "info", "debug")[min(a.verbose, 2)], json=a.log_json)
+    try:
+        return anyio.run(a.fn, a, backend=a.async_backend)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BaseException as exc:
+        err = unwrap_group(exc)
+        if isinstance(err, BlockferryError):
+            print(f"blockferry: error: {err}", file=sys.stderr)
+            return err.exit_code
+        if isinstance(err, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return 130
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

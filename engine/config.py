@@ -1,0 +1,123 @@
+"""Configuration of the backup server and of jobs, as msgspec structs.
+
+Everything validates on construction from untrusted data (:func:`load`), and a refusal names the
+field: ``ConfigError: proxies[1].max_tasks: Expected `int` >= 1``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+
+from .errors import ConfigError
+from .format import MiB
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f/]+$")]
+
+
+class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A proxy: where source movers run, how many at once, what they can reach."""
+
+    name: Name
+    max_tasks: Positive = 4
+    #: source URL schemes this proxy can read (``file``, ``qemu``...)
+    transports: list[str] = msgspec.field(default_factory=lambda: ["file"])
+    #: path or URL prefixes this proxy can reach; empty means everything its transports can
+    reach: list[str] = msgspec.field(default_factory=list)
+
+    def can_reach(self, url: str, scheme: str) -> bool:
+        if scheme not in self.transports:
+            return False
+        if not self.reach:
+            return True
+        target = url if scheme != "file" else os.path.abspath(url.removeprefix("file://"))
+        return any(target == r or target.startswith(r.rstrip("/") + "/") for r in self.reach)
+
+
+class RepositorySettings(msgspec.Struct, frozen=True, kw_only=True):
+    """A repository as the server uses it: where it is and how hard to push it."""
+
+    name: Name
+    url: str
+    max_tasks: Positive = 4
+    #: the availability check refuses a task when less than this is free (bytes)
+    min_free_bytes: NonNegative = 256 * MiB
+
+
+class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Knobs of the data path. The defaults were measured (docs/performance.md)."""
+
+    #: parallel read/process lanes per task
+    lanes: Positive = 2
+    #: bytes of blocks per batch (at least one block)
+    batch_bytes: Positive = 8 * MiB
+    #: batches buffered between a source mover and its target mover
+    stream_batches: Positive = 2
+    #: worker threads hashing and compressing (0: one per core)
+    cpu_threads: NonNegative = 0
+    #: worker threads doing repository I/O
+    io_threads: Positive = 4
+    #: mailbox bound of every actor
+    mailbox_size: Positive = 64
+    #: seconds an actor waits for a reply before giving up
+    ask_timeout: Seconds = 60.0
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    proxies: list[ProxyConfig] = msgspec.field(default_factory=lambda: [ProxyConfig(name="local")])
+    repositories: list[RepositorySettings] = msgspec.field(default_factory=list)
+    engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
+
+    def __post_init__(self) -> None:
+        for kind, items in (("proxy", self.proxies), ("repository", self.repositories)):
+            names = [i.name for i in items]
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ConfigError(f"{kind} names must be unique: {', '.join(sorted(dup))}")
+
+
+class DiskSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One disk of an object: where to read it and, optionally, what changed."""
+
+    source: str
+    #: name in the restore point (default: the source's own, e.g. the file name)
+    name: Name | None = None
+    #: changed-extent hint file (``OFFSET LENGTH`` lines or ``rbd diff`` JSON)
+    hints: str | None = None
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ObjectSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """An object (a VM): its disks, backed up together into one restore point per run."""
+
+    name: Name
+    disks: Annotated[list[DiskSpec], msgspec.Meta(min_length=1)]
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: Name
+    #: repository name (as configured) or URL
+    repository: str
+    objects: Annotated[list[ObjectSpec], msgspec.Meta(min_length=1)]
+    #: attempts after the first for an object that failed with a transient error
+    retries: NonNegative = 3
+    retry_delay: Seconds = 10.0
+    #: at most this many of the job's tasks at once (None: only proxy and repository limits)
+    max_tasks: Positive | None = None
+
+
+T = TypeVar("T")
+
+
+def load(data: Any, kind: type[T]) -> T:
+    """Validate plain data (from TOML, JSON, the socket) into ``kind``; ConfigError names the
+    field at fault."""
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc).replace("$.", "")) from None

@@ -1,0 +1,143 @@
+"""The engine's semantic exceptions.
+
+Plugins and backends translate foreign exceptions into these at their edge (see
+:func:`map_errors`), so callers and the CLI deal with a small, documented set. Each class says
+when it is raised; ``exit_code`` is what the CLI exits with when the error ends a command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+
+class BlockferryError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    exit_code = 1
+    #: a later attempt may succeed (the job manager retries the object); bad input never does
+    transient = False
+
+
+class ConfigError(BlockferryError):
+    """Invalid configuration or arguments: a bad block size, an unknown compression name, an
+    unknown URL scheme. Nothing was changed."""
+
+    exit_code = 2
+
+
+class HintError(ConfigError):
+    """A changed-extent hint file cannot be used: unreadable, malformed (the message names the
+    line), or describing extents outside the disk."""
+
+
+class NotARepositoryError(BlockferryError):
+    """The location holds no blockferry repository (no readable ``config``)."""
+
+    exit_code = 2
+
+
+class UnsupportedFormatError(BlockferryError):
+    """The repository records a format or version this build does not know."""
+
+    exit_code = 2
+
+
+class NotFoundError(BlockferryError):
+    """A named restore point, disk, object or key does not exist."""
+
+    exit_code = 2
+
+
+class AmbiguousError(ConfigError):
+    """A point id prefix matches more than one restore point."""
+
+
+class RepositoryError(BlockferryError):
+    """The repository's storage failed: an I/O error, a full disk, a refused request."""
+
+    transient = True
+
+
+class RepositoryLockedError(RepositoryError):
+    """Another live process holds the repository's writer lock. The message names it."""
+
+    exit_code = 4
+    transient = False
+
+
+class RepositoryUnavailableError(RepositoryError):
+    """The availability check before a task failed: unreachable, read-only, locked or short of
+    free space. Raised before any source is opened; the message gives the reason."""
+
+    transient = False
+
+
+class CorruptionError(BlockferryError):
+    """Stored data does not match its hash or cannot be decoded. The message names what is
+    damaged: the point, disk and offset for restores, the key for metadata."""
+
+    exit_code = 3
+
+
+class SourceError(BlockferryError):
+    """A source cannot be opened or read (missing file, permission, read error). The message
+    names the source and, for read errors, the offset."""
+
+
+class SourceChangedError(SourceError):
+    """A source changed in a way the task cannot follow (e.g. it shrank while being read)."""
+
+    transient = True
+
+
+class ChunkLostError(BlockferryError):
+    """A chunk that another task promised to store was abandoned because that task failed; the
+    object is retried and reads the block itself."""
+
+    transient = True
+
+
+class ActorStoppedError(BlockferryError):
+    """A message was sent to an actor that is stopping or stopped, or it was queued when the
+    actor stopped without draining."""
+
+
+class ActorFailedError(BlockferryError):
+    """An actor crashed while handling the ``ask`` that is waiting for it."""
+
+
+class ChildFailedError(BlockferryError):
+    """A supervised child actor failed and the policy chose to fail its parent. ``child`` names
+    it; ``__cause__`` is the child's error."""
+
+    def __init__(self, child: str, error: BaseException) -> None:
+        super().__init__(f"actor {child} failed: {error!r}")
+        self.child = child
+        self.error = error
+
+
+@contextlib.contextmanager
+def map_errors(mapping: Mapping[type[BaseException], type[BlockferryError]], context: str = "") -> Iterator[None]:
+    """Translate foreign exceptions into engine errors, once, at a boundary.
+
+    ``with map_errors({OSError: RepositoryError}, "writing pack"): ...``. Engine errors pass
+    through untouched; the original is kept as ``__cause__``.
+    """
+    try:
+        yield
+    except BlockferryError:
+        raise
+    except tuple(mapping) as exc:  # type: ignore[misc]
+        for foreign, ours in mapping.items():
+            if isinstance(exc, foreign):
+                msg = f"{context}: {exc}" if context else str(exc)
+                raise ours(msg) from exc
+        raise  # pragma: no cover - tuple(mapping) matched, so a class above did too
+
+
+def unwrap_group(exc: BaseException) -> BaseException:
+    """The single leaf of nested exception groups (task groups wrap errors), else ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
