@@ -40,25 +40,14 @@ from blockferry.task import Runtime, TaskContext
 
 
 def primary_error(exc: BaseException) -> BaseException:
-    """The error worth reporting out of a group: a mover that only saw its peer go away is not
-    the cause."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for x in e.exceptions:
-                walk(x)
-        else:
-            leaves.append(e)
-
-    walk(exc)
+    """The error worth reporting for a task: a mover that only saw its peer go away is not the
+    cause."""
     from .source_mover import DownstreamClosedError
     from .target_mover import UpstreamEndedError
 
-    for e in leaves:
-        if not isinstance(e, (DownstreamClosedError, UpstreamEndedError)):
-            return e
-    return leaves[0] if leaves else exc
+    if isinstance(exc, (DownstreamClosedError, UpstreamEndedError)) or isinstance(exc, BaseExceptionGroup):
+        return unwrap_group(BaseExceptionGroup("task", [exc]), secondary=(DownstreamClosedError, UpstreamEndedError))
+    return exc
 
 
 class JobManager(Actor[Any]):

@@ -31,7 +31,10 @@ from .messages import SessionResult
 from .restore import RestoreResult
 from .verify import VerifyReport
 
+from .log import ensure_configured as _ensure_logging
+
 __version__ = "0.1.0"
+_ensure_logging()
 
 __all__ = [
     "BlockferryError", "ConfigError", "CorruptionError", "DiskSpec", "EngineSettings", "HintError", "JobSpec",

@@ -17,15 +17,17 @@ hint file, an unknown point) raises before anything is written.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import anyio
 
 from .config import DiskSpec, EngineSettings, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
-from .errors import ConfigError, NotFoundError
+from .errors import ConfigError, NotFoundError, plain_errors
 from .format import DEFAULT_BLOCK_SIZE, Manifest, RepositoryConfig
 from .hints import check_within, load_hints
 from .messages import JobStatus, SessionResult
@@ -37,7 +39,21 @@ from .verify import VerifyReport, verify
 
 ProgressCallback = Callable[[JobStatus], None]
 
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+
+def _plain(fn: F) -> F:
+    """Raise engine errors themselves, never wrapped in an exception group."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with plain_errors():
+            return await fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_plain
 async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "default") -> RepositoryConfig:
     """Create a repository at ``url``. A local directory is created if missing and must be empty
     otherwise; a location that already holds a repository is refused."""
@@ -100,14 +116,17 @@ class Repository:
     def config(self) -> RepositoryConfig:
         return self.store.config
 
+    @_plain
     async def points(self, object: str | None = None) -> list[PointSummary]:
         """Restore points, oldest first (only those of ``object`` if given)."""
         return [s for s in await self.store.summaries() if object is None or s.object == object]
 
+    @_plain
     async def point(self, ref: str = "latest", *, object: str | None = None) -> Manifest:
         """A restore point by id, unique id prefix, or ``latest``."""
         return await self.store.manifest(await self.store.resolve_point(ref, object_name=object))
 
+    @_plain
     async def backup(
         self,
         sources: Sequence[str | DiskSpec],
@@ -137,6 +156,7 @@ class Repository:
                        objects=[ObjectSpec(name=obj, disks=disks)], retries=retries, retry_delay=retry_delay)
         return await self.run_job(spec, progress=progress, progress_interval=progress_interval)
 
+    @_plain
     async def run_job(self, spec: JobSpec, *, progress: ProgressCallback | None = None,
                       progress_interval: float = 0.5) -> SessionResult:
         """Run a whole job (several objects) against this repository, in an embedded server."""
@@ -164,7 +184,7 @@ class Repository:
 
     async def _preflight(self, disks: list[DiskSpec]) -> None:
         """Open every source and read every hint file once, so bad input fails before anything
-        is locked or written."""
+        is written; then take the writer lock (RepositoryLockedError if a live process has it)."""
         for d in disks:
             extents = load_hints(d.hints) if d.hints else None
             disk = await source_plugin(d.source).open(d.source, d.options)
@@ -173,7 +193,9 @@ class Repository:
                     check_within(extents, disk.size, d.hints or d.source)
             finally:
                 await disk.aclose()
+        await self.store.lock("backup")
 
+    @_plain
     async def restore(
         self,
         point: str,
@@ -199,6 +221,7 @@ class Repository:
                                               overwrite=overwrite, progress=progress))
         return results
 
+    @_plain
     async def restore_onto(self, point: str, target: str | os.PathLike[str], *, disk: str | None = None,
                            progress: Callable[[int], None] | None = None) -> RestoreResult:
         """Restore one disk onto an existing image file or block device, overwriting it."""
@@ -213,6 +236,7 @@ class Repository:
         return await restore_disk(self.store, m, record, Path(target), runtime=self.runtime, into_existing=True,
                                   progress=progress)
 
+    @_plain
     async def verify(self, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
         """Re-read and hash every chunk any restore point references."""
         return await verify(self.store, self.runtime, progress=progress)

@@ -84,6 +84,8 @@ class SourceError(BlockferryError):
     """A source cannot be opened or read (missing file, permission, read error). The message
     names the source and, for read errors, the offset."""
 
+    exit_code = 2
+
 
 class SourceChangedError(SourceError):
     """A source changed in a way the task cannot follow (e.g. it shrank while being read)."""
@@ -136,8 +138,37 @@ def map_errors(mapping: Mapping[type[BaseException], type[BlockferryError]], con
         raise  # pragma: no cover - tuple(mapping) matched, so a class above did too
 
 
-def unwrap_group(exc: BaseException) -> BaseException:
-    """The single leaf of nested exception groups (task groups wrap errors), else ``exc``."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The errors inside (nested) exception groups, in order; ``[exc]`` for a plain error."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in leaves(e)]
+    return [exc]
+
+
+def unwrap_group(exc: BaseException, *, secondary: tuple[type[BaseException], ...] = ()) -> BaseException:
+    """The error worth reporting out of exception groups (task groups wrap errors): the first
+    engine error that is not of a ``secondary`` kind (a peer that only saw the real failure),
+    else the first error; ``exc`` itself when it is not a group."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    found = leaves(exc)
+    for e in found:
+        if isinstance(e, BlockferryError) and not isinstance(e, secondary):
+            return e
+    for e in found:
+        if not isinstance(e, secondary):
+            return e
+    return found[0] if found else exc
+
+
+@contextlib.contextmanager
+def plain_errors() -> Iterator[None]:
+    """At an API boundary: raise the meaningful error itself, not the exception group that the
+    task groups inside wrapped it in, so callers can ``except CorruptionError``."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        err = unwrap_group(group)
+        if err is group:
+            raise
+        raise err from err.__cause__

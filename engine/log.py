@@ -30,3 +30,10 @@ def configure(*, level: str = "warning", json: bool = False) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def ensure_configured() -> None:
+    """Give structlog a quiet default (warnings and errors to stderr) unless the program that
+    embeds blockferry configured it already."""
+    if not structlog.is_configured():
+        configure(level="warning")

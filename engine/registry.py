@@ -1,13 +1,14 @@
 """Finding source plugins and repository backends by URL scheme, through entry points.
 
 Groups: ``blockferry.sources`` and ``blockferry.backends``; the entry point's name is the scheme
-(``file``, ``qemu``, ``s3``). A plain path (no ``scheme:``) means ``file``.
+(``file``, ``qemu``, ``s3``). A plain path (no ``scheme:``) means ``file``. Programs that embed
+blockferry may also :func:`register` a plugin object for a scheme; it takes precedence over an
+entry point of the same name.
 """
 
 from __future__ import annotations
 
 import re
-from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -17,6 +18,8 @@ SOURCES = "blockferry.sources"
 BACKENDS = "blockferry.backends"
 
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):")
+_loaded: dict[tuple[str, str], Any] = {}
+_registered: dict[tuple[str, str], Any] = {}
 
 
 def scheme_of(url: str) -> str:
@@ -26,11 +29,23 @@ def scheme_of(url: str) -> str:
     return m.group(1) if m and len(m.group(1)) > 1 else "file"
 
 
-@cache
+def register(group: str, scheme: str, plugin: Any) -> None:
+    """Use ``plugin`` for ``scheme`` in ``group`` (SOURCES or BACKENDS); None removes it."""
+    if plugin is None:
+        _registered.pop((group, scheme), None)
+    else:
+        _registered[(group, scheme)] = plugin
+
+
 def _load(group: str, scheme: str) -> Any:
+    key = (group, scheme)
+    plugin = _registered.get(key) or _loaded.get(key)
+    if plugin is not None:
+        return plugin
     for ep in entry_points(group=group, name=scheme):
-        return ep.load()()
-    known = sorted({ep.name for ep in entry_points(group=group)})
+        plugin = _loaded[key] = ep.load()()
+        return plugin
+    known = sorted({ep.name for ep in entry_points(group=group)} | {s for g, s in _registered if g == group})
     kind = "source" if group == SOURCES else "repository"
     raise ConfigError(f"no {kind} plugin for scheme {scheme!r} (installed: {', '.join(known) or 'none'})")
 

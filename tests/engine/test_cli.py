@@ -1,0 +1,103 @@
+"""The ``blockferry`` command as a user runs it: output, --json, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MiB, mixed_disk, same_file
+
+
+def bf(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run([sys.executable, "-m", "blockferry", *args], capture_output=True, text=True, timeout=120)
+    if check is not None:
+        assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+def test_the_whole_cycle(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    a = mixed_disk(tmp_path / "a.img", 4 * MiB, seed=1)
+    b = mixed_disk(tmp_path / "b.img", 4 * MiB, seed=2)
+    out = bf("init", str(repo), "--block-size", "256KiB", "--compression", "fast").stdout
+    assert "created repository" in out and "256.0 KiB" in out
+
+    r = bf("backup", str(repo), str(a), str(b), "--name", "vm1")
+    assert "vm1: restore point" in r.stdout and "bottleneck" in r.stdout and "session success" in r.stdout
+    # not a terminal: progress comes as plain lines on stderr
+    assert "vm1/a.img: running on proxy local" in r.stderr
+
+    with open(b, "r+b") as f:
+        f.seek(MiB)
+        f.write(b"x" * 100)
+    hints = tmp_path / "b.hints"
+    hints.write_text(f"{MiB} 100\n")
+    r = bf("backup", str(repo), str(a), str(b), "--name", "vm1", "--changed-extents", f"{b}={hints}", "--json")
+    session = json.loads(r.stdout)
+    assert session["state"] == "success"
+    disk_b = session["objects"][0]["disks"][1]
+    assert disk_b["plan"].startswith("incremental") and disk_b["stats"]["read_bytes"] == 256 * 1024
+    assert set(disk_b["stats"]["bottleneck"]) == {"source", "proxy", "target"}
+
+    points = json.loads(bf("points", str(repo), "--json").stdout)
+    assert len(points) == 2 and points[1]["id"] == session["objects"][0]["point"]
+    listing = bf("points", str(repo)).stdout
+    assert "incremental" in listing and points[0]["id"] in listing
+
+    bf("restore", str(repo), "latest", "--to", str(tmp_path / "out"), "--disk", "b.img")
+    assert same_file(tmp_path / "out" / "b.img", b) and not (tmp_path / "out" / "a.img").exists()
+    r = bf("restore", str(repo), points[0]["id"][:6], "--to", str(tmp_path / "old"), "--json")
+    assert {x["disk"] for x in json.loads(r.stdout)} == {"a.img", "b.img"}
+    assert same_file(tmp_path / "old" / "a.img", a)
+
+    v = json.loads(bf("verify", str(repo), "--json").stdout)
+    assert v["healthy"] and v["points"] == 2
+
+    # damage a pack: verify says so, with exit code 3
+    pack = next(p for p in (repo / "packs").rglob("*") if p.is_file())
+    data = bytearray(pack.read_bytes())
+    data[100] ^= 1
+    pack.write_bytes(bytes(data))
+    r = bf("verify", str(repo), check=3)
+    assert "DAMAGED" in r.stdout and "affects point" in r.stdout
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["points", "{tmp}"], 2, "not a blockferry repository"),
+    (["backup", "{repo}", "{tmp}/missing.img"], 2, "missing.img"),
+    (["init", "{tmp}/r2", "--block-size", "100k"], 2, "256 KiB to 8 MiB"),
+    (["restore", "{repo}", "latest", "--to", "{tmp}/o"], 2, "no restore points"),
+    (["restore", "{repo}", "latest"], 2, "--to"),
+    (["backup", "{repo}", "{tmp}/a.img", "--changed-extents", "nonsense"], 2, "SOURCE=FILE"),
+])
+def test_bad_input_gives_a_clear_error(tmp_path: Path, args: list[str], code: int, message: str) -> None:
+    repo = tmp_path / "repo"
+    bf("init", str(repo))
+    mixed_disk(tmp_path / "a.img", MiB)
+    r = bf(*[a.format(tmp=tmp_path, repo=repo) for a in args], check=code)
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_locked_repository_exit_code(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    bf("init", str(repo))
+    img = mixed_disk(tmp_path / "a.img", MiB)
+    (repo / "locks").mkdir()
+    # a lock held by a live process on another host cannot be judged stale
+    (repo / "locks" / "writer").write_text(json.dumps(
+        {"host": "elsewhere", "pid": 1, "pid_start": "", "created": "2026-01-01", "purpose": "backup"}))
+    r = bf("backup", str(repo), str(img), check=4)
+    assert "locked by pid 1 on elsewhere" in r.stderr and "blockferry unlock" in r.stderr
+    r = bf("unlock", str(repo))
+    assert "removed the lock" in r.stdout
+    bf("backup", str(repo), str(img))
+
+
+def test_demo(tmp_path: Path) -> None:
+    r = bf("demo", str(tmp_path / "demo"), "--size", "8MiB")
+    assert "demo passed" in r.stdout and "bit-exact" in r.stdout
