@@ -143,7 +143,7 @@ class Actor(Generic[M]):
 
     def __init__(self, name: str, *, mailbox_size: int | None = None) -> None:
         size = type(self).mailbox_size if mailbox_size is None else mailbox_size
-        if not isinstance(size, int) or size < 1:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"mailbox size of {name} must be a whole number >= 1, not {size!r}")
         self.name = name
         self._send, self._recv = anyio.create_memory_object_stream[_Envelope](size)
@@ -152,6 +152,7 @@ class Actor(Generic[M]):
         self._state = "new"
         self._reject = False
         self._started_once = False
+        self._supervised = False  # a parent will decide what happens when it fails
         self._current: _Envelope | None = None
         self._tg: TaskGroup | None = None
         self._done: anyio.Event | None = None
@@ -248,6 +249,8 @@ class Actor(Generic[M]):
                 err = ActorFailedError(f"actor {self.name} failed: {unwrap_group(exc)!r}")
                 err.__cause__ = exc
                 self._current.reply.set_error(err)
+            if not self._supervised:  # nobody will restart it: fail what is queued, refuse the rest
+                self._reject_queued(ActorStoppedError(f"actor {self.name} failed: {unwrap_group(exc)!r}"))
             raise
         finally:
             self._current = None
@@ -283,14 +286,16 @@ class Actor(Generic[M]):
         """Stop accepting messages and wait until the actor has stopped.
 
         With ``drain`` the queued messages are handled first; without, queued asks fail with
-        ActorStoppedError and queued tells are dropped. Children are stopped after the mailbox,
-        youngest first. Safe to call more than once, and on an actor that never ran.
+        ActorStoppedError and queued tells are dropped. Tasks still waiting for room in the
+        mailbox when ``stop`` is called get ActorStoppedError. Children are stopped after the
+        mailbox, youngest first. Safe to call more than once, and on an actor that never ran.
         """
         self.request_stop(drain=drain)
         if self._done is not None and self._state in ("starting", "running", "stopping"):
             await self._done.wait()
-        elif self._state == "new":
-            self._reject_queued(ActorStoppedError(f"actor {self.name} was stopped before it ran"))
+        elif self._state in ("new", "failed"):
+            self._reject_queued(ActorStoppedError(f"actor {self.name} was stopped"))
+            self._state = "stopped"
 
     def _reject_queued(self, error: BlockferryError) -> None:
         """Fail every queued ask and close the mailbox for good."""
@@ -324,10 +329,12 @@ class Actor(Generic[M]):
         if self._tg is None:
             raise RuntimeError(f"actor {self.name} is not running")
         self._children.append(child)
+        child._supervised = True
         try:
             return await self._tg.start(self._supervise, child, policy or child.supervision)
         except BaseException:
-            self._children.remove(child)
+            if child in self._children:  # _supervise may have removed it already
+                self._children.remove(child)
             raise
 
     async def _supervise(self, child: Actor[Any], policy: SupervisionPolicy, *, task_status: TaskStatus[Any]) -> None:
@@ -344,12 +351,12 @@ class Actor(Generic[M]):
                     error = unwrap_group(exc)
                     decision = await self.on_child_failed(child, error, policy.decide(restarts))
                     self.child_failures.append(ChildFailure(child.name, error, decision, restarts))
-                    if decision is Decision.RESTART:
+                    if decision is Decision.RESTART and child._state != "stopped":  # not stopped meanwhile
                         restarts += 1
                         status = anyio.TASK_STATUS_IGNORED
                         continue
                     child._reject_queued(ActorStoppedError(f"actor {child.name} failed: {error!r}"))
-                    if decision is Decision.STOP:
+                    if decision is not Decision.ESCALATE:
                         return
                     raise ChildFailedError(child.name, error) from error
         finally:
