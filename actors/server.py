@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import msgspec
 
 from blockferry.actor import Actor, Completion
 from blockferry.config import JobSpec, ProxyConfig, RepositorySettings, ServerConfig
@@ -39,8 +39,7 @@ from .proxy import Proxy
 from .repository import Repository
 
 
-@dataclass
-class JobHandle:
+class JobHandle(msgspec.Struct):
     """A running job: ask its ``manager`` for status, await :meth:`result` for the session."""
 
     manager: JobManager

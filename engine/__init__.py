@@ -28,13 +28,24 @@ from .errors import (
 )
 from .format import Manifest, RepositoryConfig, TaskStats
 from .messages import SessionResult
-from .restore import RestoreResult
-from .verify import VerifyReport
 
 from .log import ensure_configured as _ensure_logging
 
 __version__ = "0.1.0"
 _ensure_logging()
+
+
+def __getattr__(name: str) -> object:
+    # restore and verify load on first use: a backup does not pay for importing them
+    if name == "RestoreResult":
+        from .restore import RestoreResult
+
+        return RestoreResult
+    if name == "VerifyReport":
+        from .verify import VerifyReport
+
+        return VerifyReport
+    raise AttributeError(name)
 
 __all__ = [
     "BlockferryError", "ConfigError", "CorruptionError", "DiskSpec", "EngineSettings", "HintError", "JobSpec",

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import anyio
+import msgspec
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
@@ -87,8 +87,7 @@ class _Envelope:
         self.reply = reply
 
 
-@dataclass(frozen=True)
-class MailboxStatistics:
+class MailboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of a mailbox: how full it is now, how full it ever was, who is waiting."""
 
     depth: int  #: messages queued now
@@ -106,8 +105,7 @@ class Decision(enum.Enum):
     ESCALATE = "escalate"  #: fail the parent with ChildFailedError
 
 
-@dataclass(frozen=True)
-class SupervisionPolicy:
+class SupervisionPolicy(msgspec.Struct, frozen=True, kw_only=True):
     """Restart a failed child up to ``max_restarts`` times, then ``then`` (escalate by default)."""
 
     max_restarts: int = 0
@@ -117,8 +115,7 @@ class SupervisionPolicy:
         return Decision.RESTART if restarts_so_far < self.max_restarts else self.then
 
 
-@dataclass(frozen=True)
-class ChildFailure:
+class ChildFailure(msgspec.Struct, frozen=True):
     """The record a parent keeps of a child's failure."""
 
     child: str

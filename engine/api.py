@@ -22,7 +22,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -32,10 +32,12 @@ from .format import DEFAULT_BLOCK_SIZE, Manifest, RepositoryConfig
 from .hints import check_within, load_hints
 from .messages import JobStatus, SessionResult
 from .registry import backend_plugin, scheme_of, source_plugin
-from .restore import RestoreResult, restore_disk
 from .store import PointSummary, RepositoryStore
 from .task import Runtime
-from .verify import VerifyReport, verify
+
+if TYPE_CHECKING:
+    from .restore import RestoreResult
+    from .verify import VerifyReport
 
 ProgressCallback = Callable[[JobStatus], None]
 
@@ -214,12 +216,11 @@ class Repository:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create {out}: {exc.strerror}") from exc
+        from .restore import restore_disks
+
         await self.store.load_index()
-        results = []
-        for d in disks:
-            results.append(await restore_disk(self.store, m, d, out / d.name, runtime=self.runtime,
-                                              overwrite=overwrite, progress=progress))
-        return results
+        return await restore_disks(self.store, m, disks, [out / d.name for d in disks], runtime=self.runtime,
+                                   overwrite=overwrite, progress=progress)
 
     @_plain
     async def restore_onto(self, point: str, target: str | os.PathLike[str], *, disk: str | None = None,
@@ -232,6 +233,8 @@ class Repository:
             record = m.disks[0]
         else:
             record = m.disk(disk)
+        from .restore import restore_disk
+
         await self.store.load_index()
         return await restore_disk(self.store, m, record, Path(target), runtime=self.runtime, into_existing=True,
                                   progress=progress)
@@ -239,6 +242,8 @@ class Repository:
     @_plain
     async def verify(self, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
         """Re-read and hash every chunk any restore point references."""
+        from .verify import verify
+
         return await verify(self.store, self.runtime, progress=progress)
 
 

@@ -13,8 +13,9 @@ key, :class:`~blockferry.errors.KeyExistsError` for an exclusive put onto an exi
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+import msgspec
 
 from .errors import RepositoryError
 
@@ -25,8 +26,7 @@ class KeyExistsError(RepositoryError):
     transient = False
 
 
-@dataclass(frozen=True)
-class BackendCapabilities:
+class BackendCapabilities(msgspec.Struct, frozen=True, kw_only=True):
     """What callers may rely on, and how hard they may push."""
 
     #: useful requests in flight at once
@@ -37,8 +37,7 @@ class BackendCapabilities:
     local: bool = False
 
 
-@dataclass(frozen=True)
-class ObjectInfo:
+class ObjectInfo(msgspec.Struct, frozen=True):
     key: str
     size: int
 

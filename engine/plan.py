@@ -6,7 +6,8 @@ Runs are ``(first block, count)`` pairs, sorted and disjoint.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+import msgspec
 
 from .format import DiskRecord
 
@@ -80,8 +81,7 @@ def count(runs: list[Run]) -> int:
     return sum(c for _, c in runs)
 
 
-@dataclass
-class ReadPlan:
+class ReadPlan(msgspec.Struct):
     """What a task does with each block of a disk."""
 
     nblocks: int

@@ -4,19 +4,27 @@ Holes stay holes: a new image is created at its full size (all holes) and only d
 written. Onto an existing regular file the same happens after it is emptied; onto a block device
 (which has no holes) zero blocks are written as zeros. A new image is written under a temporary
 name beside its final one and renamed when complete, so a failed restore never leaves a file
-that looks whole. Every chunk is checked against its hash before it is written; a mismatch stops
+that looks whole. Every chunk is checked against its id before it is written; a mismatch stops
 the restore with an error naming the point, disk and offset.
+
+The disks of a point are restored together, block range by block range: a chunk that several
+disks hold at the same place (VMs cloned from one template) is read and decompressed once per
+batch. Image files are written with ``O_DIRECT`` from reused page-aligned buffers where the
+filesystem allows it (no page cache to fill; see docs/performance.md), the last partial block of
+an image through an ordinary descriptor.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
+import mmap
 import os
 import stat
 import struct
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +35,13 @@ import msgspec
 from .blocks import decode_chunk
 from .errors import ConfigError, CorruptionError, NotFoundError, RepositoryError
 from .format import DIGEST_SIZE, HOLE, DiskRecord, Manifest
+from .plan import Run, union
 from .store import RepositoryStore
 from .task import Runtime
 
 _BLKZEROOUT = 0x127F
 _BLKGETSIZE64 = 0x80081272
+_ALIGN = 4096
 
 
 class RestoreResult(msgspec.Struct, kw_only=True):
@@ -44,25 +54,44 @@ class RestoreResult(msgspec.Struct, kw_only=True):
     duration: float = 0.0
 
 
-def _runs(blocks: bytes, nblocks: int, data: bool) -> Iterator[tuple[int, int]]:
-    """Runs of consecutive data blocks (``data``) or holes."""
+def data_runs(blocks: bytes, nblocks: int, *, holes: bool = False) -> list[Run]:
+    """Runs of consecutive data blocks (or, with ``holes``, of hole blocks) of a block map."""
+    out: list[Run] = []
     i = 0
     while i < nblocks:
         is_hole = blocks[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] == HOLE
         j = i + 1
         while j < nblocks and (blocks[j * DIGEST_SIZE:(j + 1) * DIGEST_SIZE] == HOLE) == is_hole:
             j += 1
-        if is_hole != data:
-            yield i, j - i
+        if is_hole == holes:
+            out.append((i, j - i))
         i = j
+    return out
 
 
-@dataclass
-class _Target:
+class _Target(msgspec.Struct, kw_only=True):
     path: Path
-    fd: int
+    fd: int  #: ordinary descriptor
+    direct: int | None  #: O_DIRECT descriptor, when the filesystem allows it
     temp: Path | None  #: renamed to ``path`` when complete
     sparse: bool  #: holes can be left unwritten
+    device: bool
+
+    def close(self) -> None:
+        for fd in (self.direct, self.fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self.direct = None
+        self.fd = -1
+
+
+def _open_direct(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # tmpfs and some network filesystems
+            return None
+        raise
 
 
 def _open_target(path: Path, size: int, *, overwrite: bool, into_existing: bool, sparse: bool) -> _Target:
@@ -81,13 +110,13 @@ def _open_target(path: Path, size: int, *, overwrite: bool, into_existing: bool,
             if dev_size < size:
                 os.close(fd)
                 raise ConfigError(f"{path} holds {dev_size} bytes, the disk needs {size}")
-            return _Target(path, fd, None, sparse=False)
+            return _Target(path=path, fd=fd, direct=None, temp=None, sparse=False, device=True)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{path} is neither a regular file nor a block device")
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         os.ftruncate(fd, 0)  # emptied, then sized: every byte is a hole until written
         os.ftruncate(fd, size)
-        return _Target(path, fd, None, sparse=sparse)
+        return _Target(path=path, fd=fd, direct=_open_direct(path), temp=None, sparse=sparse, device=False)
     if st is not None and not overwrite:
         raise ConfigError(f"{path} exists; remove it, restore elsewhere, or pass --overwrite")
     if st is not None and not stat.S_ISREG(st.st_mode):
@@ -95,7 +124,7 @@ def _open_target(path: Path, size: int, *, overwrite: bool, into_existing: bool,
     temp = path.with_name(f".{path.name}.blockferry-partial")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     os.ftruncate(fd, size)
-    return _Target(path, fd, temp, sparse=sparse)
+    return _Target(path=path, fd=fd, direct=_open_direct(temp), temp=temp, sparse=sparse, device=False)
 
 
 def _zero_fill(fd: int, offset: int, length: int, block_size: int, device: bool) -> None:
@@ -112,166 +141,237 @@ def _zero_fill(fd: int, offset: int, length: int, block_size: int, device: bool)
         offset += n
 
 
-class _DiskRestorer:
-    """Restores one disk with ``lanes`` parallel lanes of consecutive-block batches."""
+def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    total = sum(len(v) for v in views)
+    written = 0
+    while written < total:
+        k = os.pwritev(fd, views, offset + written)
+        written += k
+        while views and k >= len(views[0]):
+            k -= len(views[0])
+            views.pop(0)
+        if k:
+            views[0] = views[0][k:]
 
-    def __init__(self, store: RepositoryStore, manifest: Manifest, disk: DiskRecord, target: _Target,
+
+_tls = threading.local()
+
+
+def _stage(size: int) -> memoryview:
+    """A page-aligned buffer of at least ``size`` bytes, one per thread, reused."""
+    buf: mmap.mmap | None = getattr(_tls, "stage", None)
+    if buf is None or len(buf) < size:
+        if buf is not None:
+            _tls.view.release()
+            buf.close()
+        buf = _tls.stage = mmap.mmap(-1, -(-size // _ALIGN) * _ALIGN)
+        _tls.view = memoryview(buf)
+    view: memoryview = _tls.view
+    return view
+
+
+class _PointRestorer:
+    """Restores some disks of one point together, with ``lanes`` parallel batches."""
+
+    def __init__(self, store: RepositoryStore, manifest: Manifest, disks: list[DiskRecord], targets: list[_Target],
                  runtime: Runtime, progress: Callable[[int], None] | None) -> None:
         self.store = store
         self.manifest = manifest
-        self.disk = disk
-        self.target = target
+        self.disks = disks
+        self.targets = targets
         self.runtime = runtime
         self.progress = progress
         self.bs = manifest.block_size
-        self.nblocks = disk.block_count(self.bs)
+        self.runs = [data_runs(d.blocks, d.block_count(self.bs)) for d in disks]
+        self.starts = [[r[0] for r in runs] for runs in self.runs]
         self.sync_get = getattr(store.backend, "get_ranges_sync", None)
-        self.data_bytes = 0
+        self.data_bytes = [0] * len(disks)
 
-    def _where(self, block: int) -> str:
-        return f"point {self.manifest.id}, disk {self.disk.name}, offset {block * self.bs}"
+    def _where(self, k: int, block: int) -> str:
+        return f"point {self.manifest.id}, disk {self.disks[k].name}, offset {block * self.bs}"
 
-    def _plan(self, first: int, n: int) -> list[tuple[str, list[tuple[int, int]], list[tuple[int, int, int, int, int, int]]]]:
-        """Reads grouped by pack: (pack key, coalesced ranges, items), an item being
-        (range number, offset in the range, stored length, raw length, flags, block)."""
-        by_pack: dict[str, list[tuple[int, int, int, int, int]]] = {}
-        blocks = self.disk.blocks
-        for b in range(first, first + n):
-            d = blocks[b * DIGEST_SIZE:(b + 1) * DIGEST_SIZE]
-            loc = self.store.locate(d)
-            if loc is None:
-                raise CorruptionError(f"{self._where(b)}: chunk {d.hex()[:16]} is missing from the repository")
-            key, off, length, raw_len, flags = loc
-            expect = min(self.bs, self.disk.size - b * self.bs)
-            if raw_len != expect:
-                raise CorruptionError(f"{self._where(b)}: chunk {d.hex()[:16]} holds {raw_len} bytes, the block {expect}")
-            by_pack.setdefault(key, []).append((off, length, raw_len, flags, b))
-        out = []
+    def batches(self) -> Iterator[list[tuple[int, int, int]]]:
+        """Windows of block numbers, each the (disk, first, count) runs of data inside it."""
+        per = max(1, self.runtime.settings.batch_bytes // (self.bs * len(self.disks)))
+        everything: list[Run] = []
+        for runs in self.runs:
+            everything = union(everything, runs)
+        for s, c in everything:
+            for w in range(s, s + c, per):
+                end = min(w + per, s + c)
+                work = []
+                for k, runs in enumerate(self.runs):
+                    i = max(0, bisect.bisect_right(self.starts[k], w) - 1)
+                    while i < len(runs) and runs[i][0] < end:
+                        a, b = max(w, runs[i][0]), min(end, runs[i][0] + runs[i][1])
+                        if a < b:
+                            work.append((k, a, b - a))
+                        i += 1
+                if work:
+                    yield work
+
+    def _plan(self, work: list[tuple[int, int, int]]) -> tuple[list[tuple[str, list[tuple[int, int]], list[Any]]], dict[bytes, tuple[int, int]]]:
+        """Reads of the window's distinct chunks, grouped by pack and coalesced: (pack key, ranges,
+        [(range number, offset in range, length, raw length, flags, digest)])."""
+        by_pack: dict[str, list[tuple[int, int, int, int, bytes]]] = {}
+        first_use: dict[bytes, tuple[int, int]] = {}
+        for k, first, count in work:
+            disk = self.disks[k]
+            blocks = disk.blocks
+            for b in range(first, first + count):
+                d = blocks[b * DIGEST_SIZE:(b + 1) * DIGEST_SIZE]
+                expect = min(self.bs, disk.size - b * self.bs)
+                if d in first_use:
+                    continue
+                loc = self.store.locate(d)
+                if loc is None:
+                    raise CorruptionError(f"{self._where(k, b)}: chunk {d.hex()[:16]} is missing from the repository")
+                key, off, length, raw_len, flags = loc
+                if raw_len != expect:
+                    raise CorruptionError(
+                        f"{self._where(k, b)}: chunk {d.hex()[:16]} holds {raw_len} bytes, the block {expect}")
+                first_use[d] = (k, b)
+                by_pack.setdefault(key, []).append((off, length, raw_len, flags, d))
+        plan = []
         for key, items in by_pack.items():
             ranges: list[tuple[int, int]] = []
             placed = []
-            for off, length, raw_len, flags, b in sorted(items):
-                if ranges and ranges[-1][0] + ranges[-1][1] == off:  # adjacent: one read
+            for off, length, raw_len, flags, d in sorted(items):
+                if ranges and ranges[-1][0] + ranges[-1][1] == off:  # adjacent chunks: one read
                     ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
-                elif not ranges or off >= ranges[-1][0] + ranges[-1][1]:
+                else:
                     ranges.append((off, length))
-                else:  # the same chunk again (a block repeated in the batch)
-                    r = next(i for i, (o, k) in enumerate(ranges) if o <= off < o + k)
-                    placed.append((r, off - ranges[r][0], length, raw_len, flags, b))
-                    continue
-                placed.append((len(ranges) - 1, off - ranges[-1][0], length, raw_len, flags, b))
-            out.append((key, ranges, placed))
-        return out
+                placed.append((len(ranges) - 1, off - ranges[-1][0], length, raw_len, flags, d))
+            plan.append((key, ranges, placed))
+        return plan, first_use
 
-    def _decode_write(self, first: int, n: int, plan: list[Any], fetched: list[list[bytes]]) -> int:
-        data: dict[int, bytes] = {}
-        blocks = self.disk.blocks
+    def _decode_write(self, work: list[tuple[int, int, int]], plan: list[Any], first_use: dict[bytes, tuple[int, int]],
+                      fetched: list[list[bytes]]) -> list[int]:
+        data: dict[bytes, bytes] = {}
         for (key, _, placed), chunks in zip(plan, fetched):
-            for r, rel, length, raw_len, flags, b in placed:
+            for r, rel, length, raw_len, flags, d in placed:
                 stored = memoryview(chunks[r])[rel:rel + length]
                 if len(stored) != length:
-                    raise CorruptionError(f"{self._where(b)}: pack {key} is truncated")
+                    raise CorruptionError(f"{self._where(*first_use[d])}: pack {key} is truncated")
                 try:
-                    data[b] = decode_chunk(stored, raw_len, flags, blocks[b * DIGEST_SIZE:(b + 1) * DIGEST_SIZE])
+                    data[d] = decode_chunk(stored, raw_len, flags, d)
                 except CorruptionError as exc:
-                    raise CorruptionError(f"{self._where(b)}: {exc}") from None
-        views = [memoryview(data[b]) for b in range(first, first + n)]
-        total = sum(len(v) for v in views)
-        offset = first * self.bs
-        written = 0
-        while written < total:
-            k = os.pwritev(self.target.fd, views, offset + written)
-            written += k
-            while views and k >= len(views[0]):
-                k -= len(views[0])
-                views.pop(0)
-            if k:
-                views[0] = views[0][k:]
-        return total
+                    raise CorruptionError(f"{self._where(*first_use[d])}: {exc}") from None
+        written = [0] * len(self.disks)
+        bs = self.bs
+        for k, first, count in work:
+            blocks = self.disks[k].blocks
+            chunks = [data[blocks[b * DIGEST_SIZE:(b + 1) * DIGEST_SIZE]] for b in range(first, first + count)]
+            total = sum(len(c) for c in chunks)
+            target = self.targets[k]
+            offset = first * bs
+            if target.direct is not None:
+                whole = total // _ALIGN * _ALIGN  # a partial last block goes through the page cache
+                stage = _stage(count * bs)
+                pos = 0
+                for c in chunks:
+                    stage[pos:pos + len(c)] = c
+                    pos += len(c)
+                done = 0
+                while done < whole:
+                    done += os.pwrite(target.direct, stage[done:whole], offset + done)
+                if whole < total:
+                    os.pwrite(target.fd, stage[whole:total], offset + whole)
+            else:
+                _pwritev_all(target.fd, [memoryview(c) for c in chunks], offset)
+            written[k] += total
+        return written
 
-    def _batch_sync(self, first: int, n: int) -> int:
-        plan = self._plan(first, n)
+    def _batch_sync(self, work: list[tuple[int, int, int]]) -> list[int]:
+        plan, first_use = self._plan(work)
         fetched = [self.sync_get(key, ranges) for key, ranges, _ in plan]
-        return self._decode_write(first, n, plan, fetched)
+        return self._decode_write(work, plan, first_use, fetched)
 
-    async def _batch(self, first: int, n: int) -> int:
-        if self.sync_get is not None:
-            return await anyio.to_thread.run_sync(self._batch_sync, first, n, limiter=self.runtime.cpu)
-        plan = self._plan(first, n)
+    async def _batch(self, work: list[tuple[int, int, int]]) -> list[int]:
+        cpu = self.runtime.cpu
+        if self.sync_get is not None:  # a local backend: read, decode and write in one hop
+            return await anyio.to_thread.run_sync(self._batch_sync, work, limiter=cpu)
+        plan, first_use = self._plan(work)
         fetched = [await self.store.backend.get_ranges(key, ranges) for key, ranges, _ in plan]
-        return await anyio.to_thread.run_sync(self._decode_write, first, n, plan, fetched, limiter=self.runtime.cpu)
+        return await anyio.to_thread.run_sync(self._decode_write, work, plan, first_use, fetched, limiter=cpu)
 
-    async def _lane(self, todo: Iterator[tuple[int, int]]) -> None:
-        for first, n in todo:
+    async def _lane(self, todo: Iterator[list[tuple[int, int, int]]]) -> None:
+        for work in todo:
             try:
-                k = await self._batch(first, n)
+                written = await self._batch(work)
             except (RepositoryError, NotFoundError) as exc:
-                raise CorruptionError(f"{self._where(first)}: cannot read its data ({exc})") from exc
+                k, first, _ = work[0]
+                raise CorruptionError(f"{self._where(k, first)}: cannot read its data ({exc})") from exc
             except OSError as exc:
-                raise RepositoryError(f"writing {self.target.path} at offset {first * self.bs}: {exc.strerror}") from exc
-            self.data_bytes += k
+                k, first, _ = work[0]
+                raise RepositoryError(
+                    f"writing {self.targets[k].path} at offset {first * self.bs}: {exc.strerror}") from exc
+            for k, n in enumerate(written):
+                self.data_bytes[k] += n
             if self.progress is not None:
-                self.progress(k)
+                self.progress(sum(written))
 
     async def run(self) -> None:
-        per_batch = max(1, self.runtime.settings.batch_bytes // self.bs)
-
-        def batches() -> Iterator[tuple[int, int]]:
-            for first, n in _runs(self.disk.blocks, self.nblocks, data=True):
-                while n > 0:
-                    k = min(n, per_batch)
-                    yield first, k
-                    first += k
-                    n -= k
-
-        todo = batches()
+        todo = self.batches()
         async with anyio.create_task_group() as tg:
             for _ in range(self.runtime.settings.lanes):
                 tg.start_soon(self._lane, todo)
-        if not self.target.sparse:
-            device = stat.S_ISBLK(os.fstat(self.target.fd).st_mode)
-            for first, n in _runs(self.disk.blocks, self.nblocks, data=False):
-                off = first * self.bs
-                await anyio.to_thread.run_sync(_zero_fill, self.target.fd, off, min(n * self.bs, self.disk.size - off),
-                                               self.bs, device, limiter=self.runtime.io)
+        for k, target in enumerate(self.targets):
+            disk = self.disks[k]
+            if not target.sparse:
+                for first, n in data_runs(disk.blocks, disk.block_count(self.bs), holes=True):
+                    off = first * self.bs
+                    await anyio.to_thread.run_sync(_zero_fill, target.fd, off, min(n * self.bs, disk.size - off),
+                                                   self.bs, target.device, limiter=self.runtime.io)
 
 
-async def restore_disk(
+async def restore_disks(
     store: RepositoryStore,
     manifest: Manifest,
-    disk: DiskRecord,
-    dest: Path,
+    disks: list[DiskRecord],
+    dests: list[Path],
     *,
     runtime: Runtime,
     overwrite: bool = False,
     into_existing: bool = False,
     sparse: bool = True,
     progress: Callable[[int], None] | None = None,
-) -> RestoreResult:
-    """Restore one disk of ``manifest`` to ``dest`` (a new image, or with ``into_existing`` an
-    existing image or block device)."""
+) -> list[RestoreResult]:
+    """Restore ``disks`` of ``manifest`` to ``dests`` (new images, or with ``into_existing``
+    existing images or block devices), together."""
     t0 = anyio.current_time()
-    target = await anyio.to_thread.run_sync(
-        lambda: _open_target(dest, disk.size, overwrite=overwrite, into_existing=into_existing, sparse=sparse)
-    )
+    targets: list[_Target] = []
     ok = False
-    restorer = _DiskRestorer(store, manifest, disk, target, runtime, progress)
     try:
+        for d, dest in zip(disks, dests):
+            targets.append(await anyio.to_thread.run_sync(
+                lambda d=d, dest=dest: _open_target(dest, d.size, overwrite=overwrite, into_existing=into_existing,
+                                                    sparse=sparse)))
+        restorer = _PointRestorer(store, manifest, disks, targets, runtime, progress)
         await restorer.run()
-        await anyio.to_thread.run_sync(os.fsync, target.fd)
+        for t in targets:
+            await anyio.to_thread.run_sync(os.fsync, t.fd)
         ok = True
     finally:
-        os.close(target.fd)
-        if target.temp is not None:
-            if ok:
-                os.replace(target.temp, target.path)
-            else:
-                try:
-                    os.unlink(target.temp)
-                except OSError as exc:
-                    if exc.errno != errno.ENOENT:
-                        raise
-    return RestoreResult(
-        point=manifest.id, disk=disk.name, path=str(dest), size=disk.size, data_bytes=restorer.data_bytes,
-        hole_bytes=disk.size - restorer.data_bytes, duration=anyio.current_time() - t0,
-    )
+        for t in targets:
+            t.close()
+            if t.temp is not None:
+                if ok:
+                    os.replace(t.temp, t.path)
+                else:
+                    try:
+                        os.unlink(t.temp)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOENT:
+                            raise
+    duration = anyio.current_time() - t0
+    return [RestoreResult(point=manifest.id, disk=d.name, path=str(dest), size=d.size,
+                          data_bytes=restorer.data_bytes[k], hole_bytes=d.size - restorer.data_bytes[k],
+                          duration=duration)
+            for k, (d, dest) in enumerate(zip(disks, dests))]
+
+
+async def restore_disk(store: RepositoryStore, manifest: Manifest, disk: DiskRecord, dest: Path, **kw: Any) -> RestoreResult:
+    """Restore one disk (see :func:`restore_disks`)."""
+    (result,) = await restore_disks(store, manifest, [disk], [dest], **kw)
+    return result

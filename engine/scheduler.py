@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import msgspec
 
 from .config import ProxyConfig
 from .errors import ConfigError
 from .task import TaskContext
 
 
-@dataclass(eq=False)
-class Slots:
+class Slots(msgspec.Struct, eq=False):
     """A capacity: ``load`` of ``limit`` in use; ``peak`` the most ever in use."""
 
     name: str
@@ -41,19 +40,17 @@ class Slots:
         return self.load < self.limit
 
 
-@dataclass(eq=False)
-class ProxyEntry:
+class ProxyEntry(msgspec.Struct, eq=False):
     config: ProxyConfig
     actor: Any
     slots: Slots
 
 
-@dataclass(eq=False)
-class Ticket:
+class Ticket(msgspec.Struct, eq=False):
     task: TaskContext
     repository: str
     job_slots: Slots | None
-    granted: anyio.Event = field(default_factory=anyio.Event)
+    granted: anyio.Event = msgspec.field(default_factory=anyio.Event)
     proxy: ProxyEntry | None = None
     error: BaseException | None = None
     released: bool = False

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import msgspec
 
 from .blocks import BufferPool
 from .config import DiskSpec, EngineSettings
@@ -37,8 +37,7 @@ class Runtime:
         return p
 
 
-@dataclass(eq=False)
-class TaskContext:
+class TaskContext(msgspec.Struct, eq=False, kw_only=True):
     """Everything the movers of one task share. Compared by identity (it owns chunk claims)."""
 
     job: str
@@ -55,14 +54,14 @@ class TaskContext:
     plan: str = ""
     total_bytes: int = 0
     done_bytes: int = 0
-    stats: TaskStats = field(default_factory=TaskStats)
+    stats: TaskStats = msgspec.field(default_factory=TaskStats)
     #: digests this task claimed (it must store them or release the claims)
-    claimed: set[bytes] = field(default_factory=set)
+    claimed: set[bytes] = msgspec.field(default_factory=set)
     #: the repository's chunk index, which the source mover deduplicates against
     index: Any = None
     error: BaseException | None = None
     attempt: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
 
     @property
     def id(self) -> str:

@@ -38,6 +38,8 @@ def test_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
         "import blockferry, blockferry.actors.server, blockferry.plugins.local, blockferry.registry as r\n"
         "print(blockferry.__file__)\n"
         "print(type(r.source_plugin('x.img')).__name__, type(r.backend_plugin('/srv/repo')).__name__)\n"
+        "from importlib.metadata import entry_points as e\n"
+        "print(sorted(x.value for g in (r.SOURCES, r.BACKENDS) for x in e(group=g)))\n"
         "for name in ('engine', 'plugins', 'actors'):\n"
         "    try:\n"
         "        __import__(name)\n"
@@ -48,7 +50,9 @@ def test_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
                          timeout=120).stdout.split("\n")
     assert out[0].startswith(str(venv)), out
     assert out[1] == "FileSourcePlugin LocalBackendPlugin"
-    assert out[2:5] == ["no engine", "no plugins", "no actors"]
+    assert out[2] == str(sorted(["blockferry.plugins.file_source:FileSourcePlugin",
+                                 "blockferry.plugins.local:LocalBackendPlugin"]))
+    assert out[3:6] == ["no engine", "no plugins", "no actors"]
     version = subprocess.run([str(venv / "bin" / "blockferry"), "--version"], check=True, capture_output=True,
                              text=True, env=env, timeout=60).stdout
     assert version.strip() == "blockferry 0.1.0"

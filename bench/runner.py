@@ -1,0 +1,423 @@
+"""The benchmark: blockferry against restic and borg, in one run, on the same data.
+
+Steps, for every tool: a full backup of generation 0 of the fleet, an incremental of generation
+1 (blockferry with the changed-extent hints; restic and borg as they are normally used, rescanning
+the images), then a restore of the generation-1 point, checked bit for bit. Each step is timed as
+a whole process (wall time, CPU time and peak RSS from ``wait4``), and the repository is measured
+after each backup. The page cache is warmed before every step (the images before backups, the
+repository before restores) and ``sync`` runs before it, so the figures measure the engines, not
+the disk. Steps run tool after tool, so every tool meets the same machine state.
+
+Then: the machine ceiling (bench/ceiling.py), blockferry's peak RSS for a 2 GiB and a 16 GiB
+(sparse) disk, and many small disks through two proxies (bench/scale.py).
+
+``python -m bench --help`` lists the options; ``make bench`` runs the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fleet import FleetSpec, build, parse_size
+
+MiB = 1 << 20
+GiB = 1 << 30
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+TARGETS = {  # from the benchmark issue
+    "full_speedup": 4.0,
+    "full_efficiency": 0.75,
+    "incremental_speedup": 20.0,
+    "restore_speedup": 3.0,
+    "peak_rss": 256 * MiB,
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- measuring --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    wall: float
+    cpu: float
+    rss: int
+    rc: int
+    stderr: str = ""
+
+
+def run_measured(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None,
+                 check: bool = True) -> Run:
+    """Run a command as a whole process; its wall time, CPU time and peak RSS (from wait4)."""
+    subprocess.run(["sync"], check=False)
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+    run = Run(wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024, p.returncode, text[-4000:])
+    if check and run.rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with {run.rc}: {run.stderr}")
+    return run
+
+
+def warm(paths: list[Path]) -> None:
+    """Read files so they are in the page cache (holes of sparse files cost nothing)."""
+    for root in paths:
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                off = 0
+                while off < size:
+                    try:
+                        start = os.lseek(fd, off, os.SEEK_DATA)
+                    except OSError:
+                        break
+                    end = os.lseek(fd, start, os.SEEK_HOLE)
+                    while start < end:
+                        n = len(os.pread(fd, min(8 * MiB, end - start), start))
+                        if not n:
+                            break
+                        start += n
+                    off = end
+            finally:
+                os.close(fd)
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- the tools ------------------------------------------------------------------------------------
+
+
+def ensure_peers(work: Path) -> dict[str, str]:
+    """restic from Debian; borg from Debian or PyPI, whichever is newer (built in a venv)."""
+    subprocess.run([str(ROOT / "scripts" / "system-packages"), "bench"], check=True)
+    tools = {"restic": shutil.which("restic") or "/usr/bin/restic"}
+    debian = subprocess.run(["apt-cache", "policy", "borgbackup"], capture_output=True, text=True).stdout
+    m = re.search(r"Candidate:\s*(\S+)", debian)
+    deb_version = m.group(1) if m and m.group(1) != "(none)" else "0"
+    pypi = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "borgbackup"], capture_output=True,
+                          text=True).stdout
+    m = re.search(r"borgbackup \(([^)]+)\)", pypi)
+    pypi_version = m.group(1) if m else "0"
+
+    def key(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", v.split(":")[-1].split("-")[0])[:3])
+
+    if key(pypi_version) > key(deb_version):
+        venv = work / "borg-venv"
+        borg = venv / "bin" / "borg"
+        if not borg.exists() or pypi_version not in subprocess.run([str(borg), "--version"], capture_output=True,
+                                                                   text=True).stdout:
+            log(f"installing borg {pypi_version} from PyPI (newer than Debian's {deb_version}); this builds it")
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"borgbackup=={pypi_version}"], check=True)
+        tools["borg"] = str(borg)
+    else:
+        if not shutil.which("borg"):
+            subprocess.run(["apt-get", "install", "-y", "-qq", "borgbackup"], check=True)
+        tools["borg"] = shutil.which("borg") or "/usr/bin/borg"
+    return tools
+
+
+def version_of(cmd: list[str]) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    return (out.stdout or out.stderr).strip().splitlines()[0]
+
+
+@dataclass
+class Tool:
+    name: str
+    repo: Path
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def init(self) -> None: ...
+    def backup_cmd(self, data: Path, gen: int, hints: dict[str, Path]) -> list[str]: ...
+    def restore_cmd(self, out: Path) -> list[str]: ...
+
+
+class Blockferry(Tool):
+    exe = [sys.executable, "-m", "blockferry"]
+
+    def init(self) -> None:
+        subprocess.run(self.exe + ["init", str(self.repo)], check=True, stdout=subprocess.DEVNULL, env=self.env)
+
+    def backup_cmd(self, data: Path, gen: int, hints: dict[str, Path]) -> list[str]:
+        images = sorted(str(p) for p in data.glob("*.img"))
+        cmd = self.exe + ["backup", str(self.repo), *images, "--name", "fleet", "-q"]
+        for img in images:
+            if gen and Path(img).name in hints:
+                cmd += ["--changed-extents", f"{img}={hints[Path(img).name]}"]
+        return cmd
+
+    def restore_cmd(self, out: Path) -> list[str]:
+        return self.exe + ["restore", str(self.repo), "latest", "--to", str(out), "-q"]
+
+
+class Restic(Tool):
+    def __init__(self, repo: Path, exe: str) -> None:
+        super().__init__("restic", repo)
+        self.exe = exe
+        self.env.update(RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=str(repo), RESTIC_CACHE_DIR=str(repo) + ".cache")
+
+    def init(self) -> None:
+        subprocess.run([self.exe, "init", "-q", "--repository-version", "2"], check=True, env=self.env)
+
+    def backup_cmd(self, data: Path, gen: int, hints: dict[str, Path]) -> list[str]:
+        return [self.exe, "backup", "-q", "--compression", "auto", "."]
+
+    def restore_cmd(self, out: Path) -> list[str]:
+        return [self.exe, "restore", "-q", "latest", "--target", str(out)]
+
+
+class Borg(Tool):
+    def __init__(self, repo: Path, exe: str) -> None:
+        super().__init__("borg", repo)
+        self.exe = exe
+        self.env.update(BORG_REPO=str(repo), BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+                        BORG_RELOCATED_REPO_ACCESS_IS_OK="yes", BORG_BASE_DIR=str(repo) + ".base")
+
+    def init(self) -> None:
+        subprocess.run([self.exe, "init", "-e", "none"], check=True, env=self.env)
+
+    def backup_cmd(self, data: Path, gen: int, hints: dict[str, Path]) -> list[str]:
+        return [self.exe, "create", "--compression", "zstd,3", f"::gen{gen}", "."]
+
+    def restore_cmd(self, out: Path) -> list[str]:
+        return [self.exe, "extract", "::gen1"]
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def link_generation(src: Path, data: Path) -> None:
+    """Put a generation's images at the fixed path the tools back up (hard links: no copy)."""
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    for img in sorted(src.glob("*.img")):
+        os.link(img, data / img.name)
+
+
+def fleet_for(work: Path, spec: FleetSpec) -> tuple[Path, dict[str, Any]]:
+    fleet = work / "fleet"
+    desc_path = fleet / "fleet.json"
+    if desc_path.exists():
+        desc = json.loads(desc_path.read_text())
+        if desc.get("spec") == spec.__dict__ and (fleet / "gen1").is_dir():
+            log(f"reusing the fleet in {fleet}")
+            return fleet, desc
+    log(f"building the fleet: {spec.count} disks of {spec.disk_size / GiB:g} GiB in {fleet}")
+    return fleet, build(fleet, spec, log=log)
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": model, "cores": os.cpu_count(), "memory_bytes": mem, "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+def run_steps(work: Path, fleet: Path, tools: list[Tool], gen1_digests: dict[str, str]) -> dict[str, Any]:
+    data = work / "data"
+    hints = {p.name.removesuffix(".hints"): p for p in (fleet / "gen1").glob("*.hints")}
+    results: dict[str, dict[str, Any]] = {"full": {}, "incremental": {}, "restore": {}}
+    for t in tools:
+        shutil.rmtree(t.repo, ignore_errors=True)
+        for extra in (Path(str(t.repo) + ".cache"), Path(str(t.repo) + ".base")):
+            shutil.rmtree(extra, ignore_errors=True)
+        t.init()
+    for step, gen in (("full", 0), ("incremental", 1)):
+        link_generation(fleet / f"gen{gen}", data)
+        for t in tools:
+            warm([data])
+            log(f"{step}: {t.name}")
+            r = run_measured(t.backup_cmd(data, gen, hints), cwd=data, env=t.env)
+            results[step][t.name] = {"wall": r.wall, "cpu": r.cpu, "rss": r.rss, "repo_bytes": tree_bytes(t.repo)}
+    out = work / "restore"
+    for t in tools:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        warm([t.repo])
+        log(f"restore: {t.name}")
+        r = run_measured(t.restore_cmd(out), cwd=out, env=t.env)
+        restored = {p.name: p for p in out.rglob("*.img")}
+        exact = sorted(restored) == sorted(gen1_digests) and all(
+            file_digest(restored[n]) == d for n, d in gen1_digests.items())
+        allocated = sum(p.stat().st_blocks * 512 for p in restored.values())
+        results["restore"][t.name] = {"wall": r.wall, "cpu": r.cpu, "rss": r.rss, "bit_exact": exact,
+                                      "allocated_bytes": allocated,
+                                      "apparent_bytes": sum(p.stat().st_size for p in restored.values())}
+        if not exact:
+            log(f"restore of {t.name} is NOT bit-exact")
+    shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+def scale_figures(work: Path, fleet: Path, small: int) -> dict[str, Any]:
+    """Peak RSS of a 2 GiB and a 16 GiB disk, and many small disks through two proxies."""
+    exe = [sys.executable, "-m", "blockferry"]
+    d = work / "scale"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    src = sorted((fleet / "gen0").glob("*.img"))[0]
+    big = d / "big.img"
+    # 16 GiB, sparse: the 2 GiB disk's data eight times over, 2 GiB apart
+    with open(big, "wb") as f:
+        f.truncate(16 * GiB)
+    for k in range(8):
+        subprocess.run(["dd", f"if={src}", f"of={big}", "bs=4M", f"seek={k * 512}", "conv=sparse,notrunc",
+                        "status=none"], check=True)
+    out: dict[str, Any] = {}
+    for name, img in (("2GiB", src), ("16GiB", big)):
+        repo = d / f"repo-{name}"
+        subprocess.run(exe + ["init", str(repo)], check=True, stdout=subprocess.DEVNULL)
+        warm([img])
+        r = run_measured(exe + ["backup", str(repo), str(img), "-q"])
+        out[f"disk_{name}"] = {"wall": r.wall, "rss": r.rss, "disk_bytes": img.stat().st_size}
+    r = run_measured([sys.executable, "-m", "bench.scale", "many", str(d / "many"), "--count", str(small)],
+                     cwd=ROOT)
+    out["many_small"] = {"wall": r.wall, "rss": r.rss, "disks": small, "ms_per_disk": 1000 * r.wall / small}
+    shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = [f"{'step':12} {'tool':11} {'wall s':>8} {'cpu s':>8} {'peak RSS':>10} {'repo/alloc':>11}  vs best peer"]
+    for step in ("full", "incremental", "restore"):
+        rows = res["steps"][step]
+        peers = [v["wall"] for k, v in rows.items() if k != "blockferry"]
+        best = min(peers) if peers else None
+        for tool, v in rows.items():
+            size = v.get("repo_bytes", v.get("allocated_bytes", 0))
+            ratio = ""
+            if best:
+                ratio = f"{best / v['wall']:.2f}x" + (" faster" if tool == "blockferry" else "")
+            exact = "" if "bit_exact" not in v else ("  bit-exact" if v["bit_exact"] else "  NOT EXACT")
+            lines.append(f"{step:12} {tool:11} {v['wall']:8.2f} {v['cpu']:8.2f} {v['rss'] / MiB:8.0f} MiB "
+                         f"{size / MiB:7.0f} MiB  {ratio}{exact}")
+            step = ""
+    c = res.get("ceiling")
+    if c:
+        lines.append(f"ceiling: {c['seconds']:.2f} s (hash {c['data_blocks']} blocks, compress {c['unique_blocks']}, "
+                     f"{c['threads']} threads); blockferry full-backup efficiency {res['efficiency']:.2f}")
+    s = res.get("scale")
+    if s:
+        lines.append(f"peak RSS: 2 GiB disk {s['disk_2GiB']['rss'] / MiB:.0f} MiB, 16 GiB disk "
+                     f"{s['disk_16GiB']['rss'] / MiB:.0f} MiB; {s['many_small']['disks']} small disks through 2 proxies "
+                     f"x 4 tasks: {s['many_small']['wall']:.2f} s ({s['many_small']['ms_per_disk']:.1f} ms per disk), "
+                     f"{s['many_small']['rss'] / MiB:.0f} MiB")
+    for k, v in res.get("targets", {}).items():
+        lines.append(f"target {k}: {v['value']:.2f} (target {v['target']}) {'met' if v['met'] else 'NOT MET'}")
+    return "\n".join(lines)
+
+
+def judge(res: dict[str, Any]) -> dict[str, Any]:
+    st = res["steps"]
+
+    def speedup(step: str) -> float:
+        peers = [v["wall"] for k, v in st[step].items() if k != "blockferry"]
+        return min(peers) / st[step]["blockferry"]["wall"] if peers else 0.0
+
+    out: dict[str, Any] = {}
+    if len(st["full"]) > 1:
+        out["full_speedup"] = speedup("full")
+        out["incremental_speedup"] = speedup("incremental")
+        out["restore_speedup"] = speedup("restore")
+        peers_full = min(v["repo_bytes"] for k, v in st["full"].items() if k != "blockferry")
+        peers_inc = min(v["repo_bytes"] for k, v in st["incremental"].items() if k != "blockferry")
+        out["repo_vs_smaller_peer_full"] = st["full"]["blockferry"]["repo_bytes"] / peers_full
+        out["repo_vs_smaller_peer_incremental"] = st["incremental"]["blockferry"]["repo_bytes"] / peers_inc
+    if "efficiency" in res:
+        out["full_efficiency"] = res["efficiency"]
+    out["peak_rss"] = max(v["blockferry"]["rss"] for v in st.values())
+    targets = {"repo_vs_smaller_peer_full": 1.0, "repo_vs_smaller_peer_incremental": 1.0, **TARGETS}
+    judged = {}
+    for k, v in out.items():
+        t = targets[k]
+        met = v <= t if k.startswith(("repo_", "peak_")) else v >= t
+        judged[k] = {"value": v / MiB if k == "peak_rss" else v, "target": t / MiB if k == "peak_rss" else t, "met": met}
+    return judged
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=HERE / "work", help="where the fleet and repositories go")
+    ap.add_argument("--count", type=int, default=4, help="disks in the fleet (4)")
+    ap.add_argument("--size", type=parse_size, default=2 * GiB, help="disk size (2GiB)")
+    ap.add_argument("--peers", default="restic,borg", help="peers to run, comma-separated ('' for none)")
+    ap.add_argument("--no-scale", action="store_true", help="skip the scale figures")
+    ap.add_argument("--small-disks", type=int, default=200, help="disks in the many-small-disks figure (200)")
+    ap.add_argument("--output", type=Path, default=HERE / "results" / "latest.json", help="JSON results")
+    a = ap.parse_args(argv)
+    work = a.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    spec = FleetSpec(count=a.count, disk_size=a.size)
+    fleet, desc = fleet_for(work, spec)
+    peers = [p for p in a.peers.split(",") if p]
+    exes = ensure_peers(work) if peers else {}
+    tools: list[Tool] = [Blockferry("blockferry", work / "repo-blockferry")]
+    if "restic" in peers:
+        tools.append(Restic(work / "repo-restic", exes["restic"]))
+    if "borg" in peers:
+        tools.append(Borg(work / "repo-borg", exes["borg"]))
+    versions = {"blockferry": version_of(Blockferry.exe + ["--version"])}
+    for t in tools[1:]:
+        versions[t.name] = version_of([exes[t.name], "version" if t.name == "restic" else "--version"])
+    log("the page cache is warmed before every step (images before backups, the repository before "
+        "restores); figures measure the engines, not the disk")
+    gen1 = {p.name: file_digest(p) for p in sorted((fleet / "gen1").glob("*.img"))}
+    res: dict[str, Any] = {"machine": machine(), "fleet": desc, "versions": versions,
+                           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    res["steps"] = run_steps(work, fleet, tools, gen1)
+    log("ceiling")
+    images = sorted(str(p) for p in (fleet / "gen0").glob("*.img"))
+    warm([fleet / "gen0"])
+    c = subprocess.run([sys.executable, "-m", "bench.ceiling", *images], check=True, capture_output=True, text=True,
+                       cwd=ROOT)
+    res["ceiling"] = json.loads(c.stdout)
+    res["efficiency"] = res["ceiling"]["seconds"] / res["steps"]["full"]["blockferry"]["wall"]
+    if not a.no_scale:
+        log("scale figures")
+        res["scale"] = scale_figures(work, fleet, a.small_disks)
+    res["targets"] = judge(res)
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    a.output.write_text(json.dumps(res, indent=2))
+    print(table(res))
+    print(f"results: {a.output}")
+    return 0
