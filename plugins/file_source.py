@@ -86,7 +86,7 @@ class FileDisk:
         bufs = [memoryview(b) for b in buffers]
         try:
             while total < want:
-                n = os.preadv(self._fd, bufs, offset + total)
+                n = os.preadv(self._fd, bufs[:1024], offset + total)  # at most IOV_MAX buffers
                 if n == 0:
                     break  # end of file: the disk shrank under us, the caller checks sizes
                 total += n
@@ -136,7 +136,8 @@ class FileSourcePlugin:
     async def open(self, url: str, options: Mapping[str, Any]) -> FileDisk:
         path = path_from_url(url)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; cleared once the type is known
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise SourceError(f"{path}: no such file or device") from None
         except OSError as exc:
@@ -145,6 +146,7 @@ class FileSourcePlugin:
             st = os.fstat(fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise ConfigError(f"{path}: not a disk image file or block device")
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             use_mmap = str(options.get("mmap", "true")).lower() not in ("0", "false", "no", "off")
             disk = FileDisk(url, path, fd, st, use_mmap=use_mmap)
             if hasattr(os, "posix_fadvise") and not disk.is_device:

@@ -18,6 +18,7 @@ import errno
 import mmap
 import os
 import shutil
+import stat as stat_mod
 import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -47,7 +48,8 @@ def path_from_url(url: str) -> Path:
 
 
 def _translate(exc: OSError, what: str) -> Exception:
-    if isinstance(exc, FileNotFoundError):
+    # a key below an object ("config/x") or one naming a directory ("packs") does not exist
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return NotFoundError(f"{what}: not found")
     if exc.errno == errno.ENOSPC:
         return RepositoryError(f"{what}: no space left on the repository's filesystem")
@@ -108,6 +110,11 @@ class LocalUpload:
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
+            # Linux creates the file before refusing O_DIRECT
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
             self._fd = os.open(self._tmp, flags, 0o644)
         self._fill = 0  # bytes waiting in the stage
         self._flushed = 0  # bytes written to the file (a multiple of _ALIGN when direct)
@@ -224,7 +231,8 @@ class LocalBackend:
         return f"<LocalBackend {self.root}>"
 
     def _path(self, key: str) -> Path:
-        if not key or key.startswith("/") or ".." in key.split("/"):
+        parts = key.split("/")
+        if not key or key.startswith("/") or ".." in parts or parts[0] == _TMP:
             raise ConfigError(f"invalid key {key!r}")
         return self.root / key
 
@@ -273,9 +281,13 @@ class LocalBackend:
             st = await self._run(os.stat, self._path(key))
         except OSError as exc:
             raise _translate(exc, f"stat {key}") from exc
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise NotFoundError(f"stat {key}: not found")
         return ObjectInfo(key, st.st_size)
 
     def _list_sync(self, prefix: str) -> list[ObjectInfo]:
+        if prefix.startswith("/") or ".." in prefix.split("/"):
+            raise ConfigError(f"invalid prefix {prefix!r}")
         base, _, _ = prefix.rpartition("/")
         start = self.root / base if base else self.root
         out: list[ObjectInfo] = []
@@ -343,8 +355,8 @@ class LocalBackend:
     def _delete_sync(self, key: str) -> None:
         try:
             os.unlink(self._path(key))
-        except FileNotFoundError:
-            pass
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            pass  # missing, below an object, or a directory: no object by that key
         except OSError as exc:
             raise _translate(exc, f"deleting {key}") from exc
 
@@ -374,8 +386,9 @@ class LocalBackend:
             raise _translate(exc, f"checking free space of {self.root}") from exc
 
     def clean_tmp(self, *, older_than: float = 3600.0) -> int:
-        """Remove temporary files left by dead writers; returns how many. Files of live processes
-        of this host are kept (their name starts with the writer's pid)."""
+        """Remove temporary files left by dead writers; returns how many. A file is named after
+        its writer's pid: those of live processes are kept, unless older than ``older_than``
+        seconds (the pid was reused: only the lock holder writes, and it calls this)."""
         import time
 
         removed = 0
