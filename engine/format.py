@@ -16,6 +16,7 @@ id of 32 zero bytes and takes no space.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import secrets
 import struct
 import zlib
@@ -77,9 +78,12 @@ def parse_size(text: str | int) -> int:
              "gib": GiB, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
     num = t.rstrip("kmgtib")
     try:
-        return int(float(num) * units[t[len(num):]])
+        value = float(num) * units[t[len(num):]]
     except (KeyError, ValueError):
-        raise ConfigError(f"not a size: {text!r} (examples: 1MiB, 256KiB, 4194304)") from None
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"not a size: {text!r} (examples: 1MiB, 256KiB, 4194304)")
+    return int(value)
 
 
 def utc_now() -> str:
@@ -264,6 +268,10 @@ def decode_manifest(data: bytes, what: str) -> Manifest:
         raise CorruptionError(f"{what} is damaged ({exc})") from exc
     if m.version != FORMAT_VERSION:
         raise UnsupportedFormatError(f"{what} has format version {m.version}, this blockferry reads {FORMAT_VERSION}")
+    try:
+        check_block_size(m.block_size)
+    except ConfigError:
+        raise CorruptionError(f"{what}: block size {m.block_size} is not valid") from None
     for d in m.disks:
         if len(d.blocks) != d.block_count(m.block_size) * DIGEST_SIZE:
             raise CorruptionError(f"{what}: block map of disk {d.name} has the wrong length")

@@ -11,6 +11,7 @@ Two formats are read, told apart by the first non-blank character:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import msgspec
@@ -26,9 +27,18 @@ class _RbdExtent(msgspec.Struct):
     exists: str | bool = "true"
 
 
+_NUMBER = re.compile(r"^-?(0[xX][0-9a-fA-F]+|[0-9]+)$")
+
+
 def _int(text: str, where: str) -> int:
+    """Decimal (zero-padded or not) or 0x hex: what hint-writing tools print."""
     try:
-        v = int(text, 0)
+        if not _NUMBER.match(text):
+            raise ValueError(text)
+        neg = text.startswith("-")
+        digits = text.lstrip("-")
+        v = int(digits[2:], 16) if digits[:2].lower() == "0x" else int(digits, 10)
+        v = -v if neg else v
     except ValueError:
         raise HintError(f"{where}: {text!r} is not a whole number of bytes") from None
     if v < 0:

@@ -122,7 +122,8 @@ def make_plan(
         intersect(candidates, data_runs),
         subtract(candidates, data_runs),
         True,
-        f"incremental: {count(candidates)} of {nblocks} blocks hinted as changed since point {base_point}",
+        f"incremental: {count(candidates)} of {nblocks} blocks hinted as changed"
+        + (f" since point {base_point}" if base_point else ""),
     )
 
 
