@@ -236,6 +236,31 @@ class BlockProcessor:
         )
 
 
+def decode_chunk_into(stored: bytes | memoryview, raw_len: int, flags: int, expect: bytes, out: memoryview) -> None:
+    """Decode a stored chunk into ``out`` (``raw_len`` bytes, no allocation) and check it
+    against its id; CorruptionError (without context) if it does not decode or match."""
+    if flags & FLAG_ZSTD:
+        try:
+            reader = decompressor().stream_reader(stored, read_size=len(stored))
+            n = 0
+            while n < raw_len:
+                k = reader.readinto(out[n:raw_len])
+                if not k:
+                    break
+                n += k
+            extra = reader.read(1)
+        except zstandard.ZstdError as exc:
+            raise CorruptionError(f"chunk {expect.hex()[:16]} does not decompress ({exc})") from None
+        if n != raw_len or extra:
+            raise CorruptionError(f"chunk {expect.hex()[:16]} does not decompress to {raw_len} bytes")
+    else:
+        if len(stored) != raw_len:
+            raise CorruptionError(f"chunk {expect.hex()[:16]} holds {len(stored)} bytes, not {raw_len}")
+        out[:raw_len] = stored
+    if blake3.blake3(out[:raw_len]).digest() != expect:
+        raise CorruptionError(f"chunk {expect.hex()[:16]} does not match its hash")
+
+
 def decode_chunk(stored: bytes | memoryview, raw_len: int, flags: int, expect: bytes) -> bytes:
     """The block a stored chunk holds, checked against its id. CorruptionError (without context:
     callers add the point, disk and offset) if it does not decode or does not match."""

@@ -32,7 +32,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 
-from .blocks import decode_chunk
+from .blocks import decode_chunk_into
 from .errors import ConfigError, CorruptionError, NotFoundError, RepositoryError
 from .format import DIGEST_SIZE, HOLE, DiskRecord, Manifest
 from .plan import Run, union
@@ -154,20 +154,34 @@ def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
             views[0] = views[0][k:]
 
 
-_tls = threading.local()
+class _StagePool:
+    """Page-aligned buffers that hold a window's decoded blocks from decoding to writing
+    (O_DIRECT needs aligned memory), reused so their pages stay mapped."""
 
+    def __init__(self) -> None:
+        self._free: list[tuple[mmap.mmap, memoryview]] = []
+        self._lock = threading.Lock()
 
-def _stage(size: int) -> memoryview:
-    """A page-aligned buffer of at least ``size`` bytes, one per thread, reused."""
-    buf: mmap.mmap | None = getattr(_tls, "stage", None)
-    if buf is None or len(buf) < size:
-        if buf is not None:
-            _tls.view.release()
-            buf.close()
-        buf = _tls.stage = mmap.mmap(-1, -(-size // _ALIGN) * _ALIGN)
-        _tls.view = memoryview(buf)
-    view: memoryview = _tls.view
-    return view
+    def get(self, size: int) -> tuple[mmap.mmap, memoryview]:
+        with self._lock:
+            for i, (buf, view) in enumerate(self._free):
+                if len(buf) >= size:
+                    return self._free.pop(i)
+        buf = mmap.mmap(-1, -(-size // _ALIGN) * _ALIGN)
+        return buf, memoryview(buf)
+
+    def put(self, item: tuple[mmap.mmap, memoryview]) -> None:
+        with self._lock:
+            self._free.append(item)
+
+    def close(self) -> None:
+        for buf, view in self._free:
+            try:
+                view.release()
+                buf.close()
+            except BufferError:
+                pass  # a slice is still referenced (by an error's traceback): the GC frees it
+        self._free.clear()
 
 
 class _PointRestorer:
@@ -184,8 +198,9 @@ class _PointRestorer:
         self.bs = manifest.block_size
         self.runs = [data_runs(d.blocks, d.block_count(self.bs)) for d in disks]
         self.starts = [[r[0] for r in runs] for runs in self.runs]
-        self.sync_get = getattr(store.backend, "get_ranges_sync", None)
+        self.sync_map = getattr(store.backend, "map_sync", None)
         self.data_bytes = [0] * len(disks)
+        self.stages = _StagePool()
 
     def _where(self, k: int, block: int) -> str:
         return f"point {self.manifest.id}, disk {self.disks[k].name}, offset {block * self.bs}"
@@ -245,55 +260,104 @@ class _PointRestorer:
             plan.append((key, ranges, placed))
         return plan, first_use
 
-    def _decode_write(self, work: list[tuple[int, int, int]], plan: list[Any], first_use: dict[bytes, tuple[int, int]],
-                      fetched: list[list[bytes]]) -> list[int]:
-        data: dict[bytes, bytes] = {}
+    def _layout(self, work: list[tuple[int, int, int]]) -> tuple[list[tuple[int, int]], dict[tuple[int, int], int], int]:
+        """Where each run of the window lies in the stage (aligned), and each block."""
+        bs = self.bs
+        layout: list[tuple[int, int]] = []  # per run: stage offset, bytes
+        at: dict[tuple[int, int], int] = {}  # (disk, block) → stage offset
+        pos = 0
+        for k, first, count in work:
+            n = min(count * bs, self.disks[k].size - first * bs)
+            layout.append((pos, n))
+            for i in range(count):
+                at[(k, first + i)] = pos + i * bs
+            pos += -(-n // _ALIGN) * _ALIGN
+        return layout, at, pos
+
+    def _decode(self, work: list[tuple[int, int, int]], plan: list[Any], first_use: dict[bytes, tuple[int, int]],
+                fetched: list[list[bytes]], stage: memoryview) -> list[tuple[int, int]]:
+        """Decode the window's distinct chunks straight into the stage, where each run of blocks
+        lies at an aligned offset, and copy repeated chunks into place. Returns the layout."""
+        layout, at, _ = self._layout(work)
+        decoded: dict[bytes, tuple[int, int]] = {}
         for (key, _, placed), chunks in zip(plan, fetched):
             for r, rel, length, raw_len, flags, d in placed:
                 stored = memoryview(chunks[r])[rel:rel + length]
+                dest = at[first_use[d]]
                 if len(stored) != length:
                     raise CorruptionError(f"{self._where(*first_use[d])}: pack {key} is truncated")
                 try:
-                    data[d] = decode_chunk(stored, raw_len, flags, d)
+                    decode_chunk_into(stored, raw_len, flags, d, stage[dest:dest + raw_len])
                 except CorruptionError as exc:
                     raise CorruptionError(f"{self._where(*first_use[d])}: {exc}") from None
-        written = [0] * len(self.disks)
-        bs = self.bs
+                decoded[d] = (dest, raw_len)
         for k, first, count in work:
             blocks = self.disks[k].blocks
-            chunks = [data[blocks[b * DIGEST_SIZE:(b + 1) * DIGEST_SIZE]] for b in range(first, first + count)]
-            total = sum(len(c) for c in chunks)
+            for b in range(first, first + count):
+                src, length = decoded[blocks[b * DIGEST_SIZE:(b + 1) * DIGEST_SIZE]]
+                dest = at[(k, b)]
+                if dest != src:  # the same chunk again (a cloned disk, a repeated block)
+                    stage[dest:dest + length] = stage[src:src + length]
+        return layout
+
+    def _write(self, work: list[tuple[int, int, int]], layout: list[tuple[int, int]], stage: memoryview) -> list[int]:
+        written = [0] * len(self.disks)
+        for (k, first, _), (start, n) in zip(work, layout):
             target = self.targets[k]
-            offset = first * bs
+            offset = first * self.bs
             if target.direct is not None:
-                whole = total // _ALIGN * _ALIGN  # a partial last block goes through the page cache
-                stage = _stage(count * bs)
-                pos = 0
-                for c in chunks:
-                    stage[pos:pos + len(c)] = c
-                    pos += len(c)
+                whole = n // _ALIGN * _ALIGN  # a partial last block goes through the page cache
                 done = 0
                 while done < whole:
-                    done += os.pwrite(target.direct, stage[done:whole], offset + done)
-                if whole < total:
-                    os.pwrite(target.fd, stage[whole:total], offset + whole)
+                    done += os.pwrite(target.direct, stage[start + done:start + whole], offset + done)
+                if whole < n:
+                    os.pwrite(target.fd, stage[start + whole:start + n], offset + whole)
             else:
-                _pwritev_all(target.fd, [memoryview(c) for c in chunks], offset)
-            written[k] += total
+                _pwritev_all(target.fd, [stage[start:start + n]], offset)
+            written[k] += n
         return written
 
-    def _batch_sync(self, work: list[tuple[int, int, int]]) -> list[int]:
+    def _read_decode(self, work: list[tuple[int, int, int]], stage: memoryview) -> list[tuple[int, int]]:
+        """Decode straight from mappings of the packs (no copy out of the page cache)."""
         plan, first_use = self._plan(work)
-        fetched = [self.sync_get(key, ranges) for key, ranges, _ in plan]
-        return self._decode_write(work, plan, first_use, fetched)
+        maps: list[Any] = []
+        views: list[memoryview] = []
+        try:
+            fetched = []
+            for key, ranges, _ in plan:
+                m = self.sync_map(key, max(o + n for o, n in ranges))
+                maps.append(m)
+                whole = memoryview(m)
+                views.append(whole)
+                parts = [whole[o:o + n] for o, n in ranges]
+                views.extend(parts)
+                fetched.append(parts)
+            return self._decode(work, plan, first_use, fetched, stage)
+        finally:
+            try:
+                for v in reversed(views):
+                    v.release()
+                for m in maps:
+                    m.close()
+            except BufferError:
+                pass  # an error's traceback still holds a slice: the mapping closes when it goes
 
     async def _batch(self, work: list[tuple[int, int, int]]) -> list[int]:
-        cpu = self.runtime.cpu
-        if self.sync_get is not None:  # a local backend: read, decode and write in one hop
-            return await anyio.to_thread.run_sync(self._batch_sync, work, limiter=cpu)
-        plan, first_use = self._plan(work)
-        fetched = [await self.store.backend.get_ranges(key, ranges) for key, ranges, _ in plan]
-        return await anyio.to_thread.run_sync(self._decode_write, work, plan, first_use, fetched, limiter=cpu)
+        """One window: read and decode it (a CPU hop), then write it (an I/O hop, so waiting for
+        the disk never holds a CPU slot)."""
+        cpu, io = self.runtime.cpu, self.runtime.io
+        item = self.stages.get(self._layout(work)[2])
+        try:
+            if self.sync_map is not None:  # a local backend: map and decode in one hop
+                layout = await anyio.to_thread.run_sync(self._read_decode, work, item[1], limiter=cpu)
+            else:
+                plan, first_use = self._plan(work)
+                fetched = [await self.store.backend.get_ranges(key, ranges) for key, ranges, _ in plan]
+                layout = await anyio.to_thread.run_sync(self._decode, work, plan, first_use, fetched, item[1],
+                                                        limiter=cpu)
+            return await anyio.to_thread.run_sync(self._write, work, layout, item[1], limiter=io)
+        finally:
+            self.stages.put(item)
 
     async def _lane(self, todo: Iterator[list[tuple[int, int, int]]]) -> None:
         for work in todo:
@@ -313,9 +377,13 @@ class _PointRestorer:
 
     async def run(self) -> None:
         todo = self.batches()
-        async with anyio.create_task_group() as tg:
-            for _ in range(self.runtime.settings.lanes):
-                tg.start_soon(self._lane, todo)
+        try:
+            async with anyio.create_task_group() as tg:
+                # twice the lanes of a backup: while some wait for the disk, others decode
+                for _ in range(2 * self.runtime.settings.lanes):
+                    tg.start_soon(self._lane, todo)
+        finally:
+            self.stages.close()
         for k, target in enumerate(self.targets):
             disk = self.disks[k]
             if not target.sparse:

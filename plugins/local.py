@@ -29,7 +29,7 @@ import anyio
 import anyio.to_thread
 
 from blockferry.backend import BackendCapabilities, KeyExistsError, ObjectInfo
-from blockferry.errors import ConfigError, NotFoundError, RepositoryError
+from blockferry.errors import ConfigError, CorruptionError, NotFoundError, RepositoryError
 
 _TMP = "tmp"
 #: size of an upload's staging buffer (bytes); a multiple of the page size
@@ -265,6 +265,25 @@ class LocalBackend:
             raise _translate(exc, f"reading {key}") from exc
         try:
             return [os.pread(fd, n, off) for off, n in ranges]
+        except OSError as exc:
+            raise _translate(exc, f"reading {key}") from exc
+        finally:
+            os.close(fd)
+
+    def map_sync(self, key: str, size: int) -> mmap.mmap:
+        """A read-only mapping of the first ``size`` bytes of an object, for readers in worker
+        threads that decode in place (restore). Objects are immutable once committed, and the
+        size is checked first, so the mapping cannot end up past the end of the file; a shorter
+        object raises CorruptionError."""
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _translate(exc, f"reading {key}") from exc
+        try:
+            have = os.fstat(fd).st_size
+            if have < size:
+                raise CorruptionError(f"{key} is truncated ({have} bytes, {size} needed)")
+            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except OSError as exc:
             raise _translate(exc, f"reading {key}") from exc
         finally:
