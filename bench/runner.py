@@ -4,9 +4,10 @@ Steps, for every tool: a full backup of generation 0 of the fleet, an incrementa
 1 (blockferry with the changed-extent hints; restic and borg as they are normally used, rescanning
 the images), then a restore of the generation-1 point, checked bit for bit. Each step is timed as
 a whole process (wall time, CPU time and peak RSS from ``wait4``), and the repository is measured
-after each backup. The page cache is warmed before every step (the images before backups, the
-repository before restores) and ``sync`` runs before it, so the figures measure the engines, not
-the disk. Steps run tool after tool, so every tool meets the same machine state.
+after each backup. Before every step the page cache is emptied (when the runner may: as root),
+then warmed with what the step reads (the images before backups, the repository before
+restores), and ``sync`` runs, so the figures measure the engines, not the disk, and every tool
+meets the same machine state.
 
 Then: the machine ceiling (bench/ceiling.py), blockferry's peak RSS for a 2 GiB and a 16 GiB
 (sparse) disk, and many small disks through two proxies (bench/scale.py).
@@ -17,7 +18,6 @@ Then: the machine ceiling (bench/ceiling.py), blockferry's peak RSS for a 2 GiB 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -81,8 +81,20 @@ def run_measured(cmd: list[str], *, cwd: Path | None = None, env: dict[str, str]
     return run
 
 
+def drop_caches() -> bool:
+    """Empty the page cache (needs root); False if not allowed."""
+    subprocess.run(["sync"], check=False)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def warm(paths: list[Path]) -> None:
-    """Read files so they are in the page cache (holes of sparse files cost nothing)."""
+    """Read files so they are in the page cache (holes of sparse files are not read)."""
+    drop_caches()
     for root in paths:
         files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
         for f in files:
@@ -110,12 +122,40 @@ def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
+def _data(fd: int, size: int) -> list[tuple[int, int]]:
+    out, off = [], 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        out.append((start, end))
+        off = end
+    return out
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """Bit-exact comparison that reads only where either file has data (holes are zeros)."""
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    size = a.stat().st_size
+    fa, fb = os.open(a, os.O_RDONLY), os.open(b, os.O_RDONLY)
+    try:
+        regions = sorted(_data(fa, size) + _data(fb, size))
+        pos = 0
+        for start, end in regions:
+            start = max(start, pos)
+            while start < end:
+                n = min(8 * MiB, end - start)
+                if os.pread(fa, n, start) != os.pread(fb, n, start):
+                    return False
+                start += n
+            pos = max(pos, end)
+        return True
+    finally:
+        os.close(fa)
+        os.close(fb)
 
 
 # -- the tools ------------------------------------------------------------------------------------
@@ -164,12 +204,17 @@ class Tool:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
     def init(self) -> None: ...
+    def warm_cmd(self) -> list[str]: ...
     def backup_cmd(self, data: Path, gen: int, hints: dict[str, Path]) -> list[str]: ...
     def restore_cmd(self, out: Path) -> list[str]: ...
 
 
 class Blockferry(Tool):
     exe = [sys.executable, "-m", "blockferry"]
+
+    def warm_cmd(self) -> list[str]:
+        return [sys.executable, "-c", "import blockferry.cli, blockferry.actors.server, blockferry.restore, "
+                "blockferry.verify, blockferry.plugins.local, blockferry.plugins.file_source"]
 
     def init(self) -> None:
         subprocess.run(self.exe + ["init", str(self.repo)], check=True, stdout=subprocess.DEVNULL, env=self.env)
@@ -192,6 +237,9 @@ class Restic(Tool):
         self.exe = exe
         self.env.update(RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=str(repo), RESTIC_CACHE_DIR=str(repo) + ".cache")
 
+    def warm_cmd(self) -> list[str]:
+        return [self.exe, "version"]
+
     def init(self) -> None:
         subprocess.run([self.exe, "init", "-q", "--repository-version", "2"], check=True, env=self.env)
 
@@ -208,6 +256,9 @@ class Borg(Tool):
         self.exe = exe
         self.env.update(BORG_REPO=str(repo), BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
                         BORG_RELOCATED_REPO_ACCESS_IS_OK="yes", BORG_BASE_DIR=str(repo) + ".base")
+
+    def warm_cmd(self) -> list[str]:
+        return [self.exe, "--version"]
 
     def init(self) -> None:
         subprocess.run([self.exe, "init", "-e", "none"], check=True, env=self.env)
@@ -253,7 +304,7 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def run_steps(work: Path, fleet: Path, tools: list[Tool], gen1_digests: dict[str, str]) -> dict[str, Any]:
+def run_steps(work: Path, fleet: Path, tools: list[Tool]) -> dict[str, Any]:
     data = work / "data"
     hints = {p.name.removesuffix(".hints"): p for p in (fleet / "gen1").glob("*.hints")}
     results: dict[str, dict[str, Any]] = {"full": {}, "incremental": {}, "restore": {}}
@@ -266,6 +317,7 @@ def run_steps(work: Path, fleet: Path, tools: list[Tool], gen1_digests: dict[str
         link_generation(fleet / f"gen{gen}", data)
         for t in tools:
             warm([data])
+            subprocess.run(t.warm_cmd(), env=t.env, capture_output=True, check=True)  # the tool's own code
             log(f"{step}: {t.name}")
             r = run_measured(t.backup_cmd(data, gen, hints), cwd=data, env=t.env)
             results[step][t.name] = {"wall": r.wall, "cpu": r.cpu, "rss": r.rss, "repo_bytes": tree_bytes(t.repo)}
@@ -274,11 +326,13 @@ def run_steps(work: Path, fleet: Path, tools: list[Tool], gen1_digests: dict[str
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         warm([t.repo])
+        subprocess.run(t.warm_cmd(), env=t.env, capture_output=True, check=True)
         log(f"restore: {t.name}")
         r = run_measured(t.restore_cmd(out), cwd=out, env=t.env)
         restored = {p.name: p for p in out.rglob("*.img")}
-        exact = sorted(restored) == sorted(gen1_digests) and all(
-            file_digest(restored[n]) == d for n, d in gen1_digests.items())
+        originals = {p.name: p for p in (fleet / "gen1").glob("*.img")}
+        exact = sorted(restored) == sorted(originals) and all(same_content(restored[n], p)
+                                                              for n, p in originals.items())
         allocated = sum(p.stat().st_blocks * 512 for p in restored.values())
         results["restore"][t.name] = {"wall": r.wall, "cpu": r.cpu, "rss": r.rss, "bit_exact": exact,
                                       "allocated_bytes": allocated,
@@ -308,6 +362,7 @@ def scale_figures(work: Path, fleet: Path, small: int) -> dict[str, Any]:
         repo = d / f"repo-{name}"
         subprocess.run(exe + ["init", str(repo)], check=True, stdout=subprocess.DEVNULL)
         warm([img])
+        subprocess.run(Blockferry.warm_cmd(Blockferry("", repo)), check=True)
         r = run_measured(exe + ["backup", str(repo), str(img), "-q"])
         out[f"disk_{name}"] = {"wall": r.wall, "rss": r.rss, "disk_bytes": img.stat().st_size}
     r = run_measured([sys.executable, "-m", "bench.scale", "many", str(d / "many"), "--count", str(small)],
@@ -401,10 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         versions[t.name] = version_of([exes[t.name], "version" if t.name == "restic" else "--version"])
     log("the page cache is warmed before every step (images before backups, the repository before "
         "restores); figures measure the engines, not the disk")
-    gen1 = {p.name: file_digest(p) for p in sorted((fleet / "gen1").glob("*.img"))}
     res: dict[str, Any] = {"machine": machine(), "fleet": desc, "versions": versions,
                            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    res["steps"] = run_steps(work, fleet, tools, gen1)
+    res["page_cache_dropped"] = drop_caches()
+    res["steps"] = run_steps(work, fleet, tools)
     log("ceiling")
     images = sorted(str(p) for p in (fleet / "gen0").glob("*.img"))
     warm([fleet / "gen0"])
