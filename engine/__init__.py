@@ -29,10 +29,7 @@ from .errors import (
 from .format import Manifest, RepositoryConfig, TaskStats
 from .messages import SessionResult
 
-from .log import ensure_configured as _ensure_logging
-
 __version__ = "0.1.0"
-_ensure_logging()
 
 
 def __getattr__(name: str) -> object:

@@ -25,9 +25,9 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import msgspec
-import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
+from .log import get_logger
 from .errors import (
     ActorFailedError,
     ActorStoppedError,
@@ -155,7 +155,7 @@ class Actor(Generic[M]):
         self._done: anyio.Event | None = None
         self._children: list[Actor[Any]] = []
         self.child_failures: list[ChildFailure] = []
-        self.log = structlog.get_logger("blockferry").bind(actor=name)
+        self.log = get_logger(actor=name)
 
     def __repr__(self) -> str:
         s = self._send.statistics()

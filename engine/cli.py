@@ -327,9 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    from .log import configure
+    from .log import configure, quiet_cli_defaults
 
-    configure(level=("warning", "info", "debug")[min(a.verbose, 2)], json=a.log_json)
+    level = ("warning", "info", "debug")[min(a.verbose, 2)]
+    if a.verbose or a.log_json:
+        configure(level=level, json=a.log_json)
+    else:
+        quiet_cli_defaults(level)
     try:
         return anyio.run(a.fn, a, backend=a.async_backend)
     except KeyboardInterrupt:

@@ -18,9 +18,9 @@ from typing import Any
 
 import anyio
 import msgspec
-import structlog
 
 from .backend import Backend, KeyExistsError, Upload
+from .log import get_logger
 from .errors import (
     AmbiguousError,
     ChunkLostError,
@@ -54,7 +54,7 @@ from .format import (
     utc_now,
 )
 
-log = structlog.get_logger("blockferry")
+log = get_logger()
 
 CONFIG_KEY = "config"
 LOCK_KEY = "locks/writer"
