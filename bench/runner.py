@@ -209,11 +209,29 @@ class Tool:
     def restore_cmd(self, out: Path) -> list[str]: ...
 
 
+def install_blockferry(work: Path) -> Path:
+    """blockferry as users get it: installed (not editable, byte-compiled) from this work tree
+    into the benchmark's own virtualenv. Returns its python."""
+    venv = work / "venv"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    log("installing blockferry from this work tree into the benchmark's virtualenv")
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", str(ROOT)], check=True,
+                   env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    subprocess.run([str(py), "-m", "pip", "install", "-q", str(ROOT)], check=True)
+    # byte-compiled like any installed package, even where PYTHONDONTWRITEBYTECODE is set
+    site = subprocess.run([str(py), "-c", "import blockferry, os; print(os.path.dirname(blockferry.__file__))"],
+                          check=True, capture_output=True, text=True, cwd="/").stdout.strip()
+    subprocess.run([str(py), "-m", "compileall", "-q", site], check=True)
+    return py
+
+
 class Blockferry(Tool):
     exe = [sys.executable, "-m", "blockferry"]
 
     def warm_cmd(self) -> list[str]:
-        return [sys.executable, "-c", "import blockferry.cli, blockferry.actors.server, blockferry.restore, "
+        return [self.exe[0], "-c", "import blockferry.cli, blockferry.actors.server, blockferry.restore, "
                 "blockferry.verify, blockferry.plugins.local, blockferry.plugins.file_source"]
 
     def init(self) -> None:
@@ -345,7 +363,7 @@ def run_steps(work: Path, fleet: Path, tools: list[Tool]) -> dict[str, Any]:
 
 def scale_figures(work: Path, fleet: Path, small: int) -> dict[str, Any]:
     """Peak RSS of a 2 GiB and a 16 GiB disk, and many small disks through two proxies."""
-    exe = [sys.executable, "-m", "blockferry"]
+    exe = Blockferry.exe
     d = work / "scale"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -362,11 +380,10 @@ def scale_figures(work: Path, fleet: Path, small: int) -> dict[str, Any]:
         repo = d / f"repo-{name}"
         subprocess.run(exe + ["init", str(repo)], check=True, stdout=subprocess.DEVNULL)
         warm([img])
-        subprocess.run(Blockferry.warm_cmd(Blockferry("", repo)), check=True)
+        subprocess.run(Blockferry("", repo).warm_cmd(), check=True)
         r = run_measured(exe + ["backup", str(repo), str(img), "-q"])
         out[f"disk_{name}"] = {"wall": r.wall, "rss": r.rss, "disk_bytes": img.stat().st_size}
-    r = run_measured([sys.executable, "-m", "bench.scale", "many", str(d / "many"), "--count", str(small)],
-                     cwd=ROOT)
+    r = run_measured([exe[0], str(HERE / "scale.py"), "many", str(d / "many"), "--count", str(small)], cwd=d)
     out["many_small"] = {"wall": r.wall, "rss": r.rss, "disks": small, "ms_per_disk": 1000 * r.wall / small}
     shutil.rmtree(d, ignore_errors=True)
     return out
@@ -446,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     fleet, desc = fleet_for(work, spec)
     peers = [p for p in a.peers.split(",") if p]
     exes = ensure_peers(work) if peers else {}
+    Blockferry.exe = [str(install_blockferry(work)), "-m", "blockferry"]
     tools: list[Tool] = [Blockferry("blockferry", work / "repo-blockferry")]
     if "restic" in peers:
         tools.append(Restic(work / "repo-restic", exes["restic"]))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import secrets
+import os
 import struct
 import zlib
 from typing import Any
@@ -91,7 +91,7 @@ def utc_now() -> str:
 
 
 def new_id(nbytes: int = 16) -> str:
-    return secrets.token_hex(nbytes)
+    return os.urandom(nbytes).hex()  # (secrets.token_hex is the same, but imports hmac and OpenSSL)
 
 
 class RepositoryConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -258,6 +258,19 @@ def _unzstd(data: bytes, what: str) -> bytes:
         return zstandard.ZstdDecompressor().decompress(data)
     except zstandard.ZstdError as exc:
         raise CorruptionError(f"{what} is damaged ({exc})") from exc
+
+
+def decode_manifest_as(data: bytes, what: str, kind: type[Any]) -> Any:
+    """Decode a manifest into ``kind``, a struct with a subset of Manifest's fields (msgspec skips
+    the rest, block maps included, without building them)."""
+    raw = _unzstd(data, what)
+    try:
+        m = msgspec.msgpack.decode(raw, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise CorruptionError(f"{what} is damaged ({exc})") from exc
+    if m.version != FORMAT_VERSION:
+        raise UnsupportedFormatError(f"{what} has format version {m.version}, this blockferry reads {FORMAT_VERSION}")
+    return m
 
 
 def decode_manifest(data: bytes, what: str) -> Manifest:

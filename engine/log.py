@@ -13,7 +13,6 @@ tenth of a small incremental backup, and a quiet run never needs it.
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
@@ -29,7 +28,7 @@ def configure(*, level: str = "warning", json: bool = False) -> None:
     global _min_level, _checked
     import structlog
 
-    lvl = getattr(logging, level.upper(), logging.WARNING)
+    lvl = LEVELS.get(level.lower(), LEVELS["warning"])
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

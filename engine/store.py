@@ -44,6 +44,7 @@ from .format import (
     decode_config,
     decode_index,
     decode_manifest,
+    decode_manifest_as,
     encode_config,
     encode_index,
     encode_manifest,
@@ -333,6 +334,7 @@ class RepositoryStore:
         self._commit_lock = anyio.Lock()
         self._lock_info: LockInfo | None = None
         self._summaries: dict[str, PointSummary] = {}
+        self._manifests: dict[str, Manifest] = {}  # the few most recently used, decoded
         self.log = log.bind(repository=backend.url)
 
     def __repr__(self) -> str:
@@ -511,13 +513,21 @@ class RepositoryStore:
     async def point_ids(self) -> list[str]:
         return [o.key.removeprefix("points/") async for o in self.backend.list("points/")]
 
-    async def manifest(self, point_id: str) -> Manifest:
-        key = f"points/{point_id}"
+    async def _manifest_bytes(self, point_id: str) -> bytes:
         try:
-            data = await self.backend.get(key)
+            return await self.backend.get(f"points/{point_id}")
         except NotFoundError:
             raise NotFoundError(f"no restore point {point_id} in {self.backend.url}") from None
-        return decode_manifest(data, f"restore point {point_id}")
+
+    async def manifest(self, point_id: str) -> Manifest:
+        """A restore point's manifest (decoded once; the last few are kept)."""
+        m = self._manifests.get(point_id)
+        if m is None:
+            m = decode_manifest(await self._manifest_bytes(point_id), f"restore point {point_id}")
+            if len(self._manifests) >= 4:
+                self._manifests.pop(next(iter(self._manifests)))
+            self._manifests[point_id] = m
+        return m
 
     async def summaries(self) -> list[PointSummary]:
         """Every restore point, oldest first. Damaged manifests raise CorruptionError."""
@@ -526,8 +536,8 @@ class RepositoryStore:
         for pid in ids:
             s = self._summaries.get(pid)
             if s is None:
-                m = await self.manifest(pid)
-                s = self._summaries[pid] = summary_of(m)
+                s = self._summaries[pid] = decode_manifest_as(
+                    await self._manifest_bytes(pid), f"restore point {pid}", PointSummary)
             out.append(s)
         out.sort(key=lambda s: (s.created, s.id))
         return out
