@@ -225,52 +225,67 @@ class JobManager(Actor[Any]):
         return [r for r in records if r is not None]
 
     async def _run_task(self, task: TaskContext, ticket: Ticket) -> DiskRecord:
-        timeout = self.runtime.settings.ask_timeout
-        log = self.log.bind(object=task.object, disk=task.disk)
-        movers: list[Any] = []
         try:
             async with self.scheduler.hold(ticket) as proxy:
-                t0 = anyio.current_time()
-                await self.repository.ask(CheckAvailable(), timeout=timeout)
-                if task.hints is not None:
-                    found = await self.repository.ask(FindBase(task.object, task.disk), timeout=timeout)
-                    if found is not None:
-                        task.base_point, task.base = found
-                send, recv = anyio.create_memory_object_stream[Any](self.runtime.settings.stream_batches)
+                movers: list[tuple[Any, Completion[Any]]] = []
                 try:
-                    target, target_done = await self.repository.ask(OpenTarget(task, recv), timeout=timeout)
-                except BaseException:
-                    recv.close()
-                    send.close()
-                    raise
-                movers.append(target)
-                try:
-                    source, source_done = await proxy.actor.ask(RunSource(task, send), timeout=timeout)
-                except BaseException:
-                    send.close()
-                    raise
-                movers.append(source)
-                source_stats, record = await _both(source_done, target_done)
-                movers.clear()
-                stats = msgspec.structs.replace(
-                    source_stats, written_bytes=record.stats.written_bytes, target_busy=record.stats.target_busy,
-                    duration=anyio.current_time() - t0,
-                )
-                record.stats = task.stats = stats
-                task.state = "done"
-                task.done_bytes = task.total_bytes
-                log.info("task_done", read_bytes=stats.read_bytes, written_bytes=stats.written_bytes,
-                         duration=round(stats.duration, 3), bottleneck=stats.bottleneck())
-                return record
+                    return await self._move(task, proxy, movers)
+                finally:
+                    # the task ends early (an error, a cancellation): stop its movers and wait
+                    # until they have, so its slots are free only once nothing of it runs
+                    for mover, _ in movers:
+                        mover.cancel()
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+                        for _, done in movers:
+                            try:
+                                await done.wait()
+                            except Exception:
+                                pass
         except BaseException as exc:
             task.state = "failed"
             task.error = exc
             raise
         finally:
-            for m in movers:  # cancelled before they finished: stop them
-                m.cancel()
             if task.index is not None:
                 task.index.release(task.claimed)
+
+    async def _move(self, task: TaskContext, proxy: Any, movers: list[tuple[Any, Completion[Any]]]) -> DiskRecord:
+        """Check the repository, find the base, connect a target and a source mover, wait for
+        both. ``movers`` lists the movers started and not yet finished."""
+        timeout = self.runtime.settings.ask_timeout
+        t0 = anyio.current_time()
+        await self.repository.ask(CheckAvailable(), timeout=timeout)
+        if task.hints is not None:
+            found = await self.repository.ask(FindBase(task.object, task.disk), timeout=timeout)
+            if found is not None:
+                task.base_point, task.base = found
+        send, recv = anyio.create_memory_object_stream[Any](self.runtime.settings.stream_batches)
+        try:
+            target, target_done = await self.repository.ask(OpenTarget(task, recv), timeout=timeout)
+        except BaseException:
+            recv.close()
+            send.close()
+            raise
+        movers.append((target, target_done))
+        try:
+            source, source_done = await proxy.actor.ask(RunSource(task, send), timeout=timeout)
+        except BaseException:
+            send.close()
+            raise
+        movers.append((source, source_done))
+        source_stats, record = await _both(source_done, target_done)
+        movers.clear()
+        stats = msgspec.structs.replace(
+            source_stats, written_bytes=record.stats.written_bytes, target_busy=record.stats.target_busy,
+            duration=anyio.current_time() - t0,
+        )
+        record.stats = task.stats = stats
+        task.state = "done"
+        task.done_bytes = task.total_bytes
+        self.log.info("task_done", object=task.object, disk=task.disk, read_bytes=stats.read_bytes,
+                      written_bytes=stats.written_bytes, duration=round(stats.duration, 3),
+                      bottleneck=stats.bottleneck())
+        return record
 
 
 async def _both(a: Completion[Any], b: Completion[Any]) -> tuple[Any, Any]:

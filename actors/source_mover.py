@@ -114,24 +114,16 @@ class SourceMover(Actor[Any]):
                 await disk.aclose()
 
     async def _lane(self, todo: Iterator[tuple[int, int]], processor: BlockProcessor, disk: Any) -> None:
-        cpu = self.runtime.cpu
+        cpu, inflight = self.runtime.cpu, self.runtime.inflight
         st, task = self.stats, self.task
         for first, n in todo:  # lanes share the iterator; next() never runs concurrently
-            if processor.read is not None or processor.map is not None:
-                batch: Batch = await anyio.to_thread.run_sync(processor.process, first, n, limiter=cpu)
-            else:
-                bufs = processor.pool.get()
-                try:
-                    t0 = anyio.current_time()
-                    views = processor.views(first, n, bufs)
-                    got = await disk.read_into(first * task.block_size, views)
-                    if got != sum(len(v) for v in views):
-                        raise SourceError(f"{task.url}: short read at offset {first * task.block_size}")
-                    st.source_busy += anyio.current_time() - t0
-                    st.read_bytes += got
-                    batch = await anyio.to_thread.run_sync(processor.process, first, n, bufs, limiter=cpu)
-                finally:
-                    processor.pool.put(bufs)
+            await inflight.acquire()
+            try:
+                batch = await self._process(first, n, processor, disk, cpu)
+            except BaseException:
+                inflight.release()
+                raise
+            batch.token = inflight
             st.read_bytes += batch.read_bytes
             st.zero_bytes += batch.zero_bytes
             st.new_bytes += batch.new_bytes
@@ -141,4 +133,27 @@ class SourceMover(Actor[Any]):
             st.source_busy += batch.read_time
             st.proxy_busy += batch.proc_time
             task.done_bytes += sum(b.raw_len for b in batch.blocks)
-            await self.out.send(batch)
+            try:
+                await self.out.send(batch)
+            except BaseException:
+                batch.release()
+                raise
+
+    async def _process(self, first: int, n: int, processor: BlockProcessor, disk: Any, cpu: Any) -> Batch:
+        """One batch in a worker thread; a source without blocking reads is read here first."""
+        if processor.read is not None or processor.map is not None:
+            batch: Batch = await anyio.to_thread.run_sync(processor.process, first, n, limiter=cpu)
+            return batch
+        st, task = self.stats, self.task
+        bufs = processor.pool.get()
+        try:
+            t0 = anyio.current_time()
+            views = processor.views(first, n, bufs)
+            got = await disk.read_into(first * task.block_size, views)
+            if got != sum(len(v) for v in views):
+                raise SourceError(f"{task.url}: short read at offset {first * task.block_size}")
+            st.source_busy += anyio.current_time() - t0
+            st.read_bytes += got
+            return await anyio.to_thread.run_sync(processor.process, first, n, bufs, limiter=cpu)
+        finally:
+            processor.pool.put(bufs)

@@ -59,7 +59,28 @@ class TargetMover(Actor[Any]):
         if self._scope is not None:
             self._scope.cancel()
 
+    def _drain(self) -> None:
+        """Free the in-flight tokens of batches still queued, then close the inbox (a mover
+        that stops early must not strand the memory budget)."""
+        while True:
+            try:
+                left = self.inbox.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            if isinstance(left, Batch):
+                left.release()
+        self.inbox.close()
+
     async def _work(self) -> None:
+        try:
+            await self._write()
+        finally:
+            self._drain()
+        if not self.done.done:
+            self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
+        self.request_stop()
+
+    async def _write(self) -> None:
         with anyio.CancelScope() as self._scope:
             writer = self.store.writer()
             try:
@@ -75,9 +96,6 @@ class TargetMover(Actor[Any]):
             record.stats.written_bytes = self.written
             record.stats.target_busy = self.busy
             self.done.set_result(record)
-        if not self.done.done:
-            self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
-        self.request_stop()
 
     async def _receive(self, writer: Any) -> DiskRecord:
         task = self.task
@@ -98,18 +116,25 @@ class TargetMover(Actor[Any]):
             for s, c in header.holes:
                 blocks[s * DIGEST_SIZE:(s + c) * DIGEST_SIZE] = bytes(c * DIGEST_SIZE)
             end: DiskEnd | None = None
-            async for item in self.inbox:
-                if isinstance(item, Batch):
-                    new = [(b.digest, b.payload, b.raw_len, b.flags) for b in item.blocks if b.payload is not None]
-                    if new:
-                        await writer.add(new)
-                    for b in item.blocks:
-                        i = b.index * DIGEST_SIZE
-                        blocks[i:i + DIGEST_SIZE] = b.digest
-                        if b.kind == CLAIMED:
-                            self._foreign.add(b.digest)
-                elif isinstance(item, DiskEnd):
-                    end = item
+            try:
+                async for item in self.inbox:
+                    if isinstance(item, Batch):
+                        try:
+                            new = [(b.digest, b.payload, b.raw_len, b.flags) for b in item.blocks
+                                   if b.payload is not None]
+                            if new:
+                                await writer.add(new)
+                            for b in item.blocks:
+                                i = b.index * DIGEST_SIZE
+                                blocks[i:i + DIGEST_SIZE] = b.digest
+                                if b.kind == CLAIMED:
+                                    self._foreign.add(b.digest)
+                        finally:
+                            item.release()
+                    elif isinstance(item, DiskEnd):
+                        end = item
+            finally:
+                self._drain()
             if end is None:
                 raise UpstreamEndedError(f"{task.id}: the source stopped before the end of the disk")
         return DiskRecord(

@@ -86,6 +86,13 @@ class Batch(msgspec.Struct, gc=False):
     compressed_bytes: int = 0
     read_time: float = 0.0
     proc_time: float = 0.0
+    #: the in-flight token this batch holds; the target releases it once the batch is written
+    token: Any = None
+
+    def release(self) -> None:
+        if self.token is not None:
+            self.token.release()
+            self.token = None
 
 
 class BufferPool:

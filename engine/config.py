@@ -58,6 +58,9 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
     batch_bytes: Positive = 8 * MiB
     #: batches buffered between a source mover and its target mover
     stream_batches: Positive = 2
+    #: batches read but not yet written, across all tasks of the server: the memory bound of
+    #: the data path (about this many times batch_bytes), whatever the number of tasks
+    inflight_batches: Positive = 8
     #: worker threads hashing and compressing (0: one per core)
     cpu_threads: NonNegative = 0
     #: worker threads doing repository I/O

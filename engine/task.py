@@ -26,6 +26,8 @@ class Runtime:
         self.settings = settings or EngineSettings()
         self.cpu = anyio.CapacityLimiter(self.settings.cpu_threads or os.cpu_count() or 1)
         self.io = anyio.CapacityLimiter(self.settings.io_threads)
+        #: a token per batch between reading and writing (see EngineSettings.inflight_batches)
+        self.inflight = anyio.Semaphore(self.settings.inflight_batches)
         self._pools: dict[tuple[int, int], BufferPool] = {}
 
     def pool(self, block_size: int) -> BufferPool:

@@ -303,3 +303,52 @@ async def test_a_failed_object_does_not_stop_the_others(tmp_path: Path) -> None:
     assert "missing.img" in (session.objects[1].error or "")
     async with blockferry.open_repository(repo) as r:
         assert {p.object for p in await r.points()} == {"good", "good2"}
+
+
+async def test_inflight_budget_bounds_memory_across_tasks(tmp_path: Path, probe: ProbeSource) -> None:
+    """However many tasks run, no more than ``inflight_batches`` batches are read and not yet
+    written at any moment."""
+    repo = await make_repo(tmp_path)
+    imgs = [write_disk(tmp_path / f"r{i}.img", 8 * MiB, [(0, "random", 8 * MiB)], seed=i) for i in range(4)]
+    inner = await LocalBackendPlugin().open(repo, {})
+    slow = SlowBackend(inner, probe, delay=0.01)
+    engine = EngineSettings(batch_bytes=4 * BS, stream_batches=4, lanes=2, inflight_batches=3)
+    store = await blockferry.store.RepositoryStore.open(slow)
+    cfg = ServerConfig(proxies=[ProxyConfig(name="p", max_tasks=4, transports=PROBE)], engine=engine)
+    async with running_server(cfg) as server:
+        await server.add_repository(RepositorySettings(name="main", url=repo, max_tasks=4), store)
+        session = await (await server.run_job(job("j", [(f"vm{i}", [f"probe:{p}"]) for i, p in enumerate(imgs)]))).result()
+        assert server.runtime.inflight.value == 3  # every token came back
+    assert session.state == "success"
+    assert probe.peak == 4  # the four tasks did run together
+    assert max(slow.lag) <= engine.inflight_batches * engine.batch_bytes, max(slow.lag)
+
+
+class FailingUpload(SlowUpload):
+    async def write(self, parts: Sequence[Any]) -> int:
+        self._backend.writes += 1
+        if self._backend.writes > 3:
+            raise blockferry.RepositoryError("disk on fire")
+        return await super().write(parts)
+
+
+async def test_tokens_come_back_when_a_task_fails(tmp_path: Path, probe: ProbeSource) -> None:
+    repo = await make_repo(tmp_path)
+    imgs = [write_disk(tmp_path / f"r{i}.img", 8 * MiB, [(0, "random", 8 * MiB)], seed=i) for i in range(2)]
+    inner = await LocalBackendPlugin().open(repo, {})
+    slow = SlowBackend(inner, probe, delay=0.0)
+    slow.writes = 0
+
+    async def open_upload(key: str) -> FailingUpload:
+        return FailingUpload(slow, await inner.open_upload(key))
+
+    slow.open_upload = open_upload  # type: ignore[method-assign]
+    engine = EngineSettings(batch_bytes=2 * BS, inflight_batches=4)
+    store = await blockferry.store.RepositoryStore.open(slow)
+    cfg = ServerConfig(proxies=[ProxyConfig(name="p", transports=PROBE)], engine=engine)
+    async with running_server(cfg) as server:
+        await server.add_repository(RepositorySettings(name="main", url=repo), store)
+        session = await (await server.run_job(job("j", [("vm", [f"probe:{p}" for p in imgs])], retries=0))).result()
+        assert session.state == "failed" and "disk on fire" in (session.objects[0].error or "")
+        assert server.runtime.inflight.value == 4
+        assert store.index.claims == {}  # no claim outlives its task
