@@ -322,41 +322,59 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def run_steps(work: Path, fleet: Path, tools: list[Tool]) -> dict[str, Any]:
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median run's figures (by wall time); peak RSS is the highest seen; all runs kept."""
+    ordered = sorted(runs, key=lambda r: r["wall"])
+    out = dict(ordered[len(ordered) // 2])
+    out["rss"] = max(r["rss"] for r in runs)
+    out["walls"] = [r["wall"] for r in runs]
+    return out
+
+
+def run_steps(work: Path, fleet: Path, tools: list[Tool], repeat: int) -> dict[str, Any]:
     data = work / "data"
     hints = {p.name.removesuffix(".hints"): p for p in (fleet / "gen1").glob("*.hints")}
-    results: dict[str, dict[str, Any]] = {"full": {}, "incremental": {}, "restore": {}}
-    for t in tools:
-        shutil.rmtree(t.repo, ignore_errors=True)
-        for extra in (Path(str(t.repo) + ".cache"), Path(str(t.repo) + ".base")):
-            shutil.rmtree(extra, ignore_errors=True)
-        t.init()
-    for step, gen in (("full", 0), ("incremental", 1)):
-        link_generation(fleet / f"gen{gen}", data)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {t.name: [] for t in tools}
+                                                        for s in ("full", "incremental", "restore")}
+    for rep in range(repeat):
         for t in tools:
-            warm([data])
-            subprocess.run(t.warm_cmd(), env=t.env, capture_output=True, check=True)  # the tool's own code
-            log(f"{step}: {t.name}")
-            r = run_measured(t.backup_cmd(data, gen, hints), cwd=data, env=t.env)
-            results[step][t.name] = {"wall": r.wall, "cpu": r.cpu, "rss": r.rss, "repo_bytes": tree_bytes(t.repo)}
+            shutil.rmtree(t.repo, ignore_errors=True)
+            for extra in (Path(str(t.repo) + ".cache"), Path(str(t.repo) + ".base")):
+                shutil.rmtree(extra, ignore_errors=True)
+            t.init()
+        for step, gen in (("full", 0), ("incremental", 1)):
+            link_generation(fleet / f"gen{gen}", data)
+            for t in tools:
+                warm([data])
+                subprocess.run(t.warm_cmd(), env=t.env, capture_output=True, check=True)  # the tool's own code
+                log(f"{step} ({rep + 1}/{repeat}): {t.name}")
+                r = run_measured(t.backup_cmd(data, gen, hints), cwd=data, env=t.env)
+                runs[step][t.name].append({"wall": r.wall, "cpu": r.cpu, "rss": r.rss,
+                                           "repo_bytes": tree_bytes(t.repo)})
+    results: dict[str, dict[str, Any]] = {s: {t: median_of(v) for t, v in runs[s].items()}
+                                          for s in ("full", "incremental")}
+    results["restore"] = {}
     out = work / "restore"
     for t in tools:
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        warm([t.repo])
-        subprocess.run(t.warm_cmd(), env=t.env, capture_output=True, check=True)
-        log(f"restore: {t.name}")
-        r = run_measured(t.restore_cmd(out), cwd=out, env=t.env)
-        restored = {p.name: p for p in out.rglob("*.img")}
-        originals = {p.name: p for p in (fleet / "gen1").glob("*.img")}
-        exact = sorted(restored) == sorted(originals) and all(same_content(restored[n], p)
-                                                              for n, p in originals.items())
-        allocated = sum(p.stat().st_blocks * 512 for p in restored.values())
-        results["restore"][t.name] = {"wall": r.wall, "cpu": r.cpu, "rss": r.rss, "bit_exact": exact,
-                                      "allocated_bytes": allocated,
-                                      "apparent_bytes": sum(p.stat().st_size for p in restored.values())}
-        if not exact:
-            log(f"restore of {t.name} is NOT bit-exact")
+        for rep in range(repeat):
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            warm([t.repo])
+            subprocess.run(t.warm_cmd(), env=t.env, capture_output=True, check=True)
+            log(f"restore ({rep + 1}/{repeat}): {t.name}")
+            r = run_measured(t.restore_cmd(out), cwd=out, env=t.env)
+            restored = {p.name: p for p in out.rglob("*.img")}
+            originals = {p.name: p for p in (fleet / "gen1").glob("*.img")}
+            exact = sorted(restored) == sorted(originals) and all(same_content(restored[n], p)
+                                                                  for n, p in originals.items())
+            runs["restore"][t.name].append({
+                "wall": r.wall, "cpu": r.cpu, "rss": r.rss, "bit_exact": exact,
+                "allocated_bytes": sum(p.stat().st_blocks * 512 for p in restored.values()),
+                "apparent_bytes": sum(p.stat().st_size for p in restored.values())})
+            if not exact:
+                log(f"restore of {t.name} is NOT bit-exact")
+        results["restore"][t.name] = median_of(runs["restore"][t.name])
+        results["restore"][t.name]["bit_exact"] = all(x["bit_exact"] for x in runs["restore"][t.name])
     shutil.rmtree(out, ignore_errors=True)
     return results
 
@@ -455,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default="restic,borg", help="peers to run, comma-separated ('' for none)")
     ap.add_argument("--no-scale", action="store_true", help="skip the scale figures")
     ap.add_argument("--small-disks", type=int, default=200, help="disks in the many-small-disks figure (200)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of every step; the median is reported (3)")
     ap.add_argument("--output", type=Path, default=HERE / "results" / "latest.json", help="JSON results")
     a = ap.parse_args(argv)
     work = a.work.resolve()
@@ -477,13 +496,17 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"machine": machine(), "fleet": desc, "versions": versions,
                            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     res["page_cache_dropped"] = drop_caches()
-    res["steps"] = run_steps(work, fleet, tools)
-    log("ceiling")
+    res["steps"] = run_steps(work, fleet, tools, a.repeat)
     images = sorted(str(p) for p in (fleet / "gen0").glob("*.img"))
-    warm([fleet / "gen0"])
-    c = subprocess.run([sys.executable, "-m", "bench.ceiling", *images], check=True, capture_output=True, text=True,
-                       cwd=ROOT)
-    res["ceiling"] = json.loads(c.stdout)
+    ceilings = []
+    for rep in range(a.repeat):
+        log(f"ceiling ({rep + 1}/{a.repeat})")
+        warm([fleet / "gen0"])
+        c = subprocess.run([sys.executable, "-m", "bench.ceiling", *images], check=True, capture_output=True,
+                           text=True, cwd=ROOT)
+        ceilings.append(json.loads(c.stdout))
+    res["ceiling"] = sorted(ceilings, key=lambda c: c["seconds"])[len(ceilings) // 2]
+    res["ceiling"]["all_seconds"] = [c["seconds"] for c in ceilings]
     res["efficiency"] = res["ceiling"]["seconds"] / res["steps"]["full"]["blockferry"]["wall"]
     if not a.no_scale:
         log("scale figures")
