@@ -191,11 +191,13 @@ class JobManager(Actor[Any]):
                                     job=self.spec.name, disks=records, stats=stats, duration=duration)
                 await self.repository.ask(CommitPoint(manifest), timeout=None)
                 res.point, res.state, res.error = manifest.id, "done", None
+                await self._finish_sources(obj.name, tasks, committed=True)
                 break
             except Exception as exc:
                 err = primary_error(exc)
                 res.error = str(err) or repr(err)
                 transient = isinstance(err, BlockferryError) and err.transient
+                await self._finish_sources(obj.name, tasks, committed=False)
                 if not transient or attempt == self.spec.retries:
                     res.state = "failed"
                     log.warning("object_failed", error=res.error, attempts=attempt + 1)
@@ -212,6 +214,19 @@ class JobManager(Actor[Any]):
         for t in tasks:
             if t.hints is not None and not t.plan.startswith("incremental") and t.plan:
                 self.session.warnings.append(f"{obj.name}/{t.disk}: hints not used, {t.plan}")
+
+    async def _finish_sources(self, obj: str, tasks: list[TaskContext], *, committed: bool) -> None:
+        """Tell sources that track changes whether their read made it into a point."""
+        for t in tasks:
+            finish, t.finish = t.finish, None
+            if finish is None:
+                continue
+            try:
+                with anyio.CancelScope(shield=True):
+                    await finish(committed)
+            except Exception as exc:
+                self.session.warnings.append(f"{obj}/{t.disk}: change tracking not updated: {exc}")
+                self.log.warning("finish_failed", object=obj, disk=t.disk, error=repr(exc))
 
     async def _run_tasks(self, tasks: list[TaskContext], tickets: list[Ticket]) -> list[DiskRecord]:
         records: list[DiskRecord | None] = [None] * len(tasks)
@@ -255,10 +270,10 @@ class JobManager(Actor[Any]):
         timeout = self.runtime.settings.ask_timeout
         t0 = anyio.current_time()
         await self.repository.ask(CheckAvailable(), timeout=timeout)
-        if task.hints is not None:
-            found = await self.repository.ask(FindBase(task.object, task.disk), timeout=timeout)
-            if found is not None:
-                task.base_point, task.base = found
+        # the base serves hints, and sources that track changes themselves
+        found = await self.repository.ask(FindBase(task.object, task.disk), timeout=timeout)
+        if found is not None:
+            task.base_point, task.base = found
         send, recv = anyio.create_memory_object_stream[Any](self.runtime.settings.stream_batches)
         try:
             target, target_done = await self.repository.ask(OpenTarget(task, recv), timeout=timeout)

@@ -78,11 +78,17 @@ class SourceMover(Actor[Any]):
         plugin = source_plugin(task.url)
         disk = await plugin.open(task.url, task.spec.options)
         try:
-            if task.hints is not None:
-                check_within(task.hints, disk.size, task.spec.hints or task.url)
+            hints, tracking = task.hints, ""
+            if hints is not None:
+                check_within(hints, disk.size, task.spec.hints or task.url)
+            elif task.base is not None and hasattr(disk, "changed_extents"):
+                hints, tracking = await disk.changed_extents(task.base)
+            task.finish = getattr(disk, "finish", None)
             data = await disk.data_extents()
-            plan = make_plan(size=disk.size, block_size=task.block_size, data=data, hints=task.hints,
+            plan = make_plan(size=disk.size, block_size=task.block_size, data=data, hints=hints,
                              base=task.base, base_point=task.base_point)
+            if tracking:
+                plan.reason = f"{plan.reason} ({tracking})" if hints is not None else f"full read: {tracking}"
             task.plan = plan.reason
             bs = task.block_size
             st = self.stats
@@ -134,6 +140,8 @@ class SourceMover(Actor[Any]):
             st.proxy_busy += batch.proc_time
             task.done_bytes += sum(b.raw_len for b in batch.blocks)
             try:
+                for throttle in task.throttles:  # bandwidth limits: wait for the batch's bytes
+                    await throttle.consume(batch.read_bytes)
                 await self.out.send(batch)
             except BaseException:
                 batch.release()

@@ -28,6 +28,10 @@ from .format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, parse_size, stats_di
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED = 0, 1, 2, 3, 4
 
+#: modules that add commands, each with ``register(add_command)`` where ``add_command(name, fn,
+#: help)`` returns the subparser. Keep them light: import what a command needs inside it.
+COMMAND_MODULES: tuple[str, ...] = ()
+
 
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -317,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = cmd("unlock", cmd_unlock, "remove the writer lock left by a process that is gone")
     sp.add_argument("repo")
+
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(cmd)
 
     sp = cmd("demo", cmd_demo, "back up and restore two generated disk images, end to end")
     sp.add_argument("dir", nargs="?", default="blockferry-demo", help="work directory (default ./blockferry-demo)")

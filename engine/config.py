@@ -61,6 +61,10 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: batches read but not yet written, across all tasks of the server: the memory bound of
     #: the data path (about this many times batch_bytes), whatever the number of tasks
     inflight_batches: Positive = 8
+    #: restore: bytes of blocks decoded per batch (across the disks restored together), and
+    #: batches in progress; larger writes keep the disk busier
+    restore_batch_bytes: Positive = 16 * MiB
+    restore_lanes: Positive = 6
     #: worker threads hashing and compressing (0: one per core)
     cpu_threads: NonNegative = 0
     #: worker threads doing repository I/O

@@ -207,7 +207,7 @@ class _PointRestorer:
 
     def batches(self) -> Iterator[list[tuple[int, int, int]]]:
         """Windows of block numbers, each the (disk, first, count) runs of data inside it."""
-        per = max(1, self.runtime.settings.batch_bytes // (self.bs * len(self.disks)))
+        per = max(1, self.runtime.settings.restore_batch_bytes // (self.bs * len(self.disks)))
         everything: list[Run] = []
         for runs in self.runs:
             everything = union(everything, runs)
@@ -379,8 +379,8 @@ class _PointRestorer:
         todo = self.batches()
         try:
             async with anyio.create_task_group() as tg:
-                # twice the lanes of a backup: while some wait for the disk, others decode
-                for _ in range(2 * self.runtime.settings.lanes):
+                # more lanes than cores: while some wait for the disk, others decode
+                for _ in range(self.runtime.settings.restore_lanes):
                     tg.start_soon(self._lane, todo)
         finally:
             self.stages.close()

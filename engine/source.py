@@ -13,7 +13,10 @@ source and offset in the message.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .format import DiskRecord
 
 Buffer = bytearray | memoryview
 Extent = tuple[int, int]  # (offset, length) in bytes
@@ -49,6 +52,23 @@ class SourceDisk(Protocol):
         ...
 
     async def aclose(self) -> None:
+        ...
+
+
+class ChangeTracking(Protocol):
+    """Optional methods of a :class:`SourceDisk` whose source tracks changes (QEMU dirty
+    bitmaps, VMware CBT). The source mover uses them when no hint file is given."""
+
+    async def changed_extents(self, base: DiskRecord) -> tuple[list[Extent] | None, str]:
+        """Extents changed since ``base`` (the disk's record in the previous point, whose
+        ``change_id`` this source wrote), or None when that cannot be known (the tracking state
+        was lost, is inconsistent, or does not match the base): then the whole disk is read. The
+        string says why, for the session."""
+        ...
+
+    async def finish(self, committed: bool) -> None:
+        """Called once the point this read went into is committed (True) or abandoned (False),
+        after :meth:`SourceDisk.aclose`: rotate the tracking state only when committed."""
         ...
 
 

@@ -61,6 +61,10 @@ class TaskContext(msgspec.Struct, eq=False, kw_only=True):
     claimed: set[bytes] = msgspec.field(default_factory=set)
     #: the repository's chunk index, which the source mover deduplicates against
     index: Any = None
+    #: the source's ``finish(committed)`` hook (change tracking), called after the commit
+    finish: Any = None
+    #: bandwidth limits this task's data goes through: objects with ``async consume(nbytes)``
+    throttles: list[Any] = msgspec.field(default_factory=list)
     error: BaseException | None = None
     attempt: int = 0
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
