@@ -4,9 +4,10 @@ Embedded commands (no daemon needed): ``init``, ``backup``, ``points``, ``restor
 ``unlock`` and ``demo``. Each takes ``--json`` for machine-readable output on stdout. Progress
 goes to stderr: a redrawn line on a terminal, plain lines otherwise.
 
-Exit codes: 0 success; 1 the operation failed (a backup session failed, an I/O error);
-2 bad input (arguments, configuration, missing source or point); 3 damaged data found;
-4 the repository is locked by another process.
+Exit codes: 0 success; 1 the operation failed (a backup session failed, an I/O error, a
+collection deferred); 2 bad input (arguments, configuration, missing source or point);
+3 damaged data found; 4 the repository is locked by another process; 5 a removal was refused
+because the point is immutable.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from . import __version__
 from .errors import BlockferryError, ConfigError, unwrap_group
 from .format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, parse_size, stats_dict
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_IMMUTABLE = 0, 1, 2, 3, 4, 5
 
 #: modules that add commands, each with ``register(add_command)`` where ``add_command(name, fn,
 #: help)`` returns the subparser. Keep them light: import what a command needs inside it.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("blockferry.cli_lifecycle",)
 
 
 def human(n: float) -> str:
@@ -89,7 +90,8 @@ class Progress:
 async def cmd_init(a: argparse.Namespace) -> int:
     from .api import init_repository
 
-    cfg = await init_repository(a.repo, block_size=a.block_size, compression=a.compression)
+    cfg = await init_repository(a.repo, block_size=a.block_size, compression=a.compression,
+                                immutable_days=a.immutable_days)
     if a.json:
         _json_out({"repository": a.repo, "config": cfg})
     else:
@@ -128,7 +130,7 @@ async def cmd_backup(a: argparse.Namespace) -> int:
 
     async with open_repository(a.repo, max_tasks=a.max_tasks) as repo:
         session = await repo.backup(a.sources, name=a.name, hints=_parse_hints(a.changed_extents),
-                                    retries=a.retries, progress=show)
+                                    retries=a.retries, immutable_days=a.immutable_days, progress=show)
     progress.done()
     if a.json:
         out = msgspec.to_builtins(session)
@@ -291,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block size, a power of two from 256KiB to 8MiB (default 1MiB)")
     sp.add_argument("--compression", choices=list(COMPRESSION_LEVELS), default="default",
                     help="none, fast (zstd 1), default (zstd 3), high (zstd 9)")
+    sp.add_argument("--immutable-days", type=int, metavar="N", help="every point stays immutable N days")
 
     sp = cmd("backup", cmd_backup, "back up the disks of one object (VM) into a new restore point")
     sp.add_argument("repo")
@@ -300,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only these extents of SOURCE changed since its last point ('OFFSET LENGTH' lines or rbd diff JSON)")
     sp.add_argument("--max-tasks", type=int, default=4, help="disks processed at once (default 4)")
     sp.add_argument("--retries", type=int, default=2, help="retries of a transient failure (default 2)")
+    sp.add_argument("--immutable-days", type=int, metavar="N",
+                    help="the point cannot be removed (by prune, gc or delete) for N days")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
     sp = cmd("points", cmd_points, "list restore points")
