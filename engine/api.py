@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .gc import GcReport
     from .lifecycle import CopyReport, PruneReport
     from .restore import RestoreResult
-    from .verify import VerifyReport
+    from .verify import RepairReport, VerifyReport
 
 ProgressCallback = Callable[[JobStatus], None]
 
@@ -219,6 +219,7 @@ class Repository:
         *,
         disk: str | None = None,
         overwrite: bool = False,
+        allow_damaged: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> list[RestoreResult]:
         """Restore a point's disks (or only ``disk``) as image files named after the disks in
@@ -235,7 +236,7 @@ class Repository:
         async with self.store.reading("restore"):
             await self.store.load_index()
             return await restore_disks(self.store, m, disks, [out / d.name for d in disks], runtime=self.runtime,
-                                       overwrite=overwrite, progress=progress)
+                                       overwrite=overwrite, allow_damaged=allow_damaged, progress=progress)
 
     @_plain
     async def restore_onto(self, point: str, target: str | os.PathLike[str], *, disk: str | None = None,
@@ -301,11 +302,20 @@ class Repository:
             await backend.aclose()
 
     @_plain
-    async def verify(self, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-        """Re-read and hash every chunk any restore point references."""
+    async def verify(self, *, sample: float | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+        """Re-read and hash every chunk any restore point references (or ``sample`` percent of
+        them); record what is damaged in the repository's health record."""
         from .verify import verify
 
-        return await verify(self.store, self.runtime, progress=progress)
+        return await verify(self.store, self.runtime, sample=sample, progress=progress)
+
+    @_plain
+    async def repair(self) -> RepairReport:
+        """Rebuild the index from the packs; report unreadable packs and the points they hurt."""
+        from .verify import repair
+
+        return await repair(self.store)
 
 
 __all__ = ["Repository", "init_repository", "open_repository", "NotFoundError"]

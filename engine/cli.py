@@ -184,7 +184,9 @@ async def cmd_points(a: argparse.Namespace) -> int:
     print(f"{'ID':16}  {'CREATED (UTC)':19}  {'OBJECT':20}  DISKS")
     for p in pts:
         disks = ", ".join(f"{d.name} ({human(d.size)}{', incremental' if d.hinted else ''})" for d in p.disks)
-        print(f"{p.id:16}  {p.created[:19].replace('T', ' '):19}  {p.object[:20]:20}  {disks}")
+        flags = "".join(f" [{f}]" for f, on in (("DAMAGED", p.damaged), ("immutable", bool(p.immutable_until)))
+                        if on)
+        print(f"{p.id:16}  {p.created[:19].replace('T', ' '):19}  {p.object[:20]:20}  {disks}{flags}")
     return EXIT_OK
 
 
@@ -207,7 +209,8 @@ async def cmd_restore(a: argparse.Namespace) -> int:
         if a.to_file is not None:
             results = [await repo.restore_onto(m.id, a.to_file, disk=a.disk, progress=tick)]
         else:
-            results = await repo.restore(m.id, a.to, disk=a.disk, overwrite=a.overwrite, progress=tick)
+            results = await repo.restore(m.id, a.to, disk=a.disk, overwrite=a.overwrite,
+                                         allow_damaged=a.allow_damaged, progress=tick)
     progress.done()
     if a.json:
         _json_out(results)
@@ -215,7 +218,9 @@ async def cmd_restore(a: argparse.Namespace) -> int:
         for r in results:
             print(f"restored {r.disk} of point {r.point} to {r.path}: {human(r.size)} "
                   f"({human(r.data_bytes)} data, {human(r.hole_bytes)} holes) in {r.duration:.2f} s")
-    return EXIT_OK
+            for off, n in r.damaged_ranges:
+                print(f"  DAMAGED: {human(n)} at offset {off} written as zeros")
+    return EXIT_DAMAGED if any(r.damaged_ranges for r in results) else EXIT_OK
 
 
 async def cmd_verify(a: argparse.Namespace) -> int:
@@ -223,7 +228,8 @@ async def cmd_verify(a: argparse.Namespace) -> int:
 
     progress = Progress(quiet=a.json or a.quiet)
     async with open_repository(a.repo) as repo:
-        report = await repo.verify(progress=lambda n, total: progress.line(f"verified {n}/{total} chunks"))
+        report = await repo.verify(sample=a.sample,
+                                   progress=lambda n, total: progress.line(f"verified {n}/{total} chunks"))
     progress.done()
     if a.json:
         out = msgspec.to_builtins(report)
@@ -318,10 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to-file", help="an existing image file or block device to overwrite with one disk")
     sp.add_argument("--disk", help="only this disk")
     sp.add_argument("--overwrite", action="store_true", help="replace existing files in --to")
+    sp.add_argument("--allow-damaged", action="store_true",
+                    help="restore what is good; write damaged ranges as zeros and list them (exit code 3)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
-    sp = cmd("verify", cmd_verify, "re-read every chunk and check its hash")
+    sp = cmd("verify", cmd_verify, "re-read every chunk (or a sample) and check its hash")
     sp.add_argument("repo")
+    sp.add_argument("--sample", type=float, metavar="PERCENT", help="check only this share of the chunks, at random")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
     sp = cmd("unlock", cmd_unlock, "remove the writer lock left by a process that is gone")

@@ -34,6 +34,9 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("repo")
     sp.add_argument("points", nargs="+", metavar="POINT")
 
+    sp = command("repair", cmd_repair, "rebuild the index from the packs")
+    sp.add_argument("repo")
+
     sp = command("copy", cmd_copy, "copy restore points to another repository (only missing chunks travel)")
     sp.add_argument("source")
     sp.add_argument("target")
@@ -119,3 +122,21 @@ async def cmd_copy(a: argparse.Namespace) -> int:
           f"{report.chunks_copied} chunk(s) sent ({human(report.bytes_written)}), "
           f"{report.chunks_present} already present, in {report.duration:.2f} s")
     return EXIT_OK
+
+
+async def cmd_repair(a: argparse.Namespace) -> int:
+    from .api import open_repository
+    from .cli import EXIT_DAMAGED
+
+    async with open_repository(a.repo) as repo:
+        report = await repo.repair()
+    if a.json:
+        _json_out(report)
+    else:
+        print(f"index rebuilt from {report.packs} pack(s): {report.chunks} chunk(s) in {report.duration:.2f} s")
+        for u in report.unreadable:
+            print(f"unreadable pack {u.pack}: {u.reason}")
+        for x in report.affected:
+            print(f"  point {x.point} ({x.object}) disk {x.disk}: {x.damaged_blocks} block(s) lost, "
+                  f"at {', '.join(str(o) for o in x.offsets)}")
+    return EXIT_DAMAGED if report.unreadable or report.missing_chunks else EXIT_OK

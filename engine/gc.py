@@ -6,8 +6,9 @@ stay safe:
 1. **Mark.** Under the collection lock (``locks/gc``), read every manifest: the chunks they
    reference are live. Packs holding only dead chunks will be deleted; packs whose dead bytes are
    at least ``rewrite_threshold`` of the pack will be rewritten (their live chunks copied into new
-   packs). Packs holding a chunk of a point that is still immutable are left alone. The dead
-   chunks of those packs are *condemned*, and the plan is written to ``gc/plan``.
+   packs). Packs holding a chunk of a point that is still immutable, or a damaged copy of a live
+   chunk, are left alone. The dead chunks of the chosen packs are *condemned*, and the plan is
+   written to ``gc/plan``.
 2. **Backups never use condemned chunks.** A writer takes its lock, *then* reads the plan and
    stops deduplicating against condemned chunks (it stores them again if it meets them). The
    collection writes its plan, *then* reads the locks. So either the writer sees the plan, or
@@ -117,6 +118,8 @@ async def mark(store: RepositoryStore, *, rewrite_threshold: float = DEFAULT_REW
         if any(e.digest in frozen for e in entries):
             kept_immutable += 1
             continue
+        if any(e.digest in live and (e.digest, pack) in store.damaged for e in entries):
+            continue  # moving a damaged copy of a live chunk would carry the damage to a new place
         total = sum(e.length for e in entries)
         dead_bytes = sum(e.length for e in dead)
         if len(dead) == len(entries):

@@ -158,11 +158,15 @@ class ChunkIndex:
                 self._changed = anyio.Event()
             await self._changed.wait()
 
-    def load_index_file(self, f: Any) -> int:
+    def load_index_file(self, f: Any, damaged: set[tuple[bytes, str]] | None = None) -> int:
+        """Add an index file's entries, except the ``damaged`` copies (chunk, pack): a bad copy
+        must never replace a good one of the same chunk."""
         nos = [self.pack_no(p) for p in f.packs]
         n = 0
         committed = self.committed
         for digest, pno, off, length, raw_len, flags in INDEX_RECORD.iter_unpack(f.records):
+            if damaged and (digest, f.packs[pno]) in damaged:
+                continue
             committed[digest] = pack_loc(nos[pno], off, length, raw_len, flags)
             n += 1
         return n
@@ -364,6 +368,8 @@ class PointSummary(msgspec.Struct, kw_only=True):
     disks: list[Disk]
     immutable_until: str | None = None
     stats: TaskStats = msgspec.field(default_factory=TaskStats)
+    #: a health check found a chunk it uses with no good copy (not part of the manifest)
+    damaged: bool = False
 
 
 class RepositoryStore:
@@ -430,7 +436,7 @@ class RepositoryStore:
         keys = [o.key async for o in self.backend.list("index/")]
         for key in sorted(keys):
             f = decode_index(await self.backend.get(key), key)
-            self.index.load_index_file(f)
+            self.index.load_index_file(f, self.damaged)
             self._index_files.append(key)
         self._index_loaded = True
         self._mask()
@@ -456,11 +462,12 @@ class RepositoryStore:
         return health
 
     async def save_health(self, health: Health) -> None:
-        if health.damaged:
+        if health.damaged or health.points:
             await self.backend.put(HEALTH_KEY, msgspec.json.encode(health))
         else:
             await self.backend.delete(HEALTH_KEY)
         self.damaged = {(bytes.fromhex(d.chunk), d.pack or "") for d in health.damaged}
+        self._mask()  # copies found bad just now are not used from now on
 
     async def load_gc_plan(self) -> GcPlan | None:
         try:
@@ -590,6 +597,8 @@ class RepositoryStore:
             self._summaries[manifest.id] = summary_of(manifest)
             if manifest.immutable_until:
                 await self.protect_point(manifest)
+            if self.damaged:
+                await self.refresh_health()
             if len(self._index_files) > INDEX_COMPACT_AT:
                 await self._compact_index()
 
@@ -684,6 +693,10 @@ class RepositoryStore:
                     await self._manifest_bytes(pid), f"restore point {pid}", PointSummary)
             out.append(s)
         out.sort(key=lambda s: (s.created, s.id))
+        health = await self.load_health()
+        bad = set(health.points) if health else set()
+        for s in out:
+            s.damaged = s.id in bad
         return out
 
     async def resolve_point(self, ref: str, *, object_name: str | None = None) -> str:
@@ -726,6 +739,39 @@ class RepositoryStore:
         for p in sorted(packs):
             ok = await protect(pack_key(p), manifest.immutable_until) and ok
         return ok
+
+    async def refresh_health(self) -> None:
+        """Drop from the damaged points those whose chunks all have a good copy again (a backup
+        re-stored them)."""
+        health = await self.load_health()
+        if health is None or not health.points:
+            return
+        still = []
+        for pid in health.points:
+            try:
+                refs = self.referenced(await self.manifest(pid))
+            except NotFoundError:
+                continue
+            if any(self.index.lookup(d) is None for d in refs):
+                still.append(pid)
+        if still != health.points:
+            await self.save_health(msgspec.structs.replace(health, points=still))
+
+    def unhealthy_runs(self, disk: DiskRecord) -> list[tuple[int, int]]:
+        """Runs of a disk's blocks whose chunk has no good copy (damaged, or lost): an incremental
+        must read them again even when nothing says they changed, which heals the repository."""
+        runs: list[tuple[int, int]] = []
+        if not self.damaged:
+            return runs
+        bad = {d for d, _ in self.damaged if self.index.lookup(d) is None}
+        b = disk.blocks
+        for i in range(len(b) // DIGEST_SIZE):
+            if b[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] in bad:
+                if runs and runs[-1][0] + runs[-1][1] == i:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                else:
+                    runs.append((i, 1))
+        return runs
 
     @staticmethod
     def referenced(manifest: Manifest) -> set[bytes]:
