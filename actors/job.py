@@ -320,7 +320,7 @@ class JobManager(Actor[Any]):
         # the base serves hints, and sources that track changes themselves
         found = await self.repository.ask(FindBase(task.object, task.disk), timeout=timeout)
         if found is not None:
-            task.base_point, task.base = found
+            task.base_point, task.base, task.heal = found
         send, recv = anyio.create_memory_object_stream[Any](self.runtime.settings.stream_batches)
         try:
             target, target_done = await self.repository.ask(OpenTarget(task, recv), timeout=timeout)
