@@ -518,6 +518,13 @@ class RepositoryStore:
         self._writer = await self._take_lock(LOCK_KEY, purpose)
         if hasattr(self.backend, "clean_tmp"):
             await anyio.to_thread.run_sync(self.backend.clean_tmp)
+        abort_uploads = getattr(self.backend, "abort_incomplete_uploads", None)
+        if abort_uploads is not None:
+            # only this lock's holder and a garbage collection write packs: with no collection
+            # running, every incomplete upload was left by a writer that died
+            gc_holder = await self.read_lock(GC_LOCK_KEY)
+            gc_running = gc_holder is not None and (gc_holder.host != socket.gethostname() or _holder_alive(gc_holder))
+            await abort_uploads(older_than=86400.0 if gc_running else None)
         plan = await self.load_gc_plan()
         if plan is not None:
             self.condemned = {plan.condemned[i:i + DIGEST_SIZE] for i in range(0, len(plan.condemned), DIGEST_SIZE)}
