@@ -61,9 +61,12 @@ def _plain(fn: F) -> F:
 
 @_plain
 async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "default",
-                          immutable_days: int | None = None, pack_size: int | None = None) -> RepositoryConfig:
+                          immutable_days: int | None = None, pack_size: int | None = None,
+                          backend_options: Mapping[str, Any] | None = None) -> RepositoryConfig:
     """Create a repository at ``url``. A local directory is created if missing and must be empty
-    otherwise; a location that already holds a repository is refused."""
+    otherwise; a location that already holds a repository is refused. ``backend_options`` go
+    to the backend plugin (for ``s3``: ``create_bucket``, ``object_lock``, endpoint and the
+    other settings of docs/s3.md)."""
     if scheme_of(url) == "file":
         from blockferry.plugins.local import path_from_url
 
@@ -76,7 +79,7 @@ async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, com
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
-    backend = await backend_plugin(url).open(url, {})
+    backend = await backend_plugin(url).open(url, dict(backend_options or {}))
     try:
         return await RepositoryStore.init(backend, block_size=block_size, compression=compression,
                                           immutable_days=immutable_days,
@@ -87,14 +90,16 @@ async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, com
 
 @asynccontextmanager
 async def open_repository(url: str, *, engine: EngineSettings | None = None,
-                          proxies: Sequence[ProxyConfig] | None = None, max_tasks: int = 4) -> AsyncIterator[Repository]:
+                          proxies: Sequence[ProxyConfig] | None = None, max_tasks: int = 4,
+                          backend_options: Mapping[str, Any] | None = None) -> AsyncIterator[Repository]:
     """Open an existing repository (NotARepositoryError, UnsupportedFormatError otherwise).
 
     ``proxies`` and ``max_tasks`` shape backups made through this handle: by default one local
-    proxy of 4 tasks and a repository limit of 4 tasks.
+    proxy of 4 tasks and a repository limit of 4 tasks. ``backend_options`` go to the backend
+    plugin (for ``s3``, the settings of docs/s3.md).
     """
     runtime = Runtime(engine)
-    backend = await backend_plugin(url).open(url, {"limiter": runtime.io})
+    backend = await backend_plugin(url).open(url, {**(backend_options or {}), "limiter": runtime.io})
     try:
         store = await RepositoryStore.open(backend)
         repo = Repository(url, store, runtime, list(proxies) if proxies else None, max_tasks)

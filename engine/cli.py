@@ -90,8 +90,15 @@ class Progress:
 async def cmd_init(a: argparse.Namespace) -> int:
     from .api import init_repository
 
+    options = {}
+    if a.create_bucket or a.object_lock:
+        from .registry import scheme_of
+
+        if scheme_of(a.repo) != "s3":
+            raise ConfigError("--create-bucket and --object-lock are for s3:// repositories")
+        options = {"create_bucket": True, "object_lock": a.object_lock}
     cfg = await init_repository(a.repo, block_size=a.block_size, compression=a.compression,
-                                immutable_days=a.immutable_days)
+                                immutable_days=a.immutable_days, backend_options=options)
     if a.json:
         _json_out({"repository": a.repo, "config": cfg})
     else:
@@ -300,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compression", choices=list(COMPRESSION_LEVELS), default="default",
                     help="none, fast (zstd 1), default (zstd 3), high (zstd 9)")
     sp.add_argument("--immutable-days", type=int, metavar="N", help="every point stays immutable N days")
+    sp.add_argument("--create-bucket", action="store_true", help="s3: create the bucket if it does not exist")
+    sp.add_argument("--object-lock", action="store_true",
+                    help="s3: create the bucket with object lock (immutable points are locked by the server)")
 
     sp = cmd("backup", cmd_backup, "back up the disks of one object (VM) into a new restore point")
     sp.add_argument("repo")

@@ -796,6 +796,9 @@ class RepositoryStore:
         m = await self.manifest(point_id)
         if immutable_now(m.immutable_until, now):
             raise ImmutableError(f"restore point {point_id} is immutable until {m.immutable_until}")
+        locked_until = getattr(self.backend, "locked_until", None)  # server-side retention (S3 object lock)
+        if locked_until is not None and (until := await locked_until(f"points/{point_id}")):
+            raise ImmutableError(f"restore point {point_id} is locked by the storage until {until}")
         unprotect = getattr(self.backend, "unprotect", None)
         if unprotect is not None and m.immutable_until:
             await unprotect(f"points/{point_id}")

@@ -415,6 +415,8 @@ class S3Backend:
         #: requests sent, by operation (retries included), and retries, by operation
         self.requests: Counter[str] = Counter()
         self.retries: Counter[str] = Counter()
+        #: GETs sent, by the key's first component ("packs", "index", "points", ...)
+        self.fetched: Counter[str] = Counter()
         self.cache_hits = 0
         self.object_lock = False
         self.versioned = False
@@ -429,7 +431,8 @@ class S3Backend:
                 f"{self.settings.max_requests} lock={self.object_lock}>")
 
     def statistics(self) -> dict[str, Any]:
-        return {"requests": dict(self.requests), "retries": dict(self.retries), "cache_hits": self.cache_hits,
+        return {"requests": dict(self.requests), "retries": dict(self.retries), "fetched": dict(self.fetched),
+                "cache_hits": self.cache_hits,
                 "in_flight": self.settings.max_requests - self._sem.value}
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -498,7 +501,10 @@ class S3Backend:
                                   error=code or type(exc).__name__, status=status or None)
                     await anyio.sleep(delay)
                     continue
-                raise _translate(exc, what, self.bucket) from exc
+                err = _translate(exc, what, self.bucket)
+                if attempt:
+                    err.args = (f"{err} (after {attempt} retries)",)
+                raise err from exc
 
     async def _setup(self) -> None:
         """Check the bucket (creating it if asked) and learn whether it is versioned and locked."""
@@ -576,6 +582,7 @@ class S3Backend:
         """(body, ETag); an archived object is restored first (see :meth:`_restore`)."""
 
         async def fetch(c: Any) -> tuple[bytes, str]:
+            self.fetched[key.partition("/")[0]] += 1
             kw = {"Range": rng} if rng else {}
             resp = await c.get_object(Bucket=self.bucket, Key=self._full(key), **kw)
             async with resp["Body"] as body:

@@ -8,16 +8,29 @@ HTTP proxy in front of radosgw (:class:`FaultProxy`): real HTTP both ways, nothi
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import random
+import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 
-from blockferry.plugins.s3 import S3Backend, S3BackendPlugin
+import blockferry
+from blockferry.errors import BlockferryError, ConfigError, ImmutableError
+from blockferry.plugins.s3 import S3Backend, S3BackendPlugin, load_settings, parse_url
 from tests.conformance import BackendConformance
+from tests.conftest import KiB, MiB, mixed_disk, same_file, write_disk
 from tests.plugins.rgw import RadosGW
+from tests.plugins.s3proxy import FaultProxy, Rule
 
 pytestmark = pytest.mark.anyio
 
@@ -57,3 +70,282 @@ class TestS3Backend(BackendConformance):
         b = await open_s3(new_url(), multipart_threshold=6 << 20, part_size=5 << 20, upload_parallel=2)
         yield b
         await b.aclose()
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def proxy(rgw: RadosGW) -> Iterator[FaultProxy]:
+    p = FaultProxy(rgw.endpoint)
+    p.start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def fault(proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """The proxy, clean for this test."""
+    proxy.reset()
+    yield proxy
+    proxy.release()
+    proxy.reset()
+
+
+def cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The blockferry CLI in a fresh process, with only the environment given (plus PATH)."""
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+    p = subprocess.run([sys.executable, "-m", "blockferry", *args], capture_output=True, text=True,
+                       env=base | (env or {}), timeout=120)
+    if check:
+        assert p.returncode == 0, f"blockferry {' '.join(args)} failed ({p.returncode}): {p.stderr}"
+    return p
+
+
+@contextlib.asynccontextmanager
+async def raw_client(env: dict[str, str], endpoint: str | None = None) -> AsyncIterator[Any]:
+    """A plain aiobotocore client, to look at the bucket behind blockferry's back."""
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    async with get_session().create_client(
+            "s3", endpoint_url=endpoint or env["AWS_ENDPOINT_URL"], region_name="default",
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            config=AioConfig(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                             response_checksum_validation="when_required")) as c:
+        yield c
+
+
+async def keys(c: Any, url: str) -> dict[str, int]:
+    bucket, prefix = parse_url(url)
+    out = {}
+    async for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents", []):
+            out[o["Key"][len(prefix):]] = o["Size"]
+    return out
+
+
+async def incomplete(c: Any, url: str) -> list[str]:
+    bucket, prefix = parse_url(url)
+    page = await c.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return [u["Key"][len(prefix):] for u in page.get("Uploads", [])]
+
+
+def modify(img: Path, offset: int, n: int, seed: int) -> None:
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        f.write(random.Random(seed).randbytes(n))
+
+
+# -- end to end --------------------------------------------------------------------------------------
+
+
+async def test_cli_backup_incremental_restore_bit_exact_with_only_aws_env(s3_env: dict[str, str], tmp_path: Path) -> None:
+    url = new_url()
+    img = mixed_disk(tmp_path / "disk0.img", 8 * MiB, seed=11)
+    env = dict(s3_env)
+    out = cli("init", url, "--create-bucket", "--block-size", "256KiB", env=env)
+    assert "created repository" in out.stdout
+    full = cli("-vv", "backup", url, str(img), "--name", "vm", "-q", "--json", env=env)
+    modify(img, 3 * MiB, 300 * KiB, seed=12)
+    saved = tmp_path / "v1.img"
+    shutil.copy(img, saved)
+    incr = cli("-vv", "--log-json", "backup", url, str(img), "--name", "vm", "-q", "--json", env=env)
+    first, second = (json.loads(p.stdout)["objects"][0]["point"] for p in (full, incr))
+    points = json.loads(cli("points", url, "--json", env=env).stdout)
+    assert [p["id"] for p in points] == [first, second]
+    # the incremental stored only what changed (two 256 KiB blocks)
+    assert json.loads(incr.stdout)["stats"]["new_bytes"] <= 512 * KiB
+    cli("restore", url, "latest", "--to", str(tmp_path / "r2"), "-q", env=env)
+    assert same_file(tmp_path / "r2" / "disk0.img", saved)
+    cli("restore", url, first[:8], "--to", str(tmp_path / "r1"), "-q", env=env)
+    assert not same_file(tmp_path / "r1" / "disk0.img", saved)
+    assert cli("verify", url, "-q", env=env).returncode == 0
+    # secrets never reach the output, even at debug level
+    for p in (full, incr):
+        assert s3_env["AWS_SECRET_ACCESS_KEY"] not in p.stdout + p.stderr
+        assert "s3_opened" in p.stderr or "s3" in p.stderr  # debug logging did run
+    # a wrong secret: a clear error, and the secret is not in it either
+    bad = cli("points", url, env=env | {"AWS_SECRET_ACCESS_KEY": "wrong-secret-XYZ"}, check=False)
+    assert bad.returncode != 0 and "access denied" in bad.stderr and "wrong-secret-XYZ" not in bad.stderr
+    missing = cli("points", "s3://bf-no-such-bucket/x", env=env, check=False)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+async def test_api_multipart_packs_and_ranged_reads(s3_env: dict[str, str], tmp_path: Path) -> None:
+    url = new_url()
+    opts = {"multipart_threshold": 6 * MiB, "part_size": 5 * MiB, "upload_parallel": 3}
+    await blockferry.init_repository(url, block_size=MiB, compression="none", pack_size=24 * MiB,
+                                     backend_options={"create_bucket": True})
+    img = write_disk(tmp_path / "big.img", 40 * MiB, [(0, "random", 40 * MiB)], seed=5)
+    async with blockferry.open_repository(url, backend_options=opts) as r:
+        s = await r.backup([str(img)], name="big")
+        b = r.store.backend
+        assert isinstance(b, S3Backend)
+        # 40 MiB of incompressible blocks in 24 MiB packs: one pack in 5 parts, sent 3 at a time
+        assert b.requests["UploadPart"] >= 5 and b.requests["CompleteMultipartUpload"] >= 1
+        await r.restore(s.points[0], tmp_path / "out")
+        # restores read chunks with ranged GETs (coalesced), not whole packs one chunk at a time
+        assert b.requests["GetObject"] < 40
+    assert same_file(tmp_path / "out" / "big.img", img)
+    async with raw_client(s3_env) as c:
+        assert await incomplete(c, url) == []
+        packs = {k: n for k, n in (await keys(c, url)).items() if k.startswith("packs/")}
+        assert len(packs) == 2 and max(packs.values()) > 24 * MiB
+
+
+async def test_crash_mid_upload_leaves_no_half_object_and_the_next_run_cleans_up(
+        s3_env: dict[str, str], fault: FaultProxy, tmp_path: Path) -> None:
+    url = new_url()
+    await blockferry.init_repository(url, block_size=MiB, compression="none", pack_size=16 * MiB,
+                                     backend_options={"create_bucket": True})
+    img = write_disk(tmp_path / "d.img", 24 * MiB, [(0, "random", 24 * MiB)], seed=7)
+    env = s3_env | {"AWS_ENDPOINT_URL": fault.endpoint, "BLOCKFERRY_S3_MULTIPART_THRESHOLD": str(6 * MiB),
+                    "BLOCKFERRY_S3_PART_SIZE": str(5 * MiB)}
+    # the first multipart upload to complete hangs in the proxy: the writer is caught mid-upload
+    fault.add(Rule(lambda op, path: op == "CompleteMultipartUpload", "hang"))
+    proc = subprocess.Popen([sys.executable, "-m", "blockferry", "backup", url, str(img), "--name", "vm", "-q"],
+                            env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")} | env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert await anyio.to_thread.run_sync(fault.hung.wait, 60), "the backup never reached the upload"
+    finally:
+        proc.kill()
+        proc.wait()
+    fault.release()
+    async with raw_client(s3_env) as c:
+        left = await incomplete(c, url)
+        assert left and all(k.startswith("packs/") for k in left)
+        listed = await keys(c, url)
+        assert not any(k.startswith("points/") for k in listed)
+        assert not set(left) & set(listed)  # the pack being written is not visible, not even in part
+        # the next writer (it finds the dead one's lock and takes over) aborts the leftovers
+        async with blockferry.open_repository(url) as r:
+            s = await r.backup([str(img)], name="vm")
+            assert await incomplete(c, url) == []
+            await r.restore(s.points[0], tmp_path / "out")
+    assert same_file(tmp_path / "out" / "d.img", img)
+
+
+async def test_throttling_errors_and_dropped_connections_are_retried(
+        s3_env: dict[str, str], fault: FaultProxy, tmp_path: Path) -> None:
+    url = new_url()
+    await blockferry.init_repository(url, block_size=256 * KiB, backend_options={"create_bucket": True})
+    img = mixed_disk(tmp_path / "d.img", 6 * MiB, seed=21)
+    fault.slow_seconds = 2.5
+    rules = [
+        fault.add(Rule(lambda op, path: op == "PutObject", "slowdown", times=3)),
+        fault.add(Rule(lambda op, path: op == "GetObject" and "/points/" in path, "slowdown", times=2)),
+        fault.add(Rule(lambda op, path: op == "PutObject" and "/packs/" in path, "drop", times=1)),
+        fault.add(Rule(lambda op, path: op == "List", "slow", times=1)),
+        fault.add(Rule(lambda op, path: op == "GetObject" and "/packs/" in path, "drop", times=4)),
+    ]
+    opts = {"endpoint_url": fault.endpoint, "read_timeout": 1.0, "backoff_base": 0.01, "cache_dir": ""}
+    async with blockferry.open_repository(url, backend_options=opts) as r:
+        s = await r.backup([str(img)], name="vm")
+        r.store._manifests.clear()
+        r.store._summaries.clear()
+        assert [p.id for p in await r.points()] == s.points
+        await r.restore(s.points[0], tmp_path / "out")
+        b = r.store.backend
+        assert isinstance(b, S3Backend)
+        # every 503 and the slow answer went through our backoff; a dropped connection may also
+        # be retried once by the HTTP layer below (a stale keep-alive connection looks the same)
+        assert b.retries["PutObject"] >= 3 and b.retries["GetObject"] >= 2 and sum(b.retries.values()) >= 6, b.retries
+    assert [rule.fired for rule in rules] == [3, 2, 1, 1, 4]
+    assert same_file(tmp_path / "out" / "d.img", img)
+    # a server that keeps failing: the error says what failed, after the configured retries
+    fault.add(Rule(lambda op, path: op == "GetObject" and "/packs/" in path, "slowdown", times=None))
+    async with blockferry.open_repository(url, backend_options=opts | {"retries": 2}) as r:
+        r.store._manifests.clear()
+        # (restore reports it as data it cannot read, naming the S3 error and the retries)
+        with pytest.raises(BlockferryError, match="SlowDown.*after 2 retries"):
+            await r.restore(s.points[0], tmp_path / "again")
+
+
+async def test_cache_serves_unchanged_objects_and_is_rebuilt_when_another_writer_changes_the_bucket(
+        s3_env: dict[str, str], tmp_path: Path) -> None:
+    url = new_url()
+    mine, theirs = str(tmp_path / "cache-mine"), str(tmp_path / "cache-theirs")
+    await blockferry.init_repository(url, block_size=256 * KiB, backend_options={"create_bucket": True})
+    a = mixed_disk(tmp_path / "a.img", 2 * MiB, seed=31)
+    async with blockferry.open_repository(url, backend_options={"cache_dir": mine}) as r:
+        p1 = (await r.backup([str(a)], name="vm")).points[0]
+        modify(a, 0, 256 * KiB, seed=32)
+        p2 = (await r.backup([str(a)], name="vm")).points[0]
+    async with blockferry.open_repository(url, backend_options={"cache_dir": mine}) as r:
+        assert [p.id for p in await r.points()] == [p1, p2]
+        await r.store.load_index()
+        b = r.store.backend
+        # manifests and index files came from the cache: listing only, no GET
+        assert b.fetched["points"] == b.fetched["index"] == 0 and b.cache_hits >= 4, b.statistics()
+    # another writer, with its own cache: removes p1 and rebuilds the index (new index files)
+    async with blockferry.open_repository(url, backend_options={"cache_dir": theirs}) as r:
+        await r.delete(p1)
+        await r.repair()
+    cached = {p.name.split("@")[0] for p in Path(mine).rglob("*@*")}
+    assert p1 in cached
+    async with blockferry.open_repository(url, backend_options={"cache_dir": mine}) as r:
+        assert [p.id for p in await r.points()] == [p2]
+        await r.store.load_index()
+        b = r.store.backend
+        # only the new index file travelled; the manifest of p2 came from the cache
+        assert b.fetched["index"] == 1 and b.fetched["points"] == 0, b.statistics()
+        await r.restore(p2, tmp_path / "out")
+    assert same_file(tmp_path / "out" / "a.img", a)
+    cached = {p.name.split("@")[0] for p in Path(mine).rglob("*@*")}
+    async with raw_client(s3_env) as c:
+        now = {k.rsplit("/", 1)[-1] for k in await keys(c, url) if k.startswith(("index/", "points/"))}
+    assert cached == now  # stale copies dropped, current ones kept
+
+
+async def test_copy_between_local_and_s3_sends_only_missing_chunks(
+        s3_env: dict[str, str], fault: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    local, back = str(tmp_path / "local"), str(tmp_path / "back")
+    url = new_url()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault.endpoint)  # count what reaches the server
+    await blockferry.init_repository(local, block_size=256 * KiB)
+    await blockferry.init_repository(url, block_size=256 * KiB, backend_options={"create_bucket": True})
+    await blockferry.init_repository(back, block_size=256 * KiB)
+    img = write_disk(tmp_path / "d.img", 8 * MiB, [(0, "random", 8 * MiB)], seed=41)
+    async with blockferry.open_repository(local) as r:
+        p1 = (await r.backup([str(img)], name="vm")).points[0]
+        fault.reset()
+        first = await r.copy_to(url)
+        assert first.points == [p1] and first.chunks_copied == 32
+        assert fault.put_bytes["packs"] >= 8 * MiB
+        modify(img, 5 * MiB, 256 * KiB, seed=42)
+        p2 = (await r.backup([str(img)], name="vm")).points[0]
+        fault.reset()
+        second = await r.copy_to(url)
+    assert second.skipped == [p1] and second.points == [p2] and second.chunks_copied == 1
+    # one new pack of one 256 KiB chunk travelled; PUTs: that pack, an index file, the manifest,
+    # the lock and the read session
+    assert 256 * KiB <= fault.put_bytes["packs"] < 300 * KiB
+    assert fault.counts["PutObject"] <= 6 and fault.counts["UploadPart"] == 0
+    async with blockferry.open_repository(url) as r:
+        to_local = await r.copy_to(back)
+        assert to_local.points == [p1, p2]
+        assert (await r.copy_to(back)).skipped == [p1, p2]
+    async with blockferry.open_repository(back) as r:
+        await r.restore(p2, tmp_path / "out")
+        assert (await r.verify()).healthy
+    assert same_file(tmp_path / "out" / "d.img", img)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_refuses_to_run_on_trio_with_a_clear_error(anyio_backend: str) -> None:
+    with pytest.raises(ConfigError, match="asyncio only"):
+        await S3BackendPlugin().open("s3://bf-plain/x", {})
+
+
+def test_settings_hide_secrets_and_urls_are_checked() -> None:
+    s = load_settings({"access_key_id": "AKIAEXAMPLE", "secret_access_key": "very-secret", "session_token": "tok"})
+    assert "very-secret" not in repr(s) and "tok'" not in repr(s) and "AKIAEXAMPLE" in repr(s)
+    assert parse_url("s3://bucket/a/b/") == ("bucket", "a/b/")
+    assert parse_url("s3://bucket") == ("bucket", "")
+    for bad in ("s3://", "s3://B_ad/x", "s3://bucket/a/../b", "s3://bucket/x?endpoint=y"):
+        with pytest.raises(ConfigError):
+            parse_url(bad)
+    with pytest.raises(ConfigError, match="part size"):
+        load_settings({"part_size": 1024})
