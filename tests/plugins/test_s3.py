@@ -9,6 +9,7 @@ HTTP proxy in front of radosgw (:class:`FaultProxy`): real HTTP both ways, nothi
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import random
@@ -26,6 +27,7 @@ import pytest
 
 import blockferry
 from blockferry.errors import BlockferryError, ConfigError, ImmutableError
+from blockferry.retention import RetentionPolicy
 from blockferry.plugins.s3 import S3Backend, S3BackendPlugin, load_settings, parse_url
 from tests.conformance import BackendConformance
 from tests.conftest import KiB, MiB, mixed_disk, same_file, write_disk
@@ -349,3 +351,60 @@ def test_settings_hide_secrets_and_urls_are_checked() -> None:
             parse_url(bad)
     with pytest.raises(ConfigError, match="part size"):
         load_settings({"part_size": 1024})
+
+
+async def test_object_locked_points_cannot_be_removed(s3_env: dict[str, str], tmp_path: Path) -> None:
+    url = f"s3://bf-locked-{uuid.uuid4().hex[:8]}/repo"
+    bucket, prefix = parse_url(url)
+    cli("init", url, "--create-bucket", "--object-lock", "--block-size", "256KiB", env=s3_env)
+    a = write_disk(tmp_path / "a.img", 2 * MiB, [(0, "random", 2 * MiB)], seed=51)
+    b = write_disk(tmp_path / "b.img", 2 * MiB, [(0, "random", 2 * MiB)], seed=52)
+    c_img = write_disk(tmp_path / "c.img", 2 * MiB, [(0, "random", 2 * MiB)], seed=53)
+    frozen = json.loads(cli("backup", url, str(a), "--name", "vm", "--immutable-days", "1", "-q", "--json",
+                            env=s3_env).stdout)["objects"][0]["point"]
+    async with blockferry.open_repository(url) as r:
+        plain = (await r.backup([str(b)], name="vm")).points[0]
+        modify(b, 0, 256 * KiB, seed=54)
+        await r.backup([str(b)], name="vm")
+        other = (await r.backup([str(c_img)], name="other")).points[0]
+        backend = r.store.backend
+        assert isinstance(backend, S3Backend) and backend.object_lock
+        frozen_packs = {r.store.locate(d)[0] for d in r.store.referenced(await r.point(frozen))}  # type: ignore[index]
+        other_packs = {r.store.locate(d)[0] for d in r.store.referenced(await r.point(other))}  # type: ignore[index]
+        # the server holds the manifest and the packs of the immutable point under COMPLIANCE retention
+        async with raw_client(s3_env) as c:
+            for key in [f"points/{frozen}", *frozen_packs]:
+                head = await c.head_object(Bucket=bucket, Key=prefix + key)
+                assert head["ObjectLockMode"] == "COMPLIANCE"
+                left = head["ObjectLockRetainUntilDate"] - dt.datetime.now(dt.timezone.utc)
+                assert dt.timedelta(hours=23) < left <= dt.timedelta(days=1)
+            # the server refuses to delete the locked version, whatever the client asks
+            versions = await c.list_object_versions(Bucket=bucket, Prefix=prefix + f"points/{frozen}")
+            vid = versions["Versions"][0]["VersionId"]
+            with pytest.raises(Exception, match="AccessDenied"):
+                await c.delete_object(Bucket=bucket, Key=prefix + f"points/{frozen}", VersionId=vid,
+                                      BypassGovernanceRetention=True)
+        # and blockferry does not try: refused before any delete request
+        before = backend.requests["DeleteObjects"] + backend.requests["DeleteObject"]
+        with pytest.raises(ImmutableError):
+            await r.delete(frozen)
+        assert backend.requests["DeleteObjects"] + backend.requests["DeleteObject"] == before
+        report = await r.prune(RetentionPolicy(keep_last=1))
+        assert frozen not in report.removed and plain in report.removed
+        # the backend itself: the server's refusal becomes an ImmutableError
+        with pytest.raises(ImmutableError, match="object lock"):
+            await backend.delete(f"points/{frozen}")
+        # a pack the server keeps locked although no point says so: gc plans around it
+        assert await backend.protect(sorted(other_packs)[0], (dt.datetime.now(dt.timezone.utc)
+                                                               + dt.timedelta(hours=2)).isoformat())
+        await r.delete(other)
+        gc = await r.gc()
+        assert gc.state == "nothing to do" and gc.packs_kept_immutable == 1  # only dead chunks, but locked
+    out = cli("delete", url, frozen[:8], env=s3_env, check=False)
+    assert out.returncode == 5 and "immutable" in out.stderr
+    cli("restore", url, frozen[:8], "--to", str(tmp_path / "out"), "-q", env=s3_env)
+    assert same_file(tmp_path / "out" / "a.img", a)
+    async with raw_client(s3_env) as c:
+        listed = await keys(c, url)
+    assert f"points/{frozen}" in listed and all(p in listed for p in frozen_packs | other_packs)
+    assert f"points/{plain}" not in listed
