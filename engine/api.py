@@ -38,6 +38,7 @@ from .store import PointSummary, RepositoryStore
 from .task import Runtime
 
 if TYPE_CHECKING:
+    from .archive import ArchiveReport
     from .gc import GcReport
     from .lifecycle import CopyReport, PruneReport
     from .restore import RestoreResult
@@ -240,6 +241,7 @@ class Repository:
 
         async with self.store.reading("restore"):
             await self.store.load_index()
+            await self.store.prepare_read([m], self._archive_progress)
             return await restore_disks(self.store, m, disks, [out / d.name for d in disks], runtime=self.runtime,
                                        overwrite=overwrite, allow_damaged=allow_damaged, progress=progress)
 
@@ -258,8 +260,27 @@ class Repository:
 
         async with self.store.reading("restore"):
             await self.store.load_index()
+            await self.store.prepare_read([m], self._archive_progress)
             return await restore_disk(self.store, m, record, Path(target), runtime=self.runtime, into_existing=True,
                                       progress=progress)
+
+    #: called with a message while packs come back from an archive tier (default: logged only)
+    _archive_progress: Callable[[str], None] | None = None
+
+    @_plain
+    async def archive(self, *, older_than_days: float | None = None, points: Sequence[str] | None = None,
+                      storage_class: str | None = None, back: bool = False,
+                      progress: Callable[[str], None] | None = None) -> ArchiveReport:
+        """Move the packs of old points (created more than ``older_than_days`` days ago, or
+        ``points``) to an archive storage class, or ``back`` to STANDARD; see engine/archive.py."""
+        from .archive import archive_points
+
+        await self.store.lock("archive")
+        try:
+            return await archive_points(self.store, older_than_days=older_than_days, points=points,
+                                        storage_class=storage_class, back=back, progress=progress)
+        finally:
+            await self.store.unlock()
 
     @_plain
     async def prune(self, policy: RetentionPolicy, *, object: str | None = None, dry_run: bool = False,

@@ -31,7 +31,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_IMMUTABLE = 0,
 
 #: modules that add commands, each with ``register(add_command)`` where ``add_command(name, fn,
 #: help)`` returns the subparser. Keep them light: import what a command needs inside it.
-COMMAND_MODULES: tuple[str, ...] = ("blockferry.cli_lifecycle",)
+COMMAND_MODULES: tuple[str, ...] = ("blockferry.cli_lifecycle", "blockferry.cli_archive")
 
 
 def human(n: float) -> str:
@@ -204,6 +204,8 @@ async def cmd_restore(a: argparse.Namespace) -> int:
         raise ConfigError("give either --to DIR or --to-file PATH")
     progress = Progress(quiet=a.json or a.quiet, every=10.0)
     async with open_repository(a.repo) as repo:
+        if not a.json:  # waits for an archive tier are worth saying, even with -q
+            repo._archive_progress = lambda text: print(text, file=sys.stderr, flush=True)
         m = await repo.point(a.point)
         disks = [m.disk(a.disk)] if a.disk else m.disks
         total = sum(d.size for d in disks)

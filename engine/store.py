@@ -733,6 +733,17 @@ class RepositoryStore:
                 return m.id, m.disk(disk_name)
         return None
 
+    async def prepare_read(self, manifests: Iterable[Manifest], progress: Any = None) -> int:
+        """Before reading points: let the backend bring back packs of theirs that sit in an
+        archive tier (S3 RestoreObject), waiting until they are readable. Returns how many it had
+        to restore (0 where the backend has no archive tier). The index must be loaded."""
+        prepare = getattr(self.backend, "prepare_read", None)
+        if prepare is None:
+            return 0
+        keys = {pack_key(self.index.packs[loc >> 84]) for m in manifests for d in self.referenced(m)
+                if (loc := self.index.lookup(d)) is not None}
+        return await prepare(sorted(keys), progress)
+
     async def protect_point(self, manifest: Manifest) -> bool:
         """Ask the backend to enforce a point's immutability on its manifest and on every pack
         holding its chunks (the local backend sets the filesystem's immutable attribute). False

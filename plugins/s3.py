@@ -115,6 +115,8 @@ class S3Settings(msgspec.Struct, kw_only=True):
     lock_mode: str = "COMPLIANCE"
     #: storage class for archived packs (``blockferry archive``)
     archive_class: str = "GLACIER"
+    #: storage classes whose objects must be restored (RestoreObject) before a GET, comma-separated
+    restore_classes: str = "GLACIER,DEEP_ARCHIVE"
     #: restore requests: days the restored copy stays, retrieval tier, and how long to wait
     restore_days: int = 2
     restore_tier: str = "Standard"
@@ -665,24 +667,29 @@ class S3Backend:
     async def stat(self, key: str) -> ObjectInfo:
         return ObjectInfo(key, (await self._head(key))["ContentLength"])
 
-    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
+    async def _list_raw(self, prefix: str) -> AsyncIterator[dict[str, Any]]:
+        """The listing's entries (Key relative to the prefix, Size, ETag, StorageClass)."""
         if prefix.startswith("/") or ".." in prefix.split("/"):
             raise ConfigError(f"invalid prefix {prefix!r}")
         full = self.prefix + prefix
         token: str | None = None
-        seen: dict[str, str] = {}
         while True:
             kw = {"ContinuationToken": token} if token else {}
             page = await self._call("ListObjectsV2", f"listing {prefix or 'the repository'}",
                                     lambda c: c.list_objects_v2(Bucket=self.bucket, Prefix=full, **kw))
             for o in page.get("Contents", []):
-                key = o["Key"][len(self.prefix):]
-                if key.startswith(CACHED_PREFIXES):
-                    seen[key] = o.get("ETag", "")
-                yield ObjectInfo(key, o["Size"])
+                yield {**o, "Key": o["Key"][len(self.prefix):]}
             if not page.get("IsTruncated"):
                 break
             token = page.get("NextContinuationToken")
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
+        seen: dict[str, str] = {}
+        async for o in self._list_raw(prefix):
+            key = o["Key"]
+            if key.startswith(CACHED_PREFIXES):
+                seen[key] = o.get("ETag", "")
+            yield ObjectInfo(key, o["Size"])
         # the listing is the truth for what it covered: forget and uncache the rest
         for cached in CACHED_PREFIXES:
             if cached.startswith(prefix) or prefix.startswith(cached):
@@ -863,23 +870,71 @@ class S3Backend:
                                                  MetadataDirective="COPY"))
         return True
 
-    async def _restore(self, key: str) -> None:
-        """Bring an archived object back (RestoreObject), then wait until it is readable, saying
-        so (log event and ``restore_progress``) every poll."""
+    async def storage_classes(self, prefix: str) -> dict[str, str]:
+        """``{key: storage class}`` of the objects under ``prefix``, from one listing."""
+        return {o["Key"]: o.get("StorageClass") or "STANDARD" async for o in self._list_raw(prefix)}
+
+    def _needs_restore(self, storage_class: str) -> bool:
+        return storage_class.upper() in {c.strip().upper() for c in self.settings.restore_classes.split(",") if c.strip()}
+
+    async def prepare_read(self, keys: Sequence[str], progress: Callable[[str], None] | None = None) -> int:
+        """Before reading ``keys``: request every one of them that sits in an archive storage
+        class back at once (RestoreObject), then wait until all are readable, reporting progress.
+        Returns how many had to be restored. One listing when none is archived."""
+        wanted = set(keys)
+        classes = await self.storage_classes("packs/") if any(k.startswith("packs/") for k in wanted) else {}
+        archived = sorted(k for k in wanted if self._needs_restore(classes.get(k, "STANDARD")))
+        if not archived:
+            return 0
+        say = progress or self.restore_progress
+        started = anyio.current_time()
+        self.log.warning("s3_archive_restore_requested", objects=len(archived), tier=self.settings.restore_tier)
+        if say is not None:
+            say(f"{len(archived)} pack(s) are in the archive tier: requesting them back "
+                f"({self.settings.restore_tier} retrieval; this takes minutes to hours on AWS)")
+        for key in archived:
+            await self._request_restore(key)
+        pending = list(archived)
+        while pending:
+            pending = [k for k in pending if not await self._restored(k)]
+            if not pending:
+                break
+            waited = anyio.current_time() - started
+            self.log.warning("s3_waiting_for_archive_restore", restored=len(archived) - len(pending),
+                             total=len(archived), waited=round(waited))
+            if say is not None:
+                say(f"waiting for the archive tier: {len(archived) - len(pending)} of {len(archived)} pack(s) "
+                    f"restored after {waited:.0f} s")
+            if waited > self.settings.restore_wait:
+                raise ArchivedError(f"{len(pending)} pack(s) still being restored from the archive tier after "
+                                    f"{waited:.0f} s (the requests stand); run the command again later")
+            await anyio.sleep(self.settings.restore_poll)
+        if say is not None:
+            say(f"{len(archived)} pack(s) restored from the archive tier")
+        return len(archived)
+
+    async def _request_restore(self, key: str) -> None:
         s = self.settings
-        full = self._full(key)
 
         def in_progress(exc: BaseException) -> bool | None:
             return True if _code(exc)[0] == "RestoreAlreadyInProgress" else None
 
         await self._call("RestoreObject", f"requesting {key} back from the archive tier",
-                         lambda c: _true(c.restore_object(Bucket=self.bucket, Key=full, RestoreRequest={
+                         lambda c: _true(c.restore_object(Bucket=self.bucket, Key=self._full(key), RestoreRequest={
                              "Days": s.restore_days, "GlacierJobParameters": {"Tier": s.restore_tier}})),
                          ok=in_progress)
+
+    async def _restored(self, key: str) -> bool:
+        return 'ongoing-request="false"' in (await self._head(key)).get("Restore", "")
+
+    async def _restore(self, key: str) -> None:
+        """Bring an archived object back (RestoreObject), then wait until it is readable, saying
+        so (log event and ``restore_progress``) every poll."""
+        s = self.settings
+        await self._request_restore(key)
         started = anyio.current_time()
         while True:
-            state = (await self._head(key)).get("Restore", "")
-            if 'ongoing-request="false"' in state:
+            if await self._restored(key):
                 self.log.info("s3_restored_from_archive", key=key)
                 return
             waited = anyio.current_time() - started
