@@ -459,7 +459,7 @@ async def test_archive_tier_moves_old_packs_and_restores_bring_them_back(
         assert isinstance(b, S3Backend)
         key = sorted(old_packs)[0]
         assert await b.get(key, 0, 8) == b"BFPACK01"  # the pack's header, once restored
-        assert b.requests["RestoreObject"] == 1 and b.requests["GetObject"] == 2
+        assert b.requests["RestoreObject"] == 1 and b.fetched["packs"] == 2  # refused, then read
         # and back to STANDARD
         report = await r.archive(points=[p_old], back=True)
         assert report.packs_moved == 1 and report.storage_class == "STANDARD"
