@@ -378,6 +378,9 @@ async def test_object_locked_points_cannot_be_removed(s3_env: dict[str, str], tm
                 assert head["ObjectLockMode"] == "COMPLIANCE"
                 left = head["ObjectLockRetainUntilDate"] - dt.datetime.now(dt.timezone.utc)
                 assert dt.timedelta(hours=23) < left <= dt.timedelta(days=1)
+            # the bucket came with rules for crash leftovers and old versions of overwritten objects
+            rules = (await c.get_bucket_lifecycle_configuration(Bucket=bucket))["Rules"]
+            assert {"AbortIncompleteMultipartUpload", "NoncurrentVersionExpiration"} <= {k for r in rules for k in r}
             # the server refuses to delete the locked version, whatever the client asks
             versions = await c.list_object_versions(Bucket=bucket, Prefix=prefix + f"points/{frozen}")
             vid = versions["Versions"][0]["VersionId"]
