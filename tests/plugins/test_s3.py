@@ -473,3 +473,24 @@ async def test_archive_tier_moves_old_packs_and_restores_bring_them_back(
     async with blockferry.open_repository(str(tmp_path / "local")) as r:
         with pytest.raises(ConfigError, match="no storage classes"):
             await r.archive(older_than_days=1)
+
+
+async def test_a_job_runs_into_s3_with_the_repository_settings_options(
+        s3_env: dict[str, str], fault: FaultProxy, tmp_path: Path) -> None:
+    from blockferry.actors.server import running_server
+    from blockferry.config import DiskSpec, JobSpec, ObjectSpec, RepositorySettings
+
+    url = new_url()
+    await blockferry.init_repository(url, block_size=256 * KiB, backend_options={"create_bucket": True})
+    img = mixed_disk(tmp_path / "d.img", 2 * MiB, seed=71)
+    spec = JobSpec(name="nightly", repository="s3", objects=[ObjectSpec(name="vm", disks=[DiskSpec(source=str(img))])])
+    # the endpoint comes from the repository's options (here: the proxy, to see that it is used)
+    settings = RepositorySettings(name="s3", url=url, options={"endpoint_url": fault.endpoint, "max_requests": 4})
+    async with running_server() as server:
+        await server.add_repository(settings)
+        session = await (await server.run_job(spec)).result()
+    assert session.state == "success", session
+    assert fault.counts["PutObject"] >= 3  # pack, index, manifest went through the configured endpoint
+    async with blockferry.open_repository(url) as r:
+        await r.restore(session.points[0], tmp_path / "out")
+    assert same_file(tmp_path / "out" / "d.img", img)
