@@ -37,7 +37,7 @@ def _free_port() -> int:
 class RadosGW:
     """``start()`` then ``endpoint``/``env()``; ``stop()`` kills every daemon by pid."""
 
-    def __init__(self, root: Path, *, memstore_bytes: int = 1536 << 20) -> None:
+    def __init__(self, root: Path, *, memstore_bytes: int = 1536 << 20, usage_log: bool = False) -> None:
         missing = [b for b in NEEDED if shutil.which(b) is None]
         if missing:
             raise RuntimeError(
@@ -46,6 +46,9 @@ class RadosGW:
             )
         self.root = root
         self.memstore_bytes = memstore_bytes
+        #: radosgw counts requests per bucket and kind (``radosgw-admin usage show``): the benchmark's
+        #: request figures, measured by the server itself
+        self.usage_log = usage_log
         self.port = _free_port()
         self.mon_ports = (_free_port(), _free_port())
         self.conf = root / "ceph.conf"
@@ -114,7 +117,10 @@ rgw gc obj min wait = 0
 rgw gc processor period = 10
 rgw dns name = 127.0.0.1
 rgw thread pool size = 64
-""")
+""" + ("""rgw enable usage log = true
+rgw usage log tick interval = 1
+rgw usage log flush threshold = 1
+""" if self.usage_log else ""))
 
     def _wait(self, what: str, check: object, timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -174,6 +180,19 @@ rgw thread pool size = 64
         self._wait("radosgw", self._http_ok, 90)
         self._ceph("radosgw-admin", "user", "create", "--uid", "blockferry", "--display-name", "blockferry tests",
                    "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY)
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Requests so far, ``{bucket: {category: ops}}`` (needs ``usage_log``)."""
+        import json
+
+        out: dict[str, dict[str, int]] = {}
+        data = json.loads(self._ceph("radosgw-admin", "usage", "show", "--uid", "blockferry", "--show-log-sum=false"))
+        for entry in data.get("entries", []):
+            for b in entry.get("buckets", []):
+                cats = out.setdefault(b.get("bucket", ""), {})
+                for c in b.get("categories", []):
+                    cats[c["category"]] = cats.get(c["category"], 0) + c["ops"]
+        return out
 
     def _http_ok(self) -> bool:
         try:
