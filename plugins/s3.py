@@ -421,7 +421,8 @@ class S3Backend:
         self.fetched: Counter[str] = Counter()
         self.cache_hits = 0
         self.object_lock = False
-        self.versioned = False
+        #: None until the first delete asks the bucket
+        self.versioned: bool | None = None
         self._etags: dict[str, str] = {}
         self._cache: _Cache | None = None
         self.restore_progress: Callable[[str], None] | None = None
@@ -509,40 +510,36 @@ class S3Backend:
                 raise err from exc
 
     async def _setup(self) -> None:
-        """Check the bucket (creating it if asked) and learn whether it is versioned and locked."""
+        """Check the bucket (creating it if asked) and learn whether it has object lock: one
+        request when the bucket exists (whether it is versioned is asked at the first delete)."""
         s = self.settings
 
-        def missing(exc: BaseException) -> bool | None:
+        def answer(exc: BaseException) -> dict[str, Any] | None:
             code, status = _code(exc)
-            return False if code in ("404", "NoSuchBucket", "NotFound") or status == 404 else None
+            if code == "NoSuchBucket" or (status == 404 and code in ("404", "NotFound")):
+                return {"missing": True}
+            if code in ("ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound",
+                        "NotImplemented", "InvalidRequest"):
+                return {}  # a bucket without object lock (or a server without the feature)
+            return None
 
-        exists = await self._call("HeadBucket", f"checking bucket {self.bucket}",
-                                  lambda c: _true(c.head_bucket(Bucket=self.bucket)), ok=missing)
-        if not exists:
+        async def lock_config() -> dict[str, Any]:
+            return await self._call("GetObjectLockConfiguration", f"reading the object lock of {self.bucket}",
+                                    lambda c: c.get_object_lock_configuration(Bucket=self.bucket), ok=answer)
+
+        lock = await lock_config()
+        if lock.get("missing"):
             if not s.create_bucket:
                 raise RepositoryUnavailableError(
                     f"{self.url}: bucket {self.bucket!r} does not exist (create it, or run init with --create-bucket)")
             await self._create_bucket()
-        elif s.object_lock and s.create_bucket:
-            pass  # checked below: an existing bucket must already have object lock
-
-        def no_lock(exc: BaseException) -> dict[str, Any] | None:
-            code, _ = _code(exc)
-            return {} if code in ("ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound",
-                                  "NotImplemented", "InvalidRequest") else None
-
-        lock = await self._call("GetObjectLockConfiguration", f"reading the object lock of {self.bucket}",
-                                lambda c: c.get_object_lock_configuration(Bucket=self.bucket), ok=no_lock)
+            lock = await lock_config()
         self.object_lock = lock.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
         if s.object_lock and not self.object_lock:
             raise ConfigError(f"{self.url}: bucket {self.bucket!r} exists without object lock; object lock is set when "
                               "a bucket is created (use a new bucket with --create-bucket --object-lock)")
         if self.object_lock:
             self.versioned = True
-        else:
-            v = await self._call("GetBucketVersioning", f"reading the versioning of {self.bucket}",
-                                 lambda c: c.get_bucket_versioning(Bucket=self.bucket))
-            self.versioned = v.get("Status") in ("Enabled", "Suspended")
         if s.cache_dir != "":
             ident = hashlib.sha256(f"{self._client.meta.endpoint_url}|{self.bucket}|{self.prefix}".encode()).hexdigest()[:24]
             root = Path(s.cache_dir) if s.cache_dir else _default_cache_root() / "s3"
@@ -777,6 +774,10 @@ class S3Backend:
         would only hide it behind a delete marker and free nothing). A version under object lock
         raises ImmutableError."""
         full = self._full(key)
+        if self.versioned is None:
+            v = await self._call("GetBucketVersioning", f"reading the versioning of {self.bucket}",
+                                 lambda c: c.get_bucket_versioning(Bucket=self.bucket))
+            self.versioned = v.get("Status") in ("Enabled", "Suspended")
         if not self.versioned:
             await self._call("DeleteObject", f"deleting {key}",
                              lambda c: c.delete_object(Bucket=self.bucket, Key=full))
