@@ -1,0 +1,226 @@
+"""The ``qemu`` source against real QEMU: a VM under TCG (no guest OS) with a qcow2 disk, written
+through the guest's path (``qemu-io`` on the device over HMP), backed up full and incrementally
+with dirty bitmaps, and stopped images read through ``qemu-nbd``."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import blockferry
+from blockferry.format import DiskRecord
+from blockferry.plugins.qemu import BITMAP_PREFIX, QemuSourcePlugin
+from tests.conftest import KiB, MiB
+from tests.qemu_vm import VM, qcow2, qemu_io, require_qemu, short_dir
+
+pytestmark = pytest.mark.anyio
+
+BS = 256 * KiB
+SIZE = 64 * MiB
+
+
+class Expected:
+    """The disk's content as the test wrote it (``write -P PATTERN OFFSET LENGTH`` only)."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+
+    def write(self, pattern: int, offset: int, length: int) -> str:
+        self.data[offset:offset + length] = bytes([pattern]) * length
+        return f"write -P {pattern:#x} {offset} {length}"
+
+    def zero(self, offset: int, length: int) -> str:
+        self.data[offset:offset + length] = bytes(length)
+        return f"write -z {offset} {length}"
+
+    def copy(self) -> bytes:
+        return bytes(self.data)
+
+    def data_bytes(self, block: int) -> int:
+        """Bytes of the blocks that hold non-zero data (what a full read reads)."""
+        zero = bytes(block)
+        return sum(block for o in range(0, len(self.data), block) if self.data[o:o + block] != zero)
+
+
+@pytest.fixture(scope="module")
+def vmdir() -> Iterator[Path]:
+    require_qemu()
+    d = short_dir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def vm(vmdir: Path) -> Iterator[tuple[VM, Expected]]:
+    """One VM shared by the module's tests: each backs up into its own repository (a full read
+    first), so they do not depend on each other's bitmaps."""
+    exp = Expected(SIZE)
+    img = qcow2(vmdir / "disk.qcow2", SIZE, exp.write(0x11, 1 * MiB, 3 * MiB), exp.write(0x22, 40 * MiB, 512 * KiB))
+    v = VM(vmdir, img).start()
+    yield v, exp
+    v.stop()
+
+
+async def _repo(path: Path) -> str:
+    await blockferry.init_repository(str(path), block_size=BS)
+    return str(path)
+
+
+def _disk(session: blockferry.SessionResult) -> tuple[str, int, str]:  # type: ignore[name-defined]
+    assert session.state == "success", session
+    (obj,) = session.objects
+    (d,) = obj.disks
+    return obj.point or "", d.stats.read_bytes, d.plan
+
+
+async def _restored(r: object, point: str, out: Path) -> bytes:
+    res = await r.restore(point, out)  # type: ignore[attr-defined]
+    (one,) = res
+    return (out / one.disk).read_bytes()
+
+
+async def test_full_then_incremental_reads_only_dirty_extents(vm: tuple[VM, Expected], tmp_path: Path) -> None:
+    v, exp = vm
+    assert v.ctl is not None
+    v.ctl.guest_write("vda", exp.write(0x33, 10 * MiB, 1 * MiB))
+    first = exp.copy()
+    repo = await _repo(tmp_path / "repo")
+    async with blockferry.open_repository(repo) as r:
+        p1, read1, plan1 = _disk(await r.backup([v.url], name="vm"))
+        # holes and zeros are never read
+        assert read1 == exp.data_bytes(BS) < 8 * MiB, plan1
+        m1 = await r.point(p1)
+        bitmap1 = m1.disks[0].metadata["bitmap"]
+        assert m1.disks[0].change_id == f"qemu-bitmap:{bitmap1}"
+        assert set(v.ctl.bitmaps("fmt0")) == {bitmap1}
+
+        v.ctl.guest_write("vda", exp.write(0x44, 20 * MiB, 1 * MiB))  # 4 blocks
+        v.ctl.guest_write("vda", exp.write(0x55, 40 * MiB + 64 * KiB, 64 * KiB))  # inside 1 block
+        v.ctl.guest_write("vda", exp.zero(1 * MiB, 256 * KiB))  # dirty, but reads as zero: a hole
+        second = exp.copy()
+        p2, read2, plan2 = _disk(await r.backup([v.url], name="vm"))
+        assert plan2.startswith("incremental"), plan2
+        assert f"dirty bitmap {bitmap1}" in plan2
+        assert read2 == 5 * BS, plan2
+        m2 = await r.point(p2)
+        bitmap2 = m2.disks[0].metadata["bitmap"]
+        assert m2.disks[0].metadata["base_bitmap"] == bitmap1
+        # rotated only after the commit: the old bitmap is gone, the new one tracks
+        assert set(v.ctl.bitmaps("fmt0")) == {bitmap2}
+
+        assert await _restored(r, p1, tmp_path / "o1") == first
+        assert await _restored(r, p2, tmp_path / "o2") == second
+    # nothing of the backup is left in the VM
+    assert not v.ctl.exports() and not v.ctl.jobs()
+    assert not any(n.startswith("bf-") for n in v.ctl.node_names())
+
+
+async def test_point_in_time_and_teardown_after_a_failed_read(vm: tuple[VM, Expected]) -> None:
+    """Guest writes during the read do not show in it; an abandoned read (finish(False)) leaves no
+    fleece node, export, job or new bitmap behind, and the old bitmaps as they were."""
+    v, exp = vm
+    assert v.ctl is not None
+    before = set(v.ctl.bitmaps("fmt0"))
+    assert len(before) == 1  # the chain the first test left
+    plugin = QemuSourcePlugin()
+    disk = await plugin.open(v.url, {})
+    try:
+        # as an incremental would: the base point recorded the VM's bitmap
+        base = DiskRecord(name="vda", size=SIZE, source=v.url, change_id=f"qemu-bitmap:{next(iter(before))}")
+        dirty, why = await disk.changed_extents(base)
+        assert dirty is not None, why
+        extents = await disk.data_extents()
+        assert extents and (1 * MiB, 256 * KiB) not in extents
+        assert any(n.startswith("bf-fleece-") for n in v.ctl.node_names())
+        assert len(v.ctl.exports()) == 1
+        old = bytearray(64 * KiB)
+        await disk.read_into(40 * MiB, [old])
+        pattern = old[0] % 200 + 1
+        v.ctl.guest_write("vda", exp.write(pattern, 40 * MiB, 64 * KiB))  # after the fleece started
+        seen = bytearray(64 * KiB)
+        await disk.read_into(40 * MiB, [seen])
+        assert seen == old != bytes([pattern]) * (64 * KiB)
+        assert disk.new_bitmap in v.ctl.bitmaps("fmt0")
+    finally:
+        await disk.aclose()
+        await disk.finish(False)
+    assert not v.ctl.exports() and not v.ctl.jobs()
+    assert not any(n.startswith("bf-") for n in v.ctl.node_names())
+    assert set(v.ctl.bitmaps("fmt0")) == before
+
+
+async def test_cancelled_read_tears_down(vm: tuple[VM, Expected]) -> None:
+    import anyio
+
+    v, _ = vm
+    assert v.ctl is not None
+    disk = await QemuSourcePlugin().open(v.url, {})
+    with anyio.CancelScope() as scope:
+        await disk.data_extents()
+        scope.cancel()
+        await disk.read_into(0, [bytearray(MiB)])
+    assert scope.cancelled_caught
+    await disk.aclose()
+    await disk.finish(False)
+    assert not v.ctl.exports() and not v.ctl.jobs()
+    assert not any(n.startswith("bf-") for n in v.ctl.node_names())
+
+
+async def test_killed_vm_leaves_an_inconsistent_bitmap_and_the_next_backup_reads_everything(
+        tmp_path: Path, anyio_backend: str) -> None:
+    require_qemu()
+    d = short_dir()
+    v = VM(d, qcow2(d / "disk.qcow2", 16 * MiB, "write -P 0x11 0 2M"))
+    try:
+        v.start()
+        repo = await _repo(tmp_path / "repo")
+        async with blockferry.open_repository(repo) as r:
+            _, read1, _ = _disk(await r.backup([v.url], name="vm"))
+            assert read1 == 2 * MiB
+            assert v.ctl is not None
+            # a bitmap added at run time reaches the image when QEMU quits; loaded again, it is
+            # flagged in use in the image until QEMU saves it once more, which a kill prevents
+            v.stop()
+            v.start()
+            v.ctl.guest_write("vda", "write -P 0x22 0 256k")  # an incremental would read 256 KiB
+            v.stop(kill=True)
+            v.start()
+            (bm,) = v.ctl.bitmaps("fmt0").values()
+            assert bm.get("inconsistent"), bm
+            _, read2, plan2 = _disk(await r.backup([v.url], name="vm"))
+            assert plan2.startswith("full read") and "inconsistent" in plan2, plan2
+            assert read2 == 2 * MiB
+            # the inconsistent bitmap is gone, a fresh one tracks
+            names = set(v.ctl.bitmaps("fmt0"))
+            assert len(names) == 1 and bm["name"] not in names
+    finally:
+        v.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_offline_qcow2_with_bitmaps_and_raw(tmp_path: Path) -> None:
+    require_qemu()
+    d = short_dir()
+    try:
+        img = qcow2(d / "off.qcow2", 16 * MiB, "write -P 0x11 0 1M", "write -P 0x22 8M 1M")
+        repo = await _repo(tmp_path / "repo")
+        async with blockferry.open_repository(repo) as r:
+            p1, read1, _ = _disk(await r.backup([f"qemu:{img}"], name="off"))
+            assert read1 == 2 * MiB
+            out = subprocess.run(["qemu-img", "info", "--output=json", str(img)], capture_output=True, check=True)
+            assert BITMAP_PREFIX in out.stdout.decode()
+            qemu_io(img, "write -P 0x33 12M 256k")
+            p2, read2, plan2 = _disk(await r.backup([f"qemu:{img}"], name="off"))
+            assert plan2.startswith("incremental") and read2 == 256 * KiB, plan2
+            raw = d / "off.raw"
+            subprocess.run(["qemu-img", "convert", "-O", "raw", str(img), str(raw)], check=True)
+            assert await _restored(r, p2, tmp_path / "o2") == raw.read_bytes()
+            # a raw image: no tracking, holes skipped all the same
+            _, read3, plan3 = _disk(await r.backup([f"qemu:{raw}"], name="raw"))
+            assert read3 == 2 * MiB + 256 * KiB and plan3.startswith("full read"), plan3
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
