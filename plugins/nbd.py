@@ -444,6 +444,11 @@ class NBDClient:
                 await self._wait(r)
             for r in reqs:
                 self._check(r)
+        except NBDConnectionError as exc:
+            # qemu-nbd, for one, drops the connection when a sparse read fails: still say where
+            err = NBDConnectionError(f"{exc} (while reading {end - offset} bytes at offset {offset})")
+            err.offset = offset  # type: ignore[attr-defined]
+            raise err from exc
         finally:
             for r in reqs:
                 if not r.finished:
