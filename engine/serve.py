@@ -196,7 +196,7 @@ class PointDisk:
             lo, hi = pos - b * bs, min(bs, end - b * bs)
             d = self._digest(b)
             if d == HOLE:
-                if pieces and pieces[-1][2] is None:
+                if pieces and pieces[-1] is not None and pieces[-1][2] is None:
                     o, n, _ = pieces[-1]
                     pieces[-1] = (o, n + hi - lo, None)
                 else:
@@ -380,3 +380,22 @@ async def serve_point(
         for dev in devices.values():
             dev.close()
         log.info("serve_stopped", point=manifest.id, cache=cache.statistics())
+
+
+async def serve_repository(
+    repo: Any,
+    point: str,
+    socket_path: str,
+    *,
+    disk: str | None = None,
+    writable: bool = False,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    task_status: Any = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """``blockferry serve``: the disks of ``point`` (or only ``disk``) of an open repository, as a
+    read session (garbage collection leaves their packs alone) until cancelled."""
+    m = await repo.point(point)
+    disks = [m.disk(disk)] if disk else list(m.disks)
+    async with repo.store.reading("serve"):
+        await serve_point(repo.store, m, disks, socket_path, runtime=repo.runtime, writable=writable,
+                          cache_bytes=cache_bytes, task_status=task_status)

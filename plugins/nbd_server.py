@@ -198,6 +198,8 @@ class NBDServer:
             self.log.debug("nbd_client_gone", reason=str(exc))
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
             self.log.debug("nbd_client_gone", reason="connection closed")
+        except Exception as exc:  # a bug met by one client ends its connection, never the server
+            self.log.error("nbd_connection_failed", error=repr(exc), exc_info=exc)
         finally:
             self.connections -= 1
             with anyio.CancelScope(shield=True):
