@@ -117,7 +117,8 @@ class QemuDisk:
     map_blocking = None
 
     def __init__(self, url: str, path: Path, name: str, size: int, *, running: bool, node: str = "",
-                 driver: str = "", image_format: str = "", agent: str | None = None, cbt: bool = True) -> None:
+                 driver: str = "", image_format: str = "", agent: str | None = None, cbt: bool = True,
+                 freeze_timeout: float = FREEZE_TIMEOUT) -> None:
         self.url = url
         self.path = path
         self.name = name
@@ -127,6 +128,7 @@ class QemuDisk:
         self.driver = driver
         self.image_format = image_format
         self.agent = agent
+        self.freeze_timeout = freeze_timeout
         #: qcow2 only: a persistent bitmap needs a format that stores it
         self.tracking = cbt and (driver == "qcow2" if running else image_format == "qcow2")
         self.new_bitmap: str | None = f"{BITMAP_PREFIX}{secrets.token_hex(6)}" if self.tracking else None
@@ -348,7 +350,7 @@ class QemuDisk:
             self.metadata["consistency_reason"] = "no guest agent configured"
             return None
         try:
-            ga = await GuestAgent.connect(self.agent, timeout=FREEZE_TIMEOUT)
+            ga = await GuestAgent.connect(self.agent, timeout=self.freeze_timeout)
         except SourceError as exc:
             self.metadata["consistency_reason"] = f"guest agent unreachable: {exc}"
             return None
@@ -365,12 +367,16 @@ class QemuDisk:
                 if self.ga is None:
                     return
                 try:
-                    n = await self.ga.execute("guest-fsfreeze-freeze", timeout=FREEZE_TIMEOUT)
+                    n = await self.ga.execute("guest-fsfreeze-freeze", timeout=disk.freeze_timeout)
                     disk.metadata["consistency"] = "application"
                     disk.metadata["consistency_reason"] = f"guest agent froze {n} filesystems"
-                except (TimeoutError, SourceError) as exc:
+                except TimeoutError:
                     disk.metadata["consistency"] = "crash"
-                    disk.metadata["consistency_reason"] = f"guest freeze failed: {exc or 'timeout'}"
+                    disk.metadata["consistency_reason"] = (f"guest freeze failed: no answer within "
+                                                           f"{disk.freeze_timeout:g} s")
+                except SourceError as exc:
+                    disk.metadata["consistency"] = "crash"
+                    disk.metadata["consistency_reason"] = f"guest freeze failed: {exc}"
                 log.info("guest_freeze", disk=disk.name, consistency=disk.metadata["consistency"],
                          reason=disk.metadata["consistency_reason"])
 
@@ -380,8 +386,10 @@ class QemuDisk:
                 # always thaw, even after a failed or timed-out freeze (the agent may have frozen late)
                 with anyio.CancelScope(shield=True):
                     try:
-                        await self.ga.execute("guest-fsfreeze-thaw", timeout=FREEZE_TIMEOUT)
+                        await self.ga.execute("guest-fsfreeze-thaw", timeout=disk.freeze_timeout)
+                        disk.metadata["thawed"] = True
                     except (TimeoutError, SourceError) as err:
+                        disk.metadata["thawed"] = False
                         log.warning("guest_thaw_failed", disk=disk.name, error=str(err) or "timeout")
                     finally:
                         await self.ga.aclose()
@@ -522,4 +530,5 @@ class QemuSourcePlugin:
         label, _, ins = found[0]
         name = want or label
         return QemuDisk(url, path, name, int(ins["image"]["virtual-size"]), running=True, node=ins["node-name"],
-                        driver=ins.get("drv", ""), agent=opts.get("agent"), cbt=cbt)
+                        driver=ins.get("drv", ""), agent=opts.get("agent"), cbt=cbt,
+                        freeze_timeout=float(opts.get("freeze_timeout", FREEZE_TIMEOUT)))

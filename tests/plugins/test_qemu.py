@@ -224,3 +224,80 @@ async def test_offline_qcow2_with_bitmaps_and_raw(tmp_path: Path) -> None:
             assert read3 == 2 * MiB + 256 * KiB and plan3.startswith("full read"), plan3
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def guest_agent(vmdir: Path) -> Iterator[Path]:
+    """The real ``qemu-ga``, run on the host (no guest OS here) on a Unix socket, with the
+    freeze/thaw commands disabled: a freeze here would freeze the host's own filesystems."""
+    if shutil.which("qemu-ga") is None:
+        pytest.skip("qemu-ga missing: run scripts/system-packages")
+    sock = vmdir / "ga.sock"
+    proc = subprocess.Popen(["qemu-ga", "-m", "unix-listen", "-p", str(sock), "-t", str(vmdir),
+                             "-b", "guest-fsfreeze-freeze,guest-fsfreeze-freeze-list,guest-fsfreeze-thaw"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from tests.qemu_vm import wait_for
+
+        wait_for(sock, proc)
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_guest_agent_refusing_to_freeze_gives_a_crash_consistent_point(
+        vm: tuple[VM, Expected], guest_agent: Path, tmp_path: Path) -> None:
+    v, _ = vm
+    repo = await _repo(tmp_path / "repo")
+    async with blockferry.open_repository(repo) as r:
+        p, _, _ = _disk(await r.backup([f"{v.url}?agent={guest_agent}"], name="vm"))
+        meta = (await r.point(p)).disks[0].metadata
+    assert meta["consistency"] == "crash"
+    assert "guest freeze failed" in meta["consistency_reason"] and "disabled" in meta["consistency_reason"]
+    assert meta["thawed"] is False  # the thaw was still tried (and refused: disabled too)
+
+
+async def test_silent_guest_agent_times_out_and_the_backup_goes_on(vm: tuple[VM, Expected], tmp_path: Path) -> None:
+    """An agent that never answers (a guest without qemu-ga behind its channel) costs the freeze
+    timeout, then the point is crash-consistent; the thaw is tried with the same bound."""
+    import anyio
+
+    v, _ = vm
+    d = short_dir()
+    sock = d / "silent.sock"
+    repo = await _repo(tmp_path / "repo")
+    try:
+        async with await anyio.create_unix_listener(sock) as listener, anyio.create_task_group() as tg:
+            held: list[object] = []
+
+            async def hold(stream: object) -> None:
+                held.append(stream)
+                await anyio.sleep_forever()
+
+            tg.start_soon(listener.serve, hold)
+            async with blockferry.open_repository(repo) as r:
+                t0 = anyio.current_time()
+                p, _, _ = _disk(await r.backup([f"{v.url}?agent={sock}&freeze_timeout=0.5"], name="vm"))
+                took = anyio.current_time() - t0
+                meta = (await r.point(p)).disks[0].metadata
+            tg.cancel_scope.cancel()
+        assert meta["consistency"] == "crash" and "no answer within 0.5 s" in meta["consistency_reason"]
+        assert meta["thawed"] is False
+        assert took < 20
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_no_agent_is_recorded_as_crash_consistent_and_errors_name_the_disks(vm: tuple[VM, Expected],
+                                                                                 tmp_path: Path) -> None:
+    v, _ = vm
+    repo = await _repo(tmp_path / "repo")
+    async with blockferry.open_repository(repo) as r:
+        p, _, _ = _disk(await r.backup([f"{v.url}#vda"], name="vm"))
+        m = await r.point(p)
+    assert m.disks[0].name == "vda"
+    assert m.disks[0].metadata["consistency"] == "crash"
+    assert m.disks[0].metadata["consistency_reason"] == "no guest agent configured"
+    with pytest.raises(blockferry.ConfigError, match="no disk 'vdz'.*vda"):  # type: ignore[attr-defined]
+        await QemuSourcePlugin().open(f"{v.url}#vdz", {})
