@@ -60,6 +60,17 @@ def _plain(fn: F) -> F:
 
 
 @_plain
+async def _expand(disks: list[DiskSpec]) -> list[DiskSpec]:
+    """A source that stands for several disks (a VM by its QMP socket) becomes one spec per
+    disk, when its plugin can tell (an optional ``expand(url) -> list[str]``)."""
+    out: list[DiskSpec] = []
+    for d in disks:
+        expand = getattr(source_plugin(d.source), "expand", None)
+        urls = await expand(d.source) if expand is not None and d.name is None and not d.hints else [d.source]
+        out.extend([d] if urls == [d.source] else [DiskSpec(source=u, options=d.options) for u in urls])
+    return out
+
+
 async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "default",
                           immutable_days: int | None = None, pack_size: int | None = None) -> RepositoryConfig:
     """Create a repository at ``url``. A local directory is created if missing and must be empty
@@ -161,8 +172,9 @@ class Repository:
         disks = [s if isinstance(s, DiskSpec) else DiskSpec(source=str(s), hints=hints.pop(str(s), None)) for s in sources]
         if hints:
             raise ConfigError(f"changed extents given for {', '.join(hints)}, which is not among the sources")
-        await self._preflight(disks)
         obj = name or disks[0].name or source_plugin(disks[0].source).disk_name(disks[0].source)
+        disks = await _expand(disks)
+        await self._preflight(disks)
         spec = JobSpec(name=job or f"backup {obj}", repository="repository",
                        objects=[ObjectSpec(name=obj, disks=disks)], retries=retries, retry_delay=retry_delay,
                        immutable_days=immutable_days, retention=retention)

@@ -482,6 +482,28 @@ class QemuSourcePlugin:
             return path.stem
         return path.name
 
+    async def expand(self, url: str) -> list[str]:
+        """A running VM named without a disk: one URL per disk (``qemu:SOCK#DISK``, options kept)."""
+        path, want, _ = split_url(url)
+        if want or not path.is_socket():
+            return [url]
+        return [f"{url}#{label}" for label, _, _ in await self._vm_disks(path)]
+
+    async def _vm_disks(self, path: Path) -> list[tuple[str, set[str], dict[str, Any]]]:
+        """(label, names it answers to, query-block's ``inserted``) of each disk with a medium."""
+        async with await QMPClient.connect(str(path)) as qmp:
+            blocks = await qmp.execute("query-block")
+        disks = []
+        for b in blocks:
+            ins = b.get("inserted")
+            if not ins:
+                continue
+            qdev = b.get("qdev", "")
+            dev_id = qdev.split("/")[3] if qdev.startswith("/machine/peripheral/") else ""
+            names = {n for n in (dev_id, b.get("device", ""), ins.get("node-name", "")) if n}
+            disks.append((dev_id or b.get("device") or ins.get("node-name"), names, ins))
+        return disks
+
     async def open(self, url: str, options: Mapping[str, Any]) -> QemuDisk:
         path, want, opts = split_url(url)
         opts = {**opts, **{k: str(v) for k, v in options.items()}}
@@ -506,18 +528,7 @@ class QemuSourcePlugin:
                         image_format=fmt, cbt=cbt)
 
     async def _open_vm(self, url: str, path: Path, want: str | None, opts: dict[str, str], cbt: bool) -> QemuDisk:
-        async with await QMPClient.connect(str(path)) as qmp:
-            blocks = await qmp.execute("query-block")
-        disks = []
-        for b in blocks:
-            ins = b.get("inserted")
-            if not ins:
-                continue
-            qdev = b.get("qdev", "")
-            dev_id = qdev.split("/")[3] if qdev.startswith("/machine/peripheral/") else ""
-            names = {n for n in (dev_id, b.get("device", ""), ins.get("node-name", "")) if n}
-            label = dev_id or b.get("device") or ins.get("node-name")
-            disks.append((label, names, ins))
+        disks = await self._vm_disks(path)
         if want:
             found = [d for d in disks if want in d[1]]
         else:

@@ -127,9 +127,10 @@ class VM:
     layer works all the same), with one qcow2 disk ``vda`` on node ``fmt0`` and two QMP monitors:
     ``qmp_path`` for the plugin, ``ctl`` for the test."""
 
-    def __init__(self, workdir: Path, image: Path) -> None:
+    def __init__(self, workdir: Path, image: Path, *more: Path) -> None:
         self.dir = workdir
         self.image = image
+        self.more = more  #: further qcow2 disks: vdb, vdc...
         self.qmp_path = workdir / "vm.qmp"
         self.ctl_path = workdir / "ctl.qmp"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -147,6 +148,10 @@ class VM:
             "-blockdev", json.dumps({"driver": "qcow2", "file": "file0", "node-name": "fmt0"}),
             "-device", "virtio-blk-pci,drive=fmt0,id=vda",
         ]
+        for i, img in enumerate(self.more, 1):
+            argv += ["-blockdev", json.dumps({"driver": "file", "filename": str(img), "node-name": f"file{i}"}),
+                     "-blockdev", json.dumps({"driver": "qcow2", "file": f"file{i}", "node-name": f"fmt{i}"}),
+                     "-device", f"virtio-blk-pci,drive=fmt{i},id=vd{chr(ord('a') + i)}"]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for(self.ctl_path, self.proc)
         wait_for(self.qmp_path, self.proc)

@@ -301,3 +301,37 @@ async def test_no_agent_is_recorded_as_crash_consistent_and_errors_name_the_disk
     assert m.disks[0].metadata["consistency_reason"] == "no guest agent configured"
     with pytest.raises(blockferry.ConfigError, match="no disk 'vdz'.*vda"):  # type: ignore[attr-defined]
         await QemuSourcePlugin().open(f"{v.url}#vdz", {})
+
+
+async def test_a_vm_with_two_disks_backs_up_both_at_once(tmp_path: Path, anyio_backend: str) -> None:
+    """``qemu:SOCK`` stands for every disk of the VM; their reads run concurrently through one
+    NBD server in QEMU, and both chains go on incrementally."""
+    require_qemu()
+    d = short_dir()
+    a = qcow2(d / "a.qcow2", 8 * MiB, "write -P 0x11 0 1M")
+    b = qcow2(d / "b.qcow2", 4 * MiB, "write -P 0x22 1M 1M")
+    v = VM(d, a, b)
+    try:
+        v.start()
+        assert v.ctl is not None
+        repo = await _repo(tmp_path / "repo")
+        async with blockferry.open_repository(repo) as r:
+            s1 = await r.backup([v.url])
+            assert s1.state == "success", s1
+            (obj,) = s1.objects
+            assert obj.name == "vm" and sorted(x.name for x in obj.disks) == ["vda", "vdb"]
+            assert sum(x.stats.read_bytes for x in obj.disks) == 2 * MiB
+            v.ctl.guest_write("vdb", "write -P 0x33 0 256k")
+            s2 = await r.backup([v.url])
+            assert s2.state == "success", s2
+            reads = {x.name: x.stats.read_bytes for x in s2.objects[0].disks}
+            assert reads == {"vda": 0, "vdb": 256 * KiB}
+            res = {x.disk: x for x in await r.restore(s2.points[0], tmp_path / "out")}
+            assert (tmp_path / "out" / "vda").read_bytes() == b"\x11" * MiB + bytes(7 * MiB)
+            assert (tmp_path / "out" / "vdb").read_bytes() == b"\x33" * (256 * KiB) + bytes(768 * KiB) + \
+                b"\x22" * MiB + bytes(2 * MiB)
+            assert set(res) == {"vda", "vdb"}
+        assert not v.ctl.exports() and not v.ctl.jobs()
+    finally:
+        v.stop()
+        shutil.rmtree(d, ignore_errors=True)
