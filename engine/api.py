@@ -190,7 +190,9 @@ class Repository:
         """Run a whole job (several objects) against this repository, in an embedded server."""
         from blockferry.actors.server import running_server
 
-        cfg = ServerConfig(proxies=self.proxies or [ProxyConfig(name="local", max_tasks=self.max_tasks)],
+        # the embedded proxy runs here: it reaches local files and local QEMU sockets alike
+        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu"])
+        cfg = ServerConfig(proxies=self.proxies or [local],
                            engine=self.runtime.settings)
         async with running_server(cfg) as server:
             await server.add_repository(RepositorySettings(name=spec.repository, url=self.url, max_tasks=self.max_tasks),

@@ -27,7 +27,7 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True):
     name: Name
     max_tasks: Positive = 4
     #: source URL schemes this proxy can read (``file``, ``qemu``...)
-    transports: list[str] = msgspec.field(default_factory=lambda: ["file", "qemu"])
+    transports: list[str] = msgspec.field(default_factory=lambda: ["file"])
     #: path or URL prefixes this proxy can reach; empty means everything its transports can
     reach: list[str] = msgspec.field(default_factory=list)
 

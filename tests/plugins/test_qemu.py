@@ -335,3 +335,42 @@ async def test_a_vm_with_two_disks_backs_up_both_at_once(tmp_path: Path, anyio_b
     finally:
         v.stop()
         shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_a_failed_incremental_keeps_the_old_bitmap_and_leaves_nothing_behind(
+        vm: tuple[VM, Expected], tmp_path: Path) -> None:
+    """Through the whole engine: a backup that fails while reading leaves no overlay node, export,
+    job or new bitmap in the VM; the base's bitmap stays, and the next backup is still an
+    incremental that reads what changed before the failure."""
+    from blockferry.errors import SourceError
+    from blockferry.registry import SOURCES, register
+
+    v, exp = vm
+    assert v.ctl is not None
+    repo = await _repo(tmp_path / "repo")
+
+    class Failing(QemuSourcePlugin):
+        async def open(self, url, options):  # type: ignore[no-untyped-def]
+            disk = await super().open(url, options)
+
+            async def broken(offset: int, buffers: object) -> int:
+                raise SourceError(f"{url}: injected read error at offset {offset}")
+
+            disk.read_into = broken  # type: ignore[method-assign]
+            return disk
+
+    async with blockferry.open_repository(repo) as r:
+        _, _, _ = _disk(await r.backup([v.url], name="vm"))
+        before = set(v.ctl.bitmaps("fmt0"))
+        v.ctl.guest_write("vda", exp.write(0x77, 30 * MiB, 512 * KiB))
+        register(SOURCES, "qemu", Failing())
+        try:
+            failed = await r.backup([v.url], name="vm", retries=0)
+        finally:
+            register(SOURCES, "qemu", None)
+        assert failed.state == "failed", failed
+        assert not v.ctl.exports() and not v.ctl.jobs()
+        assert not any(n.startswith("bf-") for n in v.ctl.node_names())
+        assert set(v.ctl.bitmaps("fmt0")) == before
+        _, read, plan = _disk(await r.backup([v.url], name="vm"))
+        assert plan.startswith("incremental") and read == 2 * BS, plan
