@@ -173,11 +173,16 @@ async def test_job_retention_and_immediate_copy(tmp_path: Path) -> None:
     assert same_file(tmp_path / "out" / "d.img", img)
 
 
-async def test_copy_from_the_cli(tmp_path: Path) -> None:
+async def src_and_dst(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Two empty repositories of the same block size, and a small disk image."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     await blockferry.init_repository(str(src), block_size=BS)
     await blockferry.init_repository(str(dst), block_size=BS)
-    img = mixed_disk(tmp_path / "d.img", MiB)
+    return src, dst, mixed_disk(tmp_path / "d.img", MiB)
+
+
+async def test_copy_from_the_cli(tmp_path: Path) -> None:
+    src, dst, img = await src_and_dst(tmp_path)
     async with blockferry.open_repository(str(src)) as r:
         s1 = await r.backup([str(img)], name="vm")
         await r.backup([str(img)], name="vm2")
@@ -213,10 +218,7 @@ async def test_periodic_copy_sends_the_latest_points_and_keeps_its_own_retention
 
 
 async def test_copy_latest_with_retention_from_the_cli(tmp_path: Path) -> None:
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    await blockferry.init_repository(str(src), block_size=BS)
-    await blockferry.init_repository(str(dst), block_size=BS)
-    img = mixed_disk(tmp_path / "d.img", MiB)
+    src, dst, img = await src_and_dst(tmp_path)
     async with blockferry.open_repository(str(src)) as r:
         a = await r.backup([str(img)], name="vm")
         await r.copy_to(str(dst))
