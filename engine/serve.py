@@ -27,7 +27,7 @@ import anyio.to_thread
 
 from .blocks import decode_chunk
 from .errors import BlockferryError, ConfigError, CorruptionError, NotFoundError, RepositoryError
-from .format import DIGEST_SIZE, HOLE, MiB, DiskRecord, Manifest
+from .format import DIGEST_SIZE, HOLE, DiskRecord, Manifest, MiB
 from .log import get_logger
 from .store import RepositoryStore
 from .task import Runtime

@@ -36,7 +36,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import anyio
 from anyio.abc import ByteStream
 from anyio.streams.buffered import BufferedByteReceiveStream
-
 from blockferry.errors import BlockferryError, ConfigError, SourceError
 from blockferry.log import get_logger
 

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import ByteStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
-
 from blockferry.errors import BlockferryError, ConfigError
 from blockferry.log import get_logger
 
@@ -52,7 +51,6 @@ from .nbd import (
     INFO_EXPORT,
     INFO_NAME,
     MAX_UNIX_PATH,
-    MiB,
     NBDMAGIC,
     OPT_ABORT,
     OPT_EXPORT_NAME,
@@ -66,13 +64,6 @@ from .nbd import (
     OPT_STRUCTURED_REPLY,
     OPTION,
     OPTION_REPLY,
-    REPLY_FLAG_DONE,
-    REPLY_TYPE_BLOCK_STATUS,
-    REPLY_TYPE_ERROR,
-    REPLY_TYPE_ERROR_OFFSET,
-    REPLY_TYPE_NONE,
-    REPLY_TYPE_OFFSET_DATA,
-    REPLY_TYPE_OFFSET_HOLE,
     REP_ACK,
     REP_ERR_INVALID,
     REP_ERR_POLICY,
@@ -81,6 +72,13 @@ from .nbd import (
     REP_INFO,
     REP_META_CONTEXT,
     REP_SERVER,
+    REPLY_FLAG_DONE,
+    REPLY_TYPE_BLOCK_STATUS,
+    REPLY_TYPE_ERROR,
+    REPLY_TYPE_ERROR_OFFSET,
+    REPLY_TYPE_NONE,
+    REPLY_TYPE_OFFSET_DATA,
+    REPLY_TYPE_OFFSET_HOLE,
     REQUEST,
     REQUEST_MAGIC,
     SIMPLE_REPLY,
@@ -96,6 +94,7 @@ from .nbd import (
     U16,
     U32,
     U64,
+    MiB,
     errno_of,
 )
 

@@ -53,7 +53,6 @@ from urllib.parse import parse_qs
 
 import anyio
 import msgspec
-
 from blockferry.errors import ConfigError, SourceError
 from blockferry.log import get_logger
 from blockferry.source import Buffer, Extent

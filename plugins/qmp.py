@@ -23,7 +23,6 @@ import anyio
 import msgspec
 from anyio.abc import ByteStream
 from anyio.streams.buffered import BufferedByteReceiveStream
-
 from blockferry.errors import ConfigError, SourceError
 from blockferry.log import get_logger
 

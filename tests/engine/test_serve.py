@@ -16,13 +16,13 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
-import pytest
-
 import blockferry
+import pytest
 from blockferry.errors import CorruptionError, SourceError
 from blockferry.plugins.nbd import STATE_ZERO, NBDAddress, NBDClient
 from blockferry.restore_image import restore_image
 from blockferry.serve import serve_repository
+
 from tests.conftest import KiB, MiB, write_disk
 from tests.engine.test_health import block_of, flip
 from tests.qemu_vm import QemuNbd, require_qemu, short_dir

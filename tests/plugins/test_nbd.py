@@ -13,9 +13,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-
 from blockferry.errors import SourceError
 from blockferry.plugins.nbd import STATE_DIRTY, STATE_HOLE, STATE_ZERO, NBDAddress, NBDClient, parse_nbd_url
+
 from tests.conftest import KiB, MiB
 from tests.qemu_vm import QemuNbd, qcow2, qemu_io, require_qemu, short_dir
 

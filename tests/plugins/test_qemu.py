@@ -9,11 +9,11 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 import blockferry
+import pytest
 from blockferry.format import DiskRecord
 from blockferry.plugins.qemu import BITMAP_PREFIX, QemuSourcePlugin
+
 from tests.conftest import KiB, MiB
 from tests.qemu_vm import VM, qcow2, qemu_io, require_qemu, short_dir
 
