@@ -93,6 +93,7 @@ async def test_full_then_incremental_reads_only_dirty_extents(vm: tuple[VM, Expe
         p1, read1, plan1 = _disk(await r.backup([v.url], name="vm"))
         # holes and zeros are never read
         assert read1 == exp.data_bytes(BS) < 8 * MiB, plan1
+        assert plan1.startswith("full read") and "change tracking starts" in plan1, plan1
         m1 = await r.point(p1)
         bitmap1 = m1.disks[0].metadata["bitmap"]
         assert m1.disks[0].change_id == f"qemu-bitmap:{bitmap1}"
