@@ -98,7 +98,8 @@ class QMP:
         return out
 
     def guest_write(self, device: str, command: str) -> None:
-        """``qemu-io`` on the device's backend: the guest's path, through the backup filter."""
+        """``qemu-io`` on the device's backend: the guest's path, through the backup filter. (Its
+        output goes to QEMU's stdout, not to the monitor: check results another way.)"""
         self.hmp(f'qemu-io -d /machine/peripheral/{device}/virtio-backend "{command}"')
 
     def close(self) -> None:
@@ -127,10 +128,12 @@ class VM:
     layer works all the same), with one qcow2 disk ``vda`` on node ``fmt0`` and two QMP monitors:
     ``qmp_path`` for the plugin, ``ctl`` for the test."""
 
-    def __init__(self, workdir: Path, image: Path, *more: Path) -> None:
+    def __init__(self, workdir: Path, image: Path | None, *more: Path, blockdev: dict[str, Any] | None = None) -> None:
         self.dir = workdir
         self.image = image
         self.more = more  #: further qcow2 disks: vdb, vdc...
+        #: instead of ``image``: any blockdev for ``vda`` (an NBD export, say), node ``fmt0``
+        self.blockdev = blockdev
         self.qmp_path = workdir / "vm.qmp"
         self.ctl_path = workdir / "ctl.qmp"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -144,10 +147,13 @@ class VM:
             "-serial", "none", "-S",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-qmp", f"unix:{self.ctl_path},server=on,wait=off",
-            "-blockdev", json.dumps({"driver": "file", "filename": str(self.image), "node-name": "file0"}),
-            "-blockdev", json.dumps({"driver": "qcow2", "file": "file0", "node-name": "fmt0"}),
-            "-device", "virtio-blk-pci,drive=fmt0,id=vda",
         ]
+        if self.blockdev is not None:
+            argv += ["-blockdev", json.dumps({**self.blockdev, "node-name": "fmt0"})]
+        else:
+            argv += ["-blockdev", json.dumps({"driver": "file", "filename": str(self.image), "node-name": "file0"}),
+                     "-blockdev", json.dumps({"driver": "qcow2", "file": "file0", "node-name": "fmt0"})]
+        argv += ["-device", "virtio-blk-pci,drive=fmt0,id=vda"]
         for i, img in enumerate(self.more, 1):
             argv += ["-blockdev", json.dumps({"driver": "file", "filename": str(img), "node-name": f"file{i}"}),
                      "-blockdev", json.dumps({"driver": "qcow2", "file": f"file{i}", "node-name": f"fmt{i}"}),

@@ -208,3 +208,52 @@ async def test_restore_into_qcow2_and_an_nbd_target(point: tuple[Path, Path, str
             srv.stop()
             shutil.rmtree(s, ignore_errors=True)
         assert target.read_bytes() == img.read_bytes()
+
+
+async def test_a_vm_runs_on_a_served_point(point: tuple[Path, Path, str], tmp_path: Path) -> None:
+    """A VM attaches the served disk with ``-blockdev nbd`` and reads the point's bytes through
+    its virtio device; its writes land in the overlay, the repository stays as it was."""
+    from tests.qemu_vm import VM
+
+    d, img, pid = point
+    content = img.read_bytes()
+    before = _tree_digest(d / "repo")
+    vmdir = short_dir()
+    sock = vmdir / "serve.sock"
+    vm = VM(vmdir, None, blockdev={"driver": "nbd", "server": {"type": "unix", "path": str(sock)},
+                                   "export": "disk.img"})
+    try:
+        async with blockferry.open_repository(str(d / "repo")) as r, anyio.create_task_group() as tg:
+            server = await tg.start(lambda task_status: serve_repository(r, pid, str(sock), writable=True,
+                                                                        task_status=task_status))
+            # QEMU connects while starting: our server must be answering meanwhile
+            await anyio.to_thread.run_sync(vm.start)
+            assert vm.ctl is not None
+            ctl = vm.ctl
+            (blk,) = await anyio.to_thread.run_sync(ctl.execute, "query-block")
+            assert blk["inserted"]["image"]["virtual-size"] == SIZE
+            # the guest writes through its virtio device (into the overlay)...
+            await anyio.to_thread.run_sync(ctl.guest_write, "vda", "write -P 0x42 0 1M")
+            # ...and QEMU copies the whole disk as the VM sees it into a local file
+            copy = vmdir / "copy.raw"
+            with open(copy, "wb") as f:
+                f.truncate(SIZE)
+
+            def copy_disk() -> None:
+                ctl.execute("blockdev-add", driver="raw", **{"node-name": "t0"},
+                            file={"driver": "file", "filename": str(copy)})
+                ctl.execute("blockdev-backup", **{"job-id": "cp"}, device="fmt0", target="t0", sync="full")
+                deadline = time.monotonic() + 60
+                while ctl.execute("query-block-jobs"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                ctl.execute("blockdev-del", **{"node-name": "t0"})
+
+            await anyio.to_thread.run_sync(copy_disk)
+            assert copy.read_bytes() == b"\x42" * MiB + content[MiB:]
+            await anyio.to_thread.run_sync(vm.stop)
+            await _stop(server, tg)
+    finally:
+        vm.stop()
+        shutil.rmtree(vmdir, ignore_errors=True)
+    assert _tree_digest(d / "repo") == before

@@ -375,3 +375,40 @@ async def test_a_failed_incremental_keeps_the_old_bitmap_and_leaves_nothing_behi
         assert set(v.ctl.bitmaps("fmt0")) == before
         _, read, plan = _disk(await r.backup([v.url], name="vm"))
         assert plan.startswith("incremental") and read == 2 * BS, plan
+
+
+async def test_guest_writes_during_a_backup_stay_out_of_its_point(vm: tuple[VM, Expected], tmp_path: Path) -> None:
+    """Through the whole engine: the guest overwrites data after the fleece started and before
+    it is read; the point has the data as it was, the next incremental picks the write up."""
+    from blockferry.registry import SOURCES, register
+
+    v, exp = vm
+    assert v.ctl is not None
+    ctl = v.ctl
+    repo = await _repo(tmp_path / "repo")
+    before = exp.copy()
+    during = exp.write(0xAB, 1 * MiB + 512 * KiB, 512 * KiB)  # over data a full read reads
+
+    class WriteDuring(QemuSourcePlugin):
+        async def open(self, url, options):  # type: ignore[no-untyped-def]
+            disk = await super().open(url, options)
+            extents = disk.data_extents
+
+            async def fleeced_then_written() -> object:
+                out = await extents()  # the fleece started here
+                ctl.guest_write("vda", during)
+                return out
+
+            disk.data_extents = fleeced_then_written  # type: ignore[method-assign]
+            return disk
+
+    async with blockferry.open_repository(repo) as r:
+        register(SOURCES, "qemu", WriteDuring())
+        try:
+            p1, _, _ = _disk(await r.backup([v.url], name="vm"))
+        finally:
+            register(SOURCES, "qemu", None)
+        assert await _restored(r, p1, tmp_path / "o1") == before
+        p2, read2, plan2 = _disk(await r.backup([v.url], name="vm"))
+        assert plan2.startswith("incremental") and read2 == 2 * BS, plan2
+        assert await _restored(r, p2, tmp_path / "o2") == exp.copy()
