@@ -40,13 +40,14 @@ other's bitmaps and fall back to full reads).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -355,45 +356,39 @@ class QemuDisk:
             return None
         return ga
 
-    def _quiesced(self) -> Any:
-        disk = self
-
-        class _Freeze:
-            ga: GuestAgent | None = None
-
-            async def __aenter__(self) -> None:
-                self.ga = await disk._quiesce_agent()
-                if self.ga is None:
-                    return
+    @contextlib.asynccontextmanager
+    async def _quiesced(self) -> AsyncIterator[None]:
+        """Guest filesystems frozen inside (when an agent answers); thawed on the way out, always:
+        after a failed or timed-out freeze too (the agent may have frozen late), and shielded
+        from cancellation."""
+        ga = await self._quiesce_agent()
+        if ga is None:
+            yield
+            return
+        try:
+            try:
+                n = await ga.execute("guest-fsfreeze-freeze", timeout=self.freeze_timeout)
+                self.metadata["consistency"] = "application"
+                self.metadata["consistency_reason"] = f"guest agent froze {n} filesystems"
+            except TimeoutError:
+                self.metadata["consistency"] = "crash"
+                self.metadata["consistency_reason"] = f"guest freeze failed: no answer within {self.freeze_timeout:g} s"
+            except SourceError as exc:
+                self.metadata["consistency"] = "crash"
+                self.metadata["consistency_reason"] = f"guest freeze failed: {exc}"
+            log.info("guest_freeze", disk=self.name, consistency=self.metadata["consistency"],
+                     reason=self.metadata["consistency_reason"])
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
                 try:
-                    n = await self.ga.execute("guest-fsfreeze-freeze", timeout=disk.freeze_timeout)
-                    disk.metadata["consistency"] = "application"
-                    disk.metadata["consistency_reason"] = f"guest agent froze {n} filesystems"
-                except TimeoutError:
-                    disk.metadata["consistency"] = "crash"
-                    disk.metadata["consistency_reason"] = (f"guest freeze failed: no answer within "
-                                                           f"{disk.freeze_timeout:g} s")
-                except SourceError as exc:
-                    disk.metadata["consistency"] = "crash"
-                    disk.metadata["consistency_reason"] = f"guest freeze failed: {exc}"
-                log.info("guest_freeze", disk=disk.name, consistency=disk.metadata["consistency"],
-                         reason=disk.metadata["consistency_reason"])
-
-            async def __aexit__(self, *exc: Any) -> None:
-                if self.ga is None:
-                    return
-                # always thaw, even after a failed or timed-out freeze (the agent may have frozen late)
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await self.ga.execute("guest-fsfreeze-thaw", timeout=disk.freeze_timeout)
-                        disk.metadata["thawed"] = True
-                    except (TimeoutError, SourceError) as err:
-                        disk.metadata["thawed"] = False
-                        log.warning("guest_thaw_failed", disk=disk.name, error=str(err) or "timeout")
-                    finally:
-                        await self.ga.aclose()
-
-        return _Freeze()
+                    await ga.execute("guest-fsfreeze-thaw", timeout=self.freeze_timeout)
+                    self.metadata["thawed"] = True
+                except (TimeoutError, SourceError) as err:
+                    self.metadata["thawed"] = False
+                    log.warning("guest_thaw_failed", disk=self.name, error=str(err) or "timeout")
+                finally:
+                    await ga.aclose()
 
     async def data_extents(self) -> list[Extent] | None:
         await self._start()
