@@ -114,13 +114,12 @@ async def restore_to_qcow2(store: RepositoryStore, manifest: Manifest, record: D
         await _run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(record.size)])
     work = Path(tempfile.mkdtemp(prefix="bf-rst-", dir="/tmp" if os.path.isdir("/tmp") else None))
     sock = work / "nbd.sock"
-    proc = await anyio.open_process(["qemu-nbd", "--format=qcow2", "--cache=writeback", "--discard=unmap",
+    proc = await anyio.open_process(["qemu-nbd", "--persistent", "--format=qcow2", "--cache=writeback", "--discard=unmap",
                                      "--socket", str(sock), str(path)])
     try:
-        with anyio.move_on_after(20):
-            while not sock.exists() and proc.returncode is None:
-                await anyio.sleep(0.02)  # qemu-nbd says nothing when its socket is ready
-        if not sock.exists():
+        from blockferry.plugins.nbd import wait_until_listening
+
+        if not await wait_until_listening(str(sock), proc):
             raise ConfigError(f"{path}: qemu-nbd did not start (is a VM using the image?)")
         return await restore_to_nbd(store, manifest, record, f"nbd+unix:///?socket={sock}", runtime=runtime,
                                     fresh=fresh, allow_damaged=allow_damaged, label=str(path))

@@ -199,6 +199,26 @@ class NBDAddress:
         return await anyio.connect_tcp(self.host, self.port)
 
 
+async def wait_until_listening(path: str, proc: Any, timeout: float = 20.0) -> bool:
+    """Wait until a server process (an ``anyio.abc.Process``, e.g. ``qemu-nbd``, which says
+    nothing when it is ready) accepts connections on the Unix socket ``path``. The socket file
+    appears when it is bound, a moment before it listens, so readiness is a connection that
+    succeeds (run such servers with ``--persistent``: the probe is a client that comes and goes).
+    False if the process exited or the time ran out."""
+    with anyio.move_on_after(timeout):
+        while proc.returncode is None:
+            if os.path.exists(path):
+                try:
+                    probe = await anyio.connect_unix(path)
+                except OSError:
+                    pass
+                else:
+                    await probe.aclose()
+                    return True
+            await anyio.sleep(0.02)
+    return False
+
+
 def parse_nbd_url(url: str) -> tuple[NBDAddress, str]:
     """``nbd+unix:///EXPORT?socket=PATH`` or ``nbd://HOST[:PORT]/EXPORT`` → (address, export)."""
     parts = urlsplit(url)

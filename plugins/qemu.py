@@ -58,7 +58,7 @@ from blockferry.errors import ConfigError, SourceError
 from blockferry.log import get_logger
 from blockferry.source import Buffer, Extent
 
-from .nbd import STATE_DIRTY, STATE_ZERO, NBDAddress, NBDClient
+from .nbd import STATE_DIRTY, STATE_ZERO, NBDAddress, NBDClient, wait_until_listening
 from .qmp import GuestAgent, QMPClient, QMPError
 
 if TYPE_CHECKING:
@@ -322,7 +322,8 @@ class QemuDisk:
             assert self.new_bitmap is not None
             await _run("qemu-img", "bitmap", "--add", "--enable", str(self.path), self.new_bitmap, what=str(self.path))
         sock = str(self._work / "nbd.sock")
-        argv = ["qemu-nbd", "--read-only", "--format", self.image_format, "--socket", sock, "--export-name", self.name]
+        argv = ["qemu-nbd", "--read-only", "--persistent", "--format", self.image_format, "--socket", sock,
+                "--export-name", self.name]
         if self.base_bitmap:
             argv += ["--bitmap", self.base_bitmap]
         argv.append(str(self.path))
@@ -330,15 +331,13 @@ class QemuDisk:
             self._proc = await anyio.open_process(argv)
         except OSError as exc:
             raise SourceError(f"{self.path}: cannot run qemu-nbd ({exc.strerror}); install qemu-utils") from exc
-        with anyio.move_on_after(20):
-            while not os.path.exists(sock):
-                if self._proc.returncode is not None:
-                    break
-                await anyio.sleep(0.02)  # qemu-nbd says nothing when its socket is ready
-        if not os.path.exists(sock):
+        if not await wait_until_listening(sock, self._proc):
             err = b""
             if self._proc.returncode is not None and self._proc.stderr is not None:
-                err = await self._proc.stderr.receive() if self._proc.stderr else b""
+                try:
+                    err = await self._proc.stderr.receive()
+                except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    pass
             raise SourceError(f"{self.path}: qemu-nbd did not start ({err.decode(errors='replace').strip() or 'timeout'}"
                               "; is a running VM using the image?)")
         contexts = ["base:allocation"] + ([f"qemu:dirty-bitmap:{self.base_bitmap}"] if self.base_bitmap else [])

@@ -49,12 +49,21 @@ def qemu_io(path: Path, *commands: str, fmt: str = "qcow2") -> None:
 
 
 def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Until ``proc`` accepts connections on the Unix socket ``path`` (the file appears when the
+    socket is bound, a moment before it listens)."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while True:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(path))
+                    return
+                except OSError:
+                    pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear")
+            raise TimeoutError(f"{path} is not listening")
         time.sleep(0.02)
 
 
