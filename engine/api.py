@@ -34,6 +34,7 @@ from .format import DEFAULT_BLOCK_SIZE, Manifest, RepositoryConfig
 from .hints import check_within, load_hints
 from .messages import JobStatus, SessionResult
 from .registry import backend_plugin, scheme_of, source_plugin
+from .source import expand_disks
 from .store import PointSummary, RepositoryStore
 from .task import Runtime
 
@@ -60,17 +61,6 @@ def _plain(fn: F) -> F:
 
 
 @_plain
-async def _expand(disks: list[DiskSpec]) -> list[DiskSpec]:
-    """A source that stands for several disks (a VM by its QMP socket) becomes one spec per
-    disk, when its plugin can tell (an optional ``expand(url) -> list[str]``)."""
-    out: list[DiskSpec] = []
-    for d in disks:
-        expand = getattr(source_plugin(d.source), "expand", None)
-        urls = await expand(d.source) if expand is not None and d.name is None and not d.hints else [d.source]
-        out.extend([d] if urls == [d.source] else [DiskSpec(source=u, options=d.options) for u in urls])
-    return out
-
-
 async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "default",
                           immutable_days: int | None = None, pack_size: int | None = None) -> RepositoryConfig:
     """Create a repository at ``url``. A local directory is created if missing and must be empty
@@ -173,7 +163,7 @@ class Repository:
         if hints:
             raise ConfigError(f"changed extents given for {', '.join(hints)}, which is not among the sources")
         obj = name or disks[0].name or source_plugin(disks[0].source).disk_name(disks[0].source)
-        disks = await _expand(disks)
+        disks = await expand_disks(disks)  # a VM by its QMP socket: one spec per disk
         await self._preflight(disks)
         spec = JobSpec(name=job or f"backup {obj}", repository="repository",
                        objects=[ObjectSpec(name=obj, disks=disks)], retries=retries, retry_delay=retry_delay,

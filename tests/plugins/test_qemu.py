@@ -412,3 +412,17 @@ async def test_guest_writes_during_a_backup_stay_out_of_its_point(vm: tuple[VM, 
         p2, read2, plan2 = _disk(await r.backup([v.url], name="vm"))
         assert plan2.startswith("incremental") and read2 == 2 * BS, plan2
         assert await _restored(r, p2, tmp_path / "o2") == exp.copy()
+
+
+async def test_a_job_names_the_vm_by_its_socket(vm: tuple[VM, Expected], tmp_path: Path) -> None:
+    """A job (as the daemon runs it) lists the VM once; its disks are found when the job runs."""
+    from blockferry.config import DiskSpec, JobSpec, ObjectSpec
+
+    v, _ = vm
+    repo = await _repo(tmp_path / "repo")
+    spec = JobSpec(name="nightly", repository="repository",
+                   objects=[ObjectSpec(name="vm", disks=[DiskSpec(source=v.url)])], retries=0)
+    async with blockferry.open_repository(repo) as r:
+        session = await r.run_job(spec)
+        assert session.state == "success", session
+        assert [d.name for d in session.objects[0].disks] == ["vda"]
