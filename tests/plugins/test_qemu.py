@@ -426,3 +426,16 @@ async def test_a_job_names_the_vm_by_its_socket(vm: tuple[VM, Expected], tmp_pat
         session = await r.run_job(spec)
         assert session.state == "success", session
         assert [d.name for d in session.objects[0].disks] == ["vda"]
+
+
+async def test_a_deleted_point_makes_the_next_backup_a_full_read(vm: tuple[VM, Expected], tmp_path: Path) -> None:
+    """The newest point goes: the base is now an older point whose bitmap was rotated away."""
+    v, exp = vm
+    repo = await _repo(tmp_path / "repo")
+    async with blockferry.open_repository(repo) as r:
+        _disk(await r.backup([v.url], name="vm"))
+        p2, _, _ = _disk(await r.backup([v.url], name="vm"))
+        await r.delete(p2)
+        _, read, plan = _disk(await r.backup([v.url], name="vm"))
+        assert plan.startswith("full read") and "is missing" in plan, plan
+        assert read == exp.data_bytes(BS)
