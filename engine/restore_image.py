@@ -185,9 +185,8 @@ async def restore_image(repo: Any, point: str, target: str, *, disk: str | None 
         if not path.exists():
             path.touch()
             os.truncate(path, record.size)
-        if allow_damaged:
-            raise ConfigError("--allow-damaged into a raw image: use `blockferry restore --to DIR --allow-damaged`")
-        return await restore_disk(repo.store, m, record, path, runtime=repo.runtime, into_existing=True)
+        return await restore_disk(repo.store, m, record, path, runtime=repo.runtime, into_existing=True,
+                                  allow_damaged=allow_damaged)
 
 
 __all__ = ["restore_image", "restore_to_nbd", "restore_to_qcow2"]

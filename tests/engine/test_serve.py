@@ -196,6 +196,9 @@ async def test_restore_into_qcow2_and_an_nbd_target(point: tuple[Path, Path, str
         raw = tmp_path / "old.raw"
         subprocess.run(["qemu-img", "convert", "-O", "raw", str(old), str(raw)], check=True)
         assert raw.read_bytes()[:SIZE] == img.read_bytes()
+        # a new raw image
+        res = await restore_image(r, pid, str(tmp_path / "new.raw"))
+        assert (tmp_path / "new.raw").read_bytes() == img.read_bytes()
         # any NBD export: a raw file behind a writable qemu-nbd
         target = tmp_path / "t.raw"
         with open(target, "wb") as f:
