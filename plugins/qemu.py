@@ -392,11 +392,24 @@ class QemuDisk:
     async def data_extents(self) -> list[Extent] | None:
         await self._start()
         assert self.client is not None
-        return [(o, n) for o, n, f in await self.client.block_status("base:allocation") if not f & STATE_ZERO]
+        status = await self.client.block_status("base:allocation", 0, self.size)
+        return [(o, min(n, self.size - o)) for o, n, f in status if not f & STATE_ZERO and o < self.size]
 
     async def read_into(self, offset: int, buffers: Sequence[Buffer]) -> int:
         await self._start()
         assert self.client is not None
+        room = max(0, self.size - offset)  # the export may be longer (a raw file rounded up)
+        if sum(len(b) for b in buffers) > room:
+            cut: list[Buffer] = []
+            for b in buffers:
+                if room <= 0:
+                    break
+                v = memoryview(b).cast("B")
+                cut.append(v[:room])
+                room -= len(cut[-1])
+            buffers = cut
+        if not buffers:
+            return 0
         return await self.client.read_into(offset, buffers)
 
     async def aclose(self) -> None:
@@ -517,8 +530,9 @@ class QemuSourcePlugin:
             raise ConfigError(f"{path}: a {fmt} image; the qemu source reads qcow2 and raw images")
         if info.get("backing-filename"):
             raise ConfigError(f"{path}: an image with a backing file; back up the chain's top through a running VM")
-        return QemuDisk(url, path, want or self.disk_name(url), int(info["virtual-size"]), running=False,
-                        image_format=fmt, cbt=cbt)
+        # QEMU rounds a raw file's size up to 512 bytes; the disk is the file, to the byte
+        size = st.st_size if fmt == "raw" else int(info["virtual-size"])
+        return QemuDisk(url, path, want or self.disk_name(url), size, running=False, image_format=fmt, cbt=cbt)
 
     async def _open_vm(self, url: str, path: Path, want: str | None, opts: dict[str, str], cbt: bool) -> QemuDisk:
         disks = await self._vm_disks(path)

@@ -4,9 +4,10 @@ with dirty bitmaps, and stopped images read through ``qemu-nbd``."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import blockferry
@@ -14,6 +15,7 @@ import pytest
 from blockferry.format import DiskRecord
 from blockferry.plugins.qemu import BITMAP_PREFIX, QemuSourcePlugin
 
+from tests.conformance import SourceConformance
 from tests.conftest import KiB, MiB
 from tests.qemu_vm import VM, qcow2, qemu_io, require_qemu, short_dir
 
@@ -439,3 +441,32 @@ async def test_a_deleted_point_makes_the_next_backup_a_full_read(vm: tuple[VM, E
         _, read, plan = _disk(await r.backup([v.url], name="vm"))
         assert plan.startswith("full read") and "is missing" in plan, plan
         assert read == exp.data_bytes(BS)
+
+
+class TestQemuImageSource(SourceConformance):
+    """The generic source contract, for stopped raw images read through ``qemu-nbd`` (raw: the
+    suite's odd sizes; qcow2 sizes are multiples of 512, covered by the tests above)."""
+
+    @pytest.fixture
+    def source_plugin(self) -> QemuSourcePlugin:
+        require_qemu()
+        return QemuSourcePlugin()
+
+    @pytest.fixture
+    def make_source_url(self, tmp_path: Path):  # type: ignore[no-untyped-def]
+        counter = itertools.count()
+
+        def make(size: int, segments: Sequence[tuple[int, bytes]]) -> str:
+            path = tmp_path / f"disk{next(counter)}.img"
+            with open(path, "wb") as f:
+                f.truncate(size)
+                for off, chunk in segments:
+                    f.seek(off)
+                    f.write(chunk)
+            return f"qemu:{path}"
+
+        return make
+
+    @pytest.fixture
+    def missing_source_url(self, tmp_path: Path) -> tuple[str, str]:
+        return f"qemu:{tmp_path / 'nope.qcow2'}", str(tmp_path / "nope.qcow2")
