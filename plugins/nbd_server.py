@@ -195,7 +195,8 @@ class NBDServer:
             await conn.run()
         except _Closed as exc:
             self.log.debug("nbd_client_gone", reason=str(exc))
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError):
+        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                ConnectionError):
             self.log.debug("nbd_client_gone", reason="connection closed")
         except Exception as exc:  # a bug met by one client ends its connection, never the server
             self.log.error("nbd_connection_failed", error=repr(exc), exc_info=exc)
