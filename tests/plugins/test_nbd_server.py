@@ -14,10 +14,10 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
-
 from blockferry.errors import BlockferryError, SourceError
 from blockferry.plugins.nbd import NBDAddress, NBDClient
 from blockferry.plugins.nbd_server import NBDServer
+
 from tests.conftest import KiB, MiB
 from tests.qemu_vm import short_dir
 
