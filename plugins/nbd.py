@@ -634,7 +634,7 @@ class NBDClient:
                             await self._stream.send(header)
                         else:
                             await self._stream.send(header)
-                            await self._stream.send(payload)
+                            await self._stream.send(payload)  # type: ignore[arg-type]  # any buffer works
         except TimeoutError:
             self._break(f"the server did not accept a request within {self.timeout:g} s")
             raise NBDConnectionError(f"{self.where}: {self._broken}") from None
@@ -770,8 +770,9 @@ class NBDClient:
                     raise self._protocol_error(f"a chunk of {length} bytes")
                 self._expect("payload", length)
             return
-        r = self._cur
-        assert r is not None
+        cur = self._cur
+        assert cur is not None
+        r = cur
         flags, typ, length = self._chunk
         if stage == "data-offset":
             (off,) = U64.unpack(hdr)

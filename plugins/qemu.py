@@ -47,7 +47,7 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -437,14 +437,14 @@ class QemuDisk:
                             continue
                         elif kind == "export":
                             await qmp.execute("block-export-del", {"id": what})
-                            await qmp.wait_event("BLOCK_EXPORT_DELETED", lambda d, w=what: d.get("id") == w)
+                            await qmp.wait_event("BLOCK_EXPORT_DELETED", _field_is("id", what))
                         elif kind == "server":
                             # stopped only when no export is left (another disk may still be read)
                             if not await qmp.execute("query-block-exports"):
                                 await qmp.execute("nbd-server-stop")
                         elif kind == "job":
                             await qmp.execute("block-job-cancel", {"device": what})
-                            await qmp.wait_event("BLOCK_JOB_CANCELLED", lambda d, w=what: d.get("device") == w)
+                            await qmp.wait_event("BLOCK_JOB_CANCELLED", _field_is("device", what))
                         elif kind == "node":
                             await qmp.execute("blockdev-del", {"node-name": what})
                 except Exception as exc:  # go on: each later step may still succeed
@@ -468,6 +468,11 @@ class QemuDisk:
             self._work = None
         if errors:
             log.warning("teardown_incomplete", disk=self.name, errors=errors)
+
+
+def _field_is(key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
+    """A QMP event filter: the event's ``data[key]`` is ``value``."""
+    return lambda data: data.get(key) == value
 
 
 def _vm_nbd_socket(qmp_path: Path) -> str:
