@@ -85,7 +85,7 @@ class SourceMover(Actor[Any]):
                 if task.base is not None:
                     hints, tracking = await disk.changed_extents(task.base)
                 else:
-                    tracking = "no earlier point of this disk; change tracking starts with this one"
+                    tracking = "no earlier point of this disk to track changes from"
             task.finish = getattr(disk, "finish", None)
             data = await disk.data_extents()
             plan = make_plan(size=disk.size, block_size=task.block_size, data=data, hints=hints,
