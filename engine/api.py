@@ -34,6 +34,7 @@ from .format import DEFAULT_BLOCK_SIZE, Manifest, RepositoryConfig
 from .hints import check_within, load_hints
 from .messages import JobStatus, SessionResult
 from .registry import backend_plugin, scheme_of, source_plugin
+from .source import expand_disks
 from .store import PointSummary, RepositoryStore
 from .task import Runtime
 
@@ -167,8 +168,9 @@ class Repository:
         disks = [s if isinstance(s, DiskSpec) else DiskSpec(source=str(s), hints=hints.pop(str(s), None)) for s in sources]
         if hints:
             raise ConfigError(f"changed extents given for {', '.join(hints)}, which is not among the sources")
-        await self._preflight(disks)
         obj = name or disks[0].name or source_plugin(disks[0].source).disk_name(disks[0].source)
+        disks = await expand_disks(disks)  # a VM by its QMP socket: one spec per disk
+        await self._preflight(disks)
         spec = JobSpec(name=job or f"backup {obj}", repository="repository",
                        objects=[ObjectSpec(name=obj, disks=disks)], retries=retries, retry_delay=retry_delay,
                        immutable_days=immutable_days, retention=retention)
@@ -184,7 +186,9 @@ class Repository:
         """Run a whole job (several objects) against this repository, in an embedded server."""
         from blockferry.actors.server import running_server
 
-        cfg = ServerConfig(proxies=self.proxies or [ProxyConfig(name="local", max_tasks=self.max_tasks)],
+        # the embedded proxy runs here: it reaches local files and local QEMU sockets alike
+        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu"])
+        cfg = ServerConfig(proxies=self.proxies or [local],
                            engine=self.runtime.settings)
         async with running_server(cfg) as server:
             await server.add_repository(RepositorySettings(name=spec.repository, url=self.url, max_tasks=self.max_tasks),
@@ -309,23 +313,22 @@ class Repository:
         return await collect(self.store, rewrite_threshold=rewrite_threshold, wait=wait, progress=progress)
 
     @_plain
-    async def copy_to(self, target: str, points: Sequence[str] | None = None, *,
+    async def copy_to(self, target: str, points: Sequence[str] | None = None, *, latest: bool = False,
+                      retention: RetentionPolicy | None = None,
                       progress: Callable[[int, int], None] | None = None) -> CopyReport:
-        """Copy points (all of them by default; ids, prefixes or 'latest') to the repository at
-        ``target``, sending only the chunks it lacks."""
-        from .lifecycle import copy_points
+        """Copy points (ids, prefixes or 'latest'; all of them by default, or with ``latest`` the
+        newest of each object, as a periodic copy does) to the repository at ``target``, sending
+        only the chunks it lacks; then apply the copy's own ``retention`` there."""
+        from .lifecycle import copy_to_url, latest_points
 
-        ids = ([await self.store.resolve_point(p) for p in points] if points is not None
-               else [s.id for s in await self.store.summaries()])
-        backend = await backend_plugin(target).open(target, {"limiter": self.runtime.io})
-        try:
-            other = await RepositoryStore.open(backend)
-            try:
-                return await copy_points(self.store, other, ids, runtime=self.runtime, progress=progress)
-            finally:
-                await other.close()
-        finally:
-            await backend.aclose()
+        if points is not None:
+            ids = [await self.store.resolve_point(p) for p in points]
+        elif latest:
+            ids = latest_points(await self.store.summaries())
+        else:
+            ids = [s.id for s in await self.store.summaries()]
+        return await copy_to_url(self.store, target, ids, runtime=self.runtime, retention=retention,
+                                 progress=progress)
 
     @_plain
     async def verify(self, *, sample: float | None = None,
