@@ -17,14 +17,15 @@ def rgw() -> Iterator[RadosGW]:
     """A one-node Ceph cluster with radosgw on loopback (about 20 s to start). Fails, never
     skips, when Ceph is not installed. Every daemon is stopped by its pid at the end, also when
     starting failed half-way."""
-    root = Path(tempfile.mkdtemp(prefix="blockferry-rgw-"))
-    server = RadosGW(root)
     if dev := os.environ.get("BLOCKFERRY_TEST_RGW_PORT"):
-        # developers iterating on these tests may point them at a cluster this fixture started
-        # earlier and left running (same keys); CI never sets it
+        # developers iterating on these tests may point them at a cluster they started by hand
+        # with tests/plugins/rgw.py (same keys, user created); CI never sets it
+        server = RadosGW(Path(tempfile.gettempdir()))
         server.port = int(dev)
         yield server
         return
+    root = Path(tempfile.mkdtemp(prefix="blockferry-rgw-"))
+    server = RadosGW(root)
     try:
         server.start()
         yield server
