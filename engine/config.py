@@ -68,6 +68,12 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: batches in progress; larger writes keep the disk busier
     restore_batch_bytes: Positive = 16 * MiB
     restore_lanes: Positive = 6
+    #: restore from a remote repository (S3): bytes of pack spans held in memory at once, each
+    #: read with one request and shared by the batches that need it; and the largest gap (bytes)
+    #: of unneeded data a span may include rather than be split in two requests; spans read at once
+    restore_span_bytes: Positive = 128 * MiB
+    restore_span_gap: NonNegative = 8 * MiB
+    restore_span_streams: Positive = 2
     #: worker threads hashing and compressing (0: one per core)
     cpu_threads: NonNegative = 0
     #: worker threads doing repository I/O

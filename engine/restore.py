@@ -186,6 +186,139 @@ class _StagePool:
         self._free.clear()
 
 
+class _Held:
+    """A span being read or read: waiters share the one request."""
+
+    __slots__ = ("ready", "data", "size")
+
+    def __init__(self, size: int) -> None:
+        self.ready = anyio.Event()
+        self.data: bytes | None = None
+        self.size = size
+
+
+class _SpanReader:
+    """Reads of a remote repository's packs (S3) for one restore, planned over the whole point
+    rather than per batch: the chunks the point needs from each pack are grouped into spans
+    (ranges closer than ``gap`` bytes merged), and each span is read with one request the first
+    time a batch needs it and held until the last batch that needs it has taken its chunks. At
+    most ``budget`` bytes of spans are held; a batch that finds no room reads its own ranges as
+    before. Requests are what object storage bills and what its latency makes slow: a dense pack
+    (every chunk of a full point's pack is needed) is one GET, as restic reads whole packs. The
+    plan holds a few integers per span, flat in disk size."""
+
+    def __init__(self, backend: Any, budget: int, gap: int) -> None:
+        self.backend = backend
+        self.budget = budget
+        self.gap = gap
+        self.spans: dict[str, list[list[int]]] = {}  #: pack key → sorted [start, end) spans
+        self.users: dict[tuple[str, int], int] = {}  #: (pack key, span) → batches still to take from it
+        self.held: dict[tuple[str, int], _Held] = {}
+        self.held_bytes = 0
+        self.peak_bytes = 0
+        self.order: list[tuple[str, int]] = []  #: spans in the order the batches first need them
+        self._freed = anyio.Event()
+
+    def add(self, key: str, off: int, end: int) -> None:
+        spans = self.spans.setdefault(key, [])
+        if not spans or off >= spans[-1][0]:  # the usual case: chunks come in pack order
+            if spans and off <= spans[-1][1] + self.gap:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([off, end])
+            return
+        i = bisect.bisect_left(spans, [off, end])
+        spans.insert(i, [off, end])
+        j = max(0, i - 1)
+        while j + 1 < len(spans):
+            if spans[j + 1][0] <= spans[j][1] + self.gap:
+                spans[j][1] = max(spans[j][1], spans[j + 1][1])
+                del spans[j + 1]
+            elif j >= i:
+                break
+            else:
+                j += 1
+
+    def _groups(self, key: str, ranges: list[tuple[int, int]]) -> dict[int, list[int]]:
+        """The ranges' indexes by the span that holds them."""
+        spans = self.spans[key]
+        groups: dict[int, list[int]] = {}
+        for r, (off, _) in enumerate(ranges):
+            groups.setdefault(bisect.bisect_right(spans, [off, 1 << 62]) - 1, []).append(r)
+        return groups
+
+    def count(self, key: str, ranges: list[tuple[int, int]]) -> None:
+        """A batch will read these ranges of ``key`` (after every :meth:`add`)."""
+        for i in self._groups(key, ranges):
+            if (key, i) not in self.users:
+                self.order.append((key, i))
+            self.users[(key, i)] = self.users.get((key, i), 0) + 1
+
+    async def prefetch(self, streams: int) -> None:
+        """Read spans ahead of the batches, in the order they need them, ``streams`` at once, as
+        the budget allows: the next spans arrive while the batches decode the current ones (one
+        stream alone is slower than the store can send)."""
+        todo = iter(self.order)
+
+        async def stream() -> None:
+            for key, i in todo:
+                start, end = self.spans[key][i]
+                while self.held_bytes + (end - start) > self.budget and self.held:
+                    await self._freed.wait()
+                if (key, i) in self.users and (key, i) not in self.held and end - start <= self.budget:
+                    await self._span(key, i)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(streams):
+                tg.start_soon(stream)
+
+    async def read(self, key: str, ranges: list[tuple[int, int]]) -> list[Any]:
+        out: list[Any] = [b""] * len(ranges)
+        for i, idxs in self._groups(key, ranges).items():
+            try:
+                data = await self._span(key, i)
+                if data is None:  # no room: this batch's own ranges, as without a plan
+                    got = await self.backend.get_ranges(key, [ranges[r] for r in idxs])
+                    for r, d in zip(idxs, got):
+                        out[r] = d
+                    continue
+                start = self.spans[key][i][0]
+                view = memoryview(data)
+                for r in idxs:
+                    off, n = ranges[r]
+                    out[r] = view[off - start:off - start + n]
+            finally:
+                self._done(key, i)
+        return out
+
+    async def _span(self, key: str, i: int) -> bytes | None:
+        held = self.held.get((key, i))
+        if held is not None:
+            await held.ready.wait()
+            return held.data
+        start, end = self.spans[key][i]
+        if self.held_bytes + (end - start) > self.budget:
+            return None
+        held = self.held[(key, i)] = _Held(end - start)
+        self.held_bytes += held.size
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        try:
+            held.data = await self.backend.get(key, start, end - start)
+        finally:
+            held.ready.set()  # a failed read: the waiters read their own ranges (and say why)
+        return held.data
+
+    def _done(self, key: str, i: int) -> None:
+        left = self.users[(key, i)] = self.users[(key, i)] - 1
+        if left <= 0:
+            del self.users[(key, i)]
+            held = self.held.pop((key, i), None)
+            if held is not None:
+                self.held_bytes -= held.size
+                self._freed.set()
+                self._freed = anyio.Event()
+
+
 class _PointRestorer:
     """Restores some disks of one point together, with ``lanes`` parallel batches."""
 
@@ -203,6 +336,7 @@ class _PointRestorer:
         self.runs = [data_runs(d.blocks, d.block_count(self.bs)) for d in disks]
         self.starts = [[r[0] for r in runs] for runs in self.runs]
         self.sync_map = getattr(store.backend, "map_sync", None)
+        self.reader: _SpanReader | None = None
         self.data_bytes = [0] * len(disks)
         self.stages = _StagePool()
 
@@ -367,7 +501,10 @@ class _PointRestorer:
                 layout = await anyio.to_thread.run_sync(self._read_decode, work, item[1], limiter=cpu)
             else:
                 plan, first_use = self._plan(work)
-                fetched = [await self.store.backend.get_ranges(key, ranges) for key, ranges, _ in plan]
+                if self.reader is not None:
+                    fetched = [await self.reader.read(key, ranges) for key, ranges, _ in plan]
+                else:
+                    fetched = [await self.store.backend.get_ranges(key, ranges) for key, ranges, _ in plan]
                 layout = await anyio.to_thread.run_sync(self._decode, work, plan, first_use, fetched, item[1],
                                                         limiter=cpu)
             return await anyio.to_thread.run_sync(self._write, work, layout, item[1], limiter=io)
@@ -390,13 +527,33 @@ class _PointRestorer:
             if self.progress is not None:
                 self.progress(sum(written))
 
+    def _plan_spans(self) -> _SpanReader:
+        """The spans of every pack the point needs, and how many batches take from each (two
+        passes over the batches' plans: spans first, then their users)."""
+        settings = self.runtime.settings
+        reader = _SpanReader(self.store.backend, settings.restore_span_bytes, settings.restore_span_gap)
+        for work in self.batches():
+            for key, ranges, _ in self._plan(work)[0]:
+                for off, n in ranges:
+                    reader.add(key, off, off + n)
+        for work in self.batches():
+            for key, ranges, _ in self._plan(work)[0]:
+                reader.count(key, ranges)
+        return reader
+
     async def run(self) -> None:
+        if self.sync_map is None:
+            self.reader = await anyio.to_thread.run_sync(self._plan_spans, limiter=self.runtime.cpu)
         todo = self.batches()
         try:
-            async with anyio.create_task_group() as tg:
-                # more lanes than cores: while some wait for the disk, others decode
-                for _ in range(self.runtime.settings.restore_lanes):
-                    tg.start_soon(self._lane, todo)
+            async with anyio.create_task_group() as outer:
+                if self.reader is not None:
+                    outer.start_soon(self.reader.prefetch, self.runtime.settings.restore_span_streams)
+                async with anyio.create_task_group() as tg:
+                    # more lanes than cores: while some wait for the disk, others decode
+                    for _ in range(self.runtime.settings.restore_lanes):
+                        tg.start_soon(self._lane, todo)
+                outer.cancel_scope.cancel()  # spans the batches no longer need
         finally:
             self.stages.close()
         for k, target in enumerate(self.targets):

@@ -1,0 +1,102 @@
+"""Remote restores read pack spans planned over the whole point (engine/restore.py _SpanReader)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+import pytest
+
+from blockferry.restore import _SpanReader
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1 << 20
+
+
+class CountingBackend:
+    """Packs of predictable bytes; counts the requests."""
+
+    def __init__(self) -> None:
+        self.gets: list[tuple[str, int, int]] = []
+        self.ranged: list[tuple[str, list[tuple[int, int]]]] = []
+
+    @staticmethod
+    def body(key: str, off: int, n: int) -> bytes:
+        return bytes((hash(key) + i) % 251 for i in range(off, off + n))
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        assert length is not None
+        self.gets.append((key, offset, length))
+        await anyio.sleep(0)
+        return self.body(key, offset, length)
+
+    async def get_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        self.ranged.append((key, list(ranges)))
+        return [self.body(key, o, n) for o, n in ranges]
+
+
+def planned(backend: CountingBackend, batches: list[dict[str, list[tuple[int, int]]]], budget: int,
+            gap: int) -> _SpanReader:
+    reader = _SpanReader(backend, budget, gap)
+    for batch in batches:
+        for key, ranges in batch.items():
+            for off, n in ranges:
+                reader.add(key, off, off + n)
+    for batch in batches:
+        for key, ranges in batch.items():
+            reader.count(key, ranges)
+    return reader
+
+
+async def read_all(reader: _SpanReader, backend: CountingBackend,
+                   batches: list[dict[str, list[tuple[int, int]]]], *, prefetch: bool) -> None:
+    async def batches_in_order() -> None:
+        for batch in batches:
+            for key, ranges in batch.items():
+                got = await reader.read(key, ranges)
+                assert [bytes(g) for g in got] == [backend.body(key, o, n) for o, n in ranges]
+
+    async with anyio.create_task_group() as tg:
+        if prefetch:
+            tg.start_soon(reader.prefetch, 2)
+        await batches_in_order()
+        tg.cancel_scope.cancel()
+
+
+# a pack needed by three batches, out of order and with small gaps, and a second pack
+BATCHES = [
+    {"p1": [(0, 100), (300, 50)], "p2": [(1000, 10)]},
+    {"p1": [(150, 100)]},
+    {"p1": [(120, 20), (400, 100)], "p2": [(5000, 10)]},
+]
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+async def test_a_dense_pack_is_one_request_shared_by_its_batches(prefetch: bool) -> None:
+    backend = CountingBackend()
+    reader = planned(backend, BATCHES, budget=10 * MiB, gap=64)
+    assert reader.spans["p1"] == [[0, 500]]
+    assert reader.spans["p2"] == [[1000, 1010], [5000, 5010]]  # a gap past the tolerance: two spans
+    await read_all(reader, backend, BATCHES, prefetch=prefetch)
+    assert sorted(backend.gets) == [("p1", 0, 500), ("p2", 1000, 10), ("p2", 5000, 10)]
+    assert backend.ranged == []
+    assert reader.held == {} and reader.held_bytes == 0 and reader.users == {}  # all let go
+
+
+async def test_without_room_a_batch_reads_its_own_ranges() -> None:
+    backend = CountingBackend()
+    reader = planned(backend, BATCHES, budget=100, gap=64)  # p1's span (500 bytes) never fits
+    await read_all(reader, backend, BATCHES, prefetch=False)
+    assert [k for k, *_ in backend.gets] == ["p2", "p2"]
+    assert [k for k, _ in backend.ranged] == ["p1", "p1", "p1"]
+    assert reader.held_bytes == 0
+
+
+async def test_spans_merge_when_added_out_of_order() -> None:
+    reader = _SpanReader(CountingBackend(), MiB, 10)
+    for off, end in [(100, 110), (0, 10), (50, 60), (15, 20), (200, 210), (35, 45)]:
+        reader.add("p", off, end)
+    assert reader.spans["p"] == [[0, 20], [35, 60], [100, 110], [200, 210]]
+    reader.add("p", 25, 30)
+    assert reader.spans["p"] == [[0, 60], [100, 110], [200, 210]]
