@@ -77,6 +77,8 @@ T = TypeVar("T")
 #: key prefixes whose objects are cached locally (written once under a fresh name)
 CACHED_PREFIXES = ("index/", "points/")
 _ENV_PREFIX = "BLOCKFERRY_S3_"
+#: a successful write this recent proves the repository writable (check_writable)
+WRITE_PROOF_SECONDS = 60.0
 _SECRET_FIELDS = ("secret_access_key", "session_token")
 
 
@@ -425,6 +427,8 @@ class S3Backend:
         self.versioned: bool | None = None
         self._etags: dict[str, str] = {}
         self._cache: _Cache | None = None
+        #: when a put last succeeded (anyio clock), see check_writable
+        self._wrote_at: float | None = None
         self.restore_progress: Callable[[str], None] | None = None
         self.log = log.bind(repository=url)
 
@@ -718,6 +722,7 @@ class S3Backend:
             if attempts > 1 and await self._same(key, data):
                 return
             raise KeyExistsError(f"{key} exists") from None
+        self._wrote_at = anyio.current_time()
         if key.startswith(CACHED_PREFIXES) and (etag := resp.get("ETag")):
             self._etags[key] = etag
             if self._cache is not None:
@@ -952,6 +957,13 @@ class S3Backend:
     # -- health --------------------------------------------------------------------------------
 
     async def check_writable(self) -> None:
+        """A probe object written and deleted (three requests in an unversioned bucket the
+        first time: put, versioning, delete), unless this backend wrote successfully in the last
+        ``WRITE_PROOF_SECONDS``: that write is the proof, and object storage bills requests.
+        A backup checks each disk's repository before its task, so a fleet's second disk onward
+        costs nothing."""
+        if self._wrote_at is not None and anyio.current_time() - self._wrote_at < WRITE_PROOF_SECONDS:
+            return
         key = f"locks/probe-{os.urandom(8).hex()}"
         await self.put(key, b"probe")
         await self.delete(key)
