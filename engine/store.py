@@ -31,6 +31,7 @@ from .errors import (
     NotFoundError,
     RepositoryError,
     RepositoryLockedError,
+    plain_errors,
 )
 from .log import get_logger
 from .format import (
@@ -71,6 +72,8 @@ GC_LOCK_KEY = "locks/gc"
 #: lock; garbage collection waits for those that started before its plan)
 READ_LOCK_PREFIX = "locks/read-"
 GC_PLAN_KEY = "gc/plan"
+#: seconds a writer reuses its listing of points (see RepositoryStore.point_ids)
+POINT_LISTING_REUSE = 1.0
 HEALTH_KEY = "health/damaged"
 #: merge index files into one when a repository has more than this many
 INDEX_COMPACT_AT = 64
@@ -385,6 +388,7 @@ class RepositoryStore:
         self._index_loaded = False
         self._commit_lock = anyio.Lock()
         self._summaries: dict[str, PointSummary] = {}
+        self._point_ids: tuple[float, list[str]] | None = None  # (when listed, ids): see point_ids
         self._manifests: dict[str, Manifest] = {}  # the few most recently used, decoded
         self._writer: LockInfo | None = None  # the writer lock, while this store holds it
         #: chunks a garbage-collection plan condemned (never deduplicated against)
@@ -432,8 +436,15 @@ class RepositoryStore:
         if reload:
             self.index.committed.clear()
             self._index_files.clear()
-        await self.load_health()
-        keys = [o.key async for o in self.backend.list("index/")]
+        keys: list[str] = []
+
+        async def list_index() -> None:
+            keys.extend([o.key async for o in self.backend.list("index/")])
+
+        with plain_errors():
+            async with anyio.create_task_group() as tg:  # two round trips at once
+                tg.start_soon(self.load_health)
+                tg.start_soon(list_index)
         for key in sorted(keys):
             f = decode_index(await self.backend.get(key), key)
             self.index.load_index_file(f, self.damaged)
@@ -516,16 +527,30 @@ class RepositoryStore:
         if self._writer is not None:
             return
         self._writer = await self._take_lock(LOCK_KEY, purpose)
+        self._point_ids = None  # listed before the lock: another writer may have committed since
         if hasattr(self.backend, "clean_tmp"):
             await anyio.to_thread.run_sync(self.backend.clean_tmp)
         abort_uploads = getattr(self.backend, "abort_incomplete_uploads", None)
-        if abort_uploads is not None:
+
+        async def abort_left_uploads() -> None:
+            assert abort_uploads is not None
             # only this lock's holder and a garbage collection write packs: with no collection
             # running, every incomplete upload was left by a writer that died
             gc_holder = await self.read_lock(GC_LOCK_KEY)
             gc_running = gc_holder is not None and (gc_holder.host != socket.gethostname() or _holder_alive(gc_holder))
             await abort_uploads(older_than=86400.0 if gc_running else None)
-        plan = await self.load_gc_plan()
+
+        async def read_plan() -> None:
+            nonlocal plan
+            plan = await self.load_gc_plan()
+
+        plan: GcPlan | None = None
+        # independent reads, at once: on object storage each is a round trip
+        with plain_errors():
+            async with anyio.create_task_group() as tg:
+                if abort_uploads is not None:
+                    tg.start_soon(abort_left_uploads)
+                tg.start_soon(read_plan)
         if plan is not None:
             self.condemned = {plan.condemned[i:i + DIGEST_SIZE] for i in range(0, len(plan.condemned), DIGEST_SIZE)}
             self._mask()
@@ -602,6 +627,7 @@ class RepositoryStore:
             await self._write_index()
             await self.backend.put(f"points/{manifest.id}", encode_manifest(manifest), exclusive=True)
             self._summaries[manifest.id] = summary_of(manifest)
+            self._point_ids = None
             if manifest.immutable_until:
                 await self.protect_point(manifest)
             if self.damaged:
@@ -671,7 +697,18 @@ class RepositoryStore:
     # -- reading -------------------------------------------------------------------------------
 
     async def point_ids(self) -> list[str]:
-        return [o.key.removeprefix("points/") async for o in self.backend.list("points/")]
+        """Every point's id, from a listing. While this store holds the writer lock (no other
+        writer can add a point), lookups a moment apart (the disks of a backup each finding
+        their base) share one listing for up to ``POINT_LISTING_REUSE`` seconds; this store's
+        own commits and deletions drop it. On object storage a listing is a billed, slow
+        request; a deletion by another process in that moment is seen as late as if it had come
+        a moment later."""
+        if self._writer is not None and self._point_ids is not None \
+                and anyio.current_time() - self._point_ids[0] < POINT_LISTING_REUSE:
+            return list(self._point_ids[1])
+        ids = [o.key.removeprefix("points/") async for o in self.backend.list("points/")]
+        self._point_ids = (anyio.current_time(), ids)
+        return list(ids)
 
     async def _manifest_bytes(self, point_id: str) -> bytes:
         try:
@@ -689,8 +726,10 @@ class RepositoryStore:
             self._manifests[point_id] = m
         return m
 
-    async def summaries(self) -> list[PointSummary]:
-        """Every restore point, oldest first. Damaged manifests raise CorruptionError."""
+    async def summaries(self, *, with_health: bool = True) -> list[PointSummary]:
+        """Every restore point, oldest first, marked damaged from the health record (not read
+        with ``with_health=False``, for callers that do not look). Damaged manifests raise
+        CorruptionError."""
         ids = await self.point_ids()
         out = []
         for pid in ids:
@@ -700,6 +739,8 @@ class RepositoryStore:
                     await self._manifest_bytes(pid), f"restore point {pid}", PointSummary)
             out.append(s)
         out.sort(key=lambda s: (s.created, s.id))
+        if not with_health:
+            return out
         health = await self.load_health()
         bad = set(health.points) if health else set()
         for s in out:
@@ -727,7 +768,7 @@ class RepositoryStore:
 
     async def latest_disk(self, object_name: str, disk_name: str) -> tuple[str, DiskRecord] | None:
         """The newest point of ``object_name`` that has ``disk_name``, with that disk's record."""
-        for s in reversed(await self.summaries()):
+        for s in reversed(await self.summaries(with_health=False)):
             if s.object == object_name and any(d.name == disk_name for d in s.disks):
                 m = await self.manifest(s.id)
                 return m.id, m.disk(disk_name)
@@ -816,6 +857,7 @@ class RepositoryStore:
         await self.backend.delete(f"points/{point_id}")
         self._summaries.pop(point_id, None)
         self._manifests.pop(point_id, None)
+        self._point_ids = None
 
     def locate(self, digest: bytes) -> tuple[str, int, int, int, int] | None:
         """(pack key, offset, stored length, raw length, flags) of a chunk, or None."""

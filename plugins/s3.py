@@ -423,7 +423,7 @@ class S3Backend:
         self.fetched: Counter[str] = Counter()
         self.cache_hits = 0
         self.object_lock = False
-        #: None until the first delete asks the bucket
+        #: None until the first delete finds out (see delete)
         self.versioned: bool | None = None
         self._etags: dict[str, str] = {}
         self._cache: _Cache | None = None
@@ -515,7 +515,7 @@ class S3Backend:
 
     async def _setup(self) -> None:
         """Check the bucket (creating it if asked) and learn whether it has object lock: one
-        request when the bucket exists (whether it is versioned is asked at the first delete)."""
+        request when the bucket exists (whether it is versioned, the first delete finds out)."""
         s = self.settings
 
         def answer(exc: BaseException) -> dict[str, Any] | None:
@@ -779,15 +779,18 @@ class S3Backend:
         would only hide it behind a delete marker and free nothing). A version under object lock
         raises ImmutableError."""
         full = self._full(key)
-        if self.versioned is None:
-            v = await self._call("GetBucketVersioning", f"reading the versioning of {self.bucket}",
-                                 lambda c: c.get_bucket_versioning(Bucket=self.bucket))
-            self.versioned = v.get("Status") in ("Enabled", "Suspended")
         if not self.versioned:
-            await self._call("DeleteObject", f"deleting {key}",
-                             lambda c: c.delete_object(Bucket=self.bucket, Key=full))
-            self._forget(key)
-            return
+            # the first delete tells whether the bucket is versioned without asking: there a
+            # plain delete only adds a delete marker (and says so), which the version sweep
+            # below removes with the rest. (A bucket with object lock is known versioned from
+            # the start, so a locked object never gets a marker hiding it.)
+            resp = await self._call("DeleteObject", f"deleting {key}",
+                                    lambda c: c.delete_object(Bucket=self.bucket, Key=full))
+            if not resp.get("DeleteMarker"):
+                self.versioned = False
+                self._forget(key)
+                return
+            self.versioned = True
         versions: list[dict[str, str]] = []
         kw: dict[str, Any] = {}
         while True:
@@ -957,8 +960,7 @@ class S3Backend:
     # -- health --------------------------------------------------------------------------------
 
     async def check_writable(self) -> None:
-        """A probe object written and deleted (three requests in an unversioned bucket the
-        first time: put, versioning, delete), unless this backend wrote successfully in the last
+        """A probe object written and deleted (two requests in an unversioned bucket), unless this backend wrote successfully in the last
         ``WRITE_PROOF_SECONDS``: that write is the proof, and object storage bills requests.
         A backup checks each disk's repository before its task, so a fleet's second disk onward
         costs nothing."""
