@@ -748,13 +748,18 @@ class RepositoryStore:
         return out
 
     async def resolve_point(self, ref: str, *, object_name: str | None = None) -> str:
-        """A full point id from an id, a unique prefix (4+ characters) or ``latest``."""
-        ids = await self.point_ids()
+        """A full point id from an id, a unique prefix (4+ characters) or ``latest``. A point
+        whose manifest this store has just read (resolved once already) is taken without
+        listing the points again."""
         if ref == "latest":
-            summaries = [s for s in await self.summaries() if object_name is None or s.object == object_name]
+            summaries = [s for s in await self.summaries(with_health=False)
+                         if object_name is None or s.object == object_name]
             if not summaries:
                 raise NotFoundError(f"{self.backend.url} has no restore points" + (f" of {object_name}" if object_name else ""))
             return summaries[-1].id
+        if ref in self._manifests:
+            return ref
+        ids = await self.point_ids()
         if ref in ids:
             return ref
         if len(ref) < 4:
