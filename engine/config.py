@@ -68,12 +68,15 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: batches in progress; larger writes keep the disk busier
     restore_batch_bytes: Positive = 16 * MiB
     restore_lanes: Positive = 6
-    #: restore from a remote repository (S3): bytes of pack spans held in memory at once, each
-    #: read with one request and shared by the batches that need it; and the largest gap (bytes)
-    #: of unneeded data a span may include rather than be split in two requests; spans read at once
+    #: restore from a remote repository (S3): the chunks the point needs from each pack are read
+    #: as spans planned over the whole point, one request each: at most restore_span_bytes of
+    #: them held at once, unneeded gaps up to restore_span_gap bytes read rather than split,
+    #: restore_span_streams read ahead at once; batches there are restore_remote_batch_bytes
+    #: (the spans, not the batches, decide the requests, and smaller batches hold less)
     restore_span_bytes: Positive = 128 * MiB
     restore_span_gap: NonNegative = 8 * MiB
     restore_span_streams: Positive = 2
+    restore_remote_batch_bytes: Positive = 4 * MiB
     #: worker threads hashing and compressing (0: one per core)
     cpu_threads: NonNegative = 0
     #: worker threads doing repository I/O

@@ -207,10 +207,13 @@ class _SpanReader:
     (every chunk of a full point's pack is needed) is one GET, as restic reads whole packs. The
     plan holds a few integers per span, flat in disk size."""
 
-    def __init__(self, backend: Any, budget: int, gap: int) -> None:
+    def __init__(self, backend: Any, budget: int, gap: int, piece: int | None = None) -> None:
         self.backend = backend
         self.budget = budget
         self.gap = gap
+        #: spans grow up to this many bytes (past it only to take in an overlapping range): a
+        #: third of the budget, so that several fit (a whole default pack in the default budget)
+        self.piece = piece if piece is not None else max(1, budget // 3)
         self.spans: dict[str, list[list[int]]] = {}  #: pack key → sorted [start, end) spans
         self.users: dict[tuple[str, int], int] = {}  #: (pack key, span) → batches still to take from it
         self.held: dict[tuple[str, int], _Held] = {}
@@ -220,24 +223,23 @@ class _SpanReader:
         self._freed = anyio.Event()
 
     def add(self, key: str, off: int, end: int) -> None:
+        """The point needs ``[off, end)`` of pack ``key``. Spans never overlap (each range
+        added lies in one span); a range merges with a neighbour it overlaps, or one within
+        ``gap`` while the merged span stays within ``piece`` bytes."""
         spans = self.spans.setdefault(key, [])
-        if not spans or off >= spans[-1][0]:  # the usual case: chunks come in pack order
-            if spans and off <= spans[-1][1] + self.gap:
-                spans[-1][1] = max(spans[-1][1], end)
-            else:
-                spans.append([off, end])
-            return
         i = bisect.bisect_left(spans, [off, end])
         spans.insert(i, [off, end])
-        j = max(0, i - 1)
-        while j + 1 < len(spans):
-            if spans[j + 1][0] <= spans[j][1] + self.gap:
-                spans[j][1] = max(spans[j][1], spans[j + 1][1])
-                del spans[j + 1]
-            elif j >= i:
-                break
-            else:
-                j += 1
+
+        def joins(a: list[int], b: list[int]) -> bool:
+            return b[0] < a[1] or (b[0] <= a[1] + self.gap and max(a[1], b[1]) - a[0] <= self.piece)
+
+        while i > 0 and joins(spans[i - 1], spans[i]):
+            spans[i - 1][1] = max(spans[i - 1][1], spans[i][1])
+            del spans[i]
+            i -= 1
+        while i + 1 < len(spans) and joins(spans[i], spans[i + 1]):
+            spans[i][1] = max(spans[i][1], spans[i + 1][1])
+            del spans[i + 1]
 
     def _groups(self, key: str, ranges: list[tuple[int, int]]) -> dict[int, list[int]]:
         """The ranges' indexes by the span that holds them."""
@@ -259,11 +261,14 @@ class _SpanReader:
         the budget allows: the next spans arrive while the batches decode the current ones (one
         stream alone is slower than the store can send)."""
         todo = iter(self.order)
+        # room for one span is kept for the batches: those under way never wait for it behind
+        # spans that only later batches need
+        room = self.budget - max((e - s for spans in self.spans.values() for s, e in spans), default=0)
 
         async def stream() -> None:
             for key, i in todo:
                 start, end = self.spans[key][i]
-                while self.held_bytes + (end - start) > self.budget and self.held:
+                while self.held_bytes + (end - start) > room and self.held:
                     await self._freed.wait()
                 if (key, i) in self.users and (key, i) not in self.held and end - start <= self.budget:
                     await self._span(key, i)
@@ -337,6 +342,11 @@ class _PointRestorer:
         self.starts = [[r[0] for r in runs] for runs in self.runs]
         self.sync_map = getattr(store.backend, "map_sync", None)
         self.reader: _SpanReader | None = None
+        settings = runtime.settings
+        #: from a remote repository the planned spans, not the batches, decide the requests:
+        #: smaller batches there hold less decoded data at once
+        self.batch_bytes = settings.restore_batch_bytes if self.sync_map is not None else \
+            min(settings.restore_batch_bytes, settings.restore_remote_batch_bytes)
         self.data_bytes = [0] * len(disks)
         self.stages = _StagePool()
 
@@ -345,7 +355,7 @@ class _PointRestorer:
 
     def batches(self) -> Iterator[list[tuple[int, int, int]]]:
         """Windows of block numbers, each the (disk, first, count) runs of data inside it."""
-        per = max(1, self.runtime.settings.restore_batch_bytes // (self.bs * len(self.disks)))
+        per = max(1, self.batch_bytes // (self.bs * len(self.disks)))
         everything: list[Run] = []
         for runs in self.runs:
             everything = union(everything, runs)

@@ -77,6 +77,8 @@ T = TypeVar("T")
 #: key prefixes whose objects are cached locally (written once under a fresh name)
 CACHED_PREFIXES = ("index/", "points/")
 _ENV_PREFIX = "BLOCKFERRY_S3_"
+#: bodies this large (bytes) are read into one buffer as they arrive
+_READ_INTO_AT = 1 * MiB
 #: a successful write this recent proves the repository writable (check_writable)
 WRITE_PROOF_SECONDS = 60.0
 _SECRET_FIELDS = ("secret_access_key", "session_token")
@@ -588,8 +590,24 @@ class S3Backend:
             self.fetched[key.partition("/")[0]] += 1
             kw = {"Range": rng} if rng else {}
             resp = await c.get_object(Bucket=self.bucket, Key=self._full(key), **kw)
+            size = resp.get("ContentLength") or 0
             async with resp["Body"] as body:
-                return await body.read(), resp.get("ETag", "")
+                if size < _READ_INTO_AT:
+                    return await body.read(), resp.get("ETag", "")
+                # a large body straight into its buffer: read() would hold every received
+                # piece and their joined copy at once, twice the span at the peak
+                buf = bytearray(size)
+                view = memoryview(buf)
+                pos = 0
+                while pos < size:
+                    n = await body.readinto(view[pos:])
+                    if n == 0:
+                        break
+                    pos += n
+                view.release()
+                if pos < size:
+                    raise RepositoryError(f"reading {key}: the answer ended after {pos} of {size} bytes")
+                return buf, resp.get("ETag", "")  # type: ignore[return-value]  # bytes-like
 
         def past_end(exc: BaseException) -> tuple[bytes, str] | None:
             return (b"", "") if _code(exc)[0] == "InvalidRange" else None

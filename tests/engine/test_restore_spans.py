@@ -38,7 +38,7 @@ class CountingBackend:
 
 def planned(backend: CountingBackend, batches: list[dict[str, list[tuple[int, int]]]], budget: int,
             gap: int) -> _SpanReader:
-    reader = _SpanReader(backend, budget, gap)
+    reader = _SpanReader(backend, budget, gap, piece=MiB)
     for batch in batches:
         for key, ranges in batch.items():
             for off, n in ranges:
@@ -100,3 +100,15 @@ async def test_spans_merge_when_added_out_of_order() -> None:
     assert reader.spans["p"] == [[0, 20], [35, 60], [100, 110], [200, 210]]
     reader.add("p", 25, 30)
     assert reader.spans["p"] == [[0, 60], [100, 110], [200, 210]]
+
+
+async def test_spans_stay_pieces_and_never_overlap() -> None:
+    reader = _SpanReader(CountingBackend(), 4 * MiB, MiB, piece=MiB)
+    reader.add("p", 0, 600 * 1024)
+    reader.add("p", 600 * 1024, 1200 * 1024)  # adjacent, but the span would pass a piece: a new one
+    reader.add("p", 1100 * 1024, 1300 * 1024)  # overlaps the second (a chunk coalesced differently)
+    reader.add("p", 500 * 1024, 700 * 1024)  # out of order, overlapping both
+    spans = reader.spans["p"]
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
+    for off, end in [(0, 600 * 1024), (600 * 1024, 1200 * 1024), (1100 * 1024, 1300 * 1024), (500 * 1024, 700 * 1024)]:
+        assert any(s <= off and end <= e for s, e in spans)
