@@ -75,7 +75,7 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: (the spans, not the batches, decide the requests, and smaller batches hold less)
     restore_span_bytes: Positive = 128 * MiB
     restore_span_gap: NonNegative = 8 * MiB
-    restore_span_streams: Positive = 2
+    restore_span_streams: Positive = 3
     restore_remote_batch_bytes: Positive = 4 * MiB
     #: worker threads hashing and compressing (0: one per core)
     cpu_threads: NonNegative = 0
