@@ -10,6 +10,7 @@ disk of an object is done, commit its restore point. A transient failure retries
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import anyio
@@ -37,6 +38,14 @@ from blockferry.messages import (
 from blockferry.registry import source_plugin
 from blockferry.scheduler import ResourceScheduler, Slots, Ticket
 from blockferry.task import Runtime, TaskContext
+
+
+def immutable_until(created: str, *days: int | None) -> str | None:
+    """The end of a point's immutability: the longest of the settings, from its creation."""
+    longest = max((d for d in days if d), default=None)
+    if longest is None:
+        return None
+    return (dt.datetime.fromisoformat(created) + dt.timedelta(days=longest)).isoformat(timespec="seconds")
 
 
 def primary_error(exc: BaseException) -> BaseException:
@@ -72,6 +81,7 @@ class JobManager(Actor[Any]):
         self.repository_name = repository_name
         self.block_size = block_size
         self.level = level
+        self.repo_immutable_days: int | None = None
         self.scheduler = scheduler
         self.runtime = runtime
         self.done = done
@@ -112,6 +122,7 @@ class JobManager(Actor[Any]):
         try:
             with anyio.CancelScope() as self._scope:
                 await self._run()
+                await self._after_run()
         finally:
             s = self.session
             s.ended = utc_now()
@@ -126,6 +137,39 @@ class JobManager(Actor[Any]):
             self.log.info("session_done", state=s.state, duration=round(s.duration, 3), points=s.points)
             self.done.set_result(s)
             self.request_stop()
+
+    async def _after_run(self) -> None:
+        """The job's retention on its objects, then its immediate backup copies (and their
+        retention). Failures here are warnings: the new points are committed already."""
+        from blockferry.lifecycle import copy_points, prune
+        from blockferry.registry import backend_plugin
+        from blockferry.store import RepositoryStore
+
+        s, spec = self.session, self.spec
+        done = [o.name for o in s.objects if o.state == "done"]
+        store = self.repository.store
+        if not done:
+            return
+        if spec.retention is not None:
+            try:
+                report = await prune(store, spec.retention, objects=done)
+                s.pruned = report.removed
+            except BlockferryError as exc:
+                s.warnings.append(f"retention not applied: {exc}")
+        for target in spec.copy_to:
+            try:
+                backend = await backend_plugin(target.url).open(target.url, {"limiter": self.runtime.io})
+                copy_store = await RepositoryStore.open(backend)
+                try:
+                    report = await copy_points(store, copy_store, s.points, runtime=self.runtime)
+                    s.copied[target.url] = report.points
+                    if target.retention is not None:
+                        await prune(copy_store, target.retention, objects=done)
+                finally:
+                    await copy_store.close()
+                    await backend.aclose()
+            except BlockferryError as exc:
+                s.warnings.append(f"copy to {target.url} failed: {exc}")
 
     async def _run(self) -> None:
         plan: list[tuple[ObjectSpec, ObjectResult, list[TaskContext], list[Ticket] | None]] = []
@@ -190,8 +234,11 @@ class JobManager(Actor[Any]):
                     stats.add(r.stats)
                 duration = anyio.current_time() - t0
                 stats.duration = duration
-                manifest = Manifest(id=new_point_id(), object=obj.name, created=utc_now(), block_size=self.block_size,
-                                    job=self.spec.name, disks=records, stats=stats, duration=duration)
+                created = utc_now()
+                manifest = Manifest(id=new_point_id(), object=obj.name, created=created, block_size=self.block_size,
+                                    job=self.spec.name, disks=records, stats=stats, duration=duration,
+                                    immutable_until=immutable_until(created, self.spec.immutable_days,
+                                                                    self.repo_immutable_days))
                 # once sent, a commit completes whatever happens (a stop, a shutdown): wait for it
                 # so the session says truly whether the point exists
                 with anyio.CancelScope(shield=True):
@@ -279,7 +326,7 @@ class JobManager(Actor[Any]):
         # the base serves hints, and sources that track changes themselves
         found = await self.repository.ask(FindBase(task.object, task.disk), timeout=timeout)
         if found is not None:
-            task.base_point, task.base = found
+            task.base_point, task.base, task.heal = found
         send, recv = anyio.create_memory_object_stream[Any](self.runtime.settings.stream_batches)
         try:
             target, target_done = await self.repository.ask(OpenTarget(task, recv), timeout=timeout)

@@ -63,7 +63,10 @@ class Repository(MoverHost):
                 task.index = store.index
                 return await self.host(TargetMover(task, inbox, store, self.runtime, done), done)
             case FindBase(object=obj, disk=disk):
-                return await store.latest_disk(obj, disk)
+                found = await store.latest_disk(obj, disk)
+                if found is None:
+                    return None
+                return found[0], found[1], store.unhealthy_runs(found[1])
             case CommitPoint(manifest=manifest):
                 await store.commit(manifest)
                 self.log.info("point_committed", point=manifest.id, object=manifest.object, disks=len(manifest.disks))

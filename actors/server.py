@@ -171,6 +171,7 @@ class BackupServer(Actor[Any]):
         manager = JobManager(spec, repository=repo, repository_name=repo.settings.name, block_size=cfg.block_size,
                              level=cfg.zstd_level, scheduler=self.scheduler, runtime=self.runtime, done=done,
                              throttles=throttles)
+        manager.repo_immutable_days = cfg.immutable_days
         self.jobs[spec.name] = manager
         try:
             await self.spawn(manager)

@@ -86,7 +86,7 @@ class SourceMover(Actor[Any]):
             task.finish = getattr(disk, "finish", None)
             data = await disk.data_extents()
             plan = make_plan(size=disk.size, block_size=task.block_size, data=data, hints=hints,
-                             base=task.base, base_point=task.base_point)
+                             base=task.base, base_point=task.base_point, must_read=task.heal)
             if tracking:
                 plan.reason = f"{plan.reason} ({tracking})" if hints is not None else f"full read: {tracking}"
             task.plan = plan.reason

@@ -17,6 +17,7 @@ hint file, an unknown point) raises before anything is written.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
+from .retention import RetentionPolicy
 from .config import DiskSpec, EngineSettings, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
 from .errors import ConfigError, NotFoundError, plain_errors
 from .format import DEFAULT_BLOCK_SIZE, Manifest, RepositoryConfig
@@ -36,8 +38,10 @@ from .store import PointSummary, RepositoryStore
 from .task import Runtime
 
 if TYPE_CHECKING:
+    from .gc import GcReport
+    from .lifecycle import CopyReport, PruneReport
     from .restore import RestoreResult
-    from .verify import VerifyReport
+    from .verify import RepairReport, VerifyReport
 
 ProgressCallback = Callable[[JobStatus], None]
 
@@ -56,7 +60,8 @@ def _plain(fn: F) -> F:
 
 
 @_plain
-async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "default") -> RepositoryConfig:
+async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "default",
+                          immutable_days: int | None = None, pack_size: int | None = None) -> RepositoryConfig:
     """Create a repository at ``url``. A local directory is created if missing and must be empty
     otherwise; a location that already holds a repository is refused."""
     if scheme_of(url) == "file":
@@ -73,7 +78,9 @@ async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, com
             raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
     backend = await backend_plugin(url).open(url, {})
     try:
-        return await RepositoryStore.init(backend, block_size=block_size, compression=compression)
+        return await RepositoryStore.init(backend, block_size=block_size, compression=compression,
+                                          immutable_days=immutable_days,
+                                          **({"pack_size": pack_size} if pack_size else {}))
     finally:
         await backend.aclose()
 
@@ -138,6 +145,8 @@ class Repository:
         job: str | None = None,
         retries: int = 2,
         retry_delay: float = 1.0,
+        immutable_days: int | None = None,
+        retention: RetentionPolicy | None = None,
         progress: ProgressCallback | None = None,
         progress_interval: float = 0.5,
     ) -> SessionResult:
@@ -155,8 +164,13 @@ class Repository:
         await self._preflight(disks)
         obj = name or disks[0].name or source_plugin(disks[0].source).disk_name(disks[0].source)
         spec = JobSpec(name=job or f"backup {obj}", repository="repository",
-                       objects=[ObjectSpec(name=obj, disks=disks)], retries=retries, retry_delay=retry_delay)
-        return await self.run_job(spec, progress=progress, progress_interval=progress_interval)
+                       objects=[ObjectSpec(name=obj, disks=disks)], retries=retries, retry_delay=retry_delay,
+                       immutable_days=immutable_days, retention=retention)
+        try:
+            return await self.run_job(spec, progress=progress, progress_interval=progress_interval)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.store.unlock()  # the writer lock is held only while backing up
 
     @_plain
     async def run_job(self, spec: JobSpec, *, progress: ProgressCallback | None = None,
@@ -205,6 +219,7 @@ class Repository:
         *,
         disk: str | None = None,
         overwrite: bool = False,
+        allow_damaged: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> list[RestoreResult]:
         """Restore a point's disks (or only ``disk``) as image files named after the disks in
@@ -218,9 +233,10 @@ class Repository:
             raise ConfigError(f"cannot create {out}: {exc.strerror}") from exc
         from .restore import restore_disks
 
-        await self.store.load_index()
-        return await restore_disks(self.store, m, disks, [out / d.name for d in disks], runtime=self.runtime,
-                                   overwrite=overwrite, progress=progress)
+        async with self.store.reading("restore"):
+            await self.store.load_index()
+            return await restore_disks(self.store, m, disks, [out / d.name for d in disks], runtime=self.runtime,
+                                       overwrite=overwrite, allow_damaged=allow_damaged, progress=progress)
 
     @_plain
     async def restore_onto(self, point: str, target: str | os.PathLike[str], *, disk: str | None = None,
@@ -235,16 +251,71 @@ class Repository:
             record = m.disk(disk)
         from .restore import restore_disk
 
-        await self.store.load_index()
-        return await restore_disk(self.store, m, record, Path(target), runtime=self.runtime, into_existing=True,
-                                  progress=progress)
+        async with self.store.reading("restore"):
+            await self.store.load_index()
+            return await restore_disk(self.store, m, record, Path(target), runtime=self.runtime, into_existing=True,
+                                      progress=progress)
 
     @_plain
-    async def verify(self, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-        """Re-read and hash every chunk any restore point references."""
+    async def prune(self, policy: RetentionPolicy, *, object: str | None = None, dry_run: bool = False,
+                    now: dt.datetime | None = None) -> PruneReport:
+        """Remove the points ``policy`` does not keep (only ``object``'s if given); immutable
+        points are always kept. ``dry_run`` decides without removing. The space comes back with
+        :meth:`gc`."""
+        from .lifecycle import prune
+
+        return await prune(self.store, policy, objects=[object] if object else None, dry_run=dry_run, now=now)
+
+    @_plain
+    async def delete(self, point: str) -> str:
+        """Remove one restore point (ImmutableError while it is immutable). Returns its id."""
+        pid = await self.store.resolve_point(point)
+        await self.store.delete_point(pid)
+        return pid
+
+    @_plain
+    async def gc(self, *, rewrite_threshold: float = 0.5, wait: float = 0.0,
+                 progress: Callable[[str], None] | None = None) -> GcReport:
+        """Free the space of chunks no point references (see engine/gc.py for why it is safe
+        while backups run)."""
+        from .gc import collect
+
+        return await collect(self.store, rewrite_threshold=rewrite_threshold, wait=wait, progress=progress)
+
+    @_plain
+    async def copy_to(self, target: str, points: Sequence[str] | None = None, *,
+                      progress: Callable[[int, int], None] | None = None) -> CopyReport:
+        """Copy points (all of them by default; ids, prefixes or 'latest') to the repository at
+        ``target``, sending only the chunks it lacks."""
+        from .lifecycle import copy_points
+
+        ids = ([await self.store.resolve_point(p) for p in points] if points is not None
+               else [s.id for s in await self.store.summaries()])
+        backend = await backend_plugin(target).open(target, {"limiter": self.runtime.io})
+        try:
+            other = await RepositoryStore.open(backend)
+            try:
+                return await copy_points(self.store, other, ids, runtime=self.runtime, progress=progress)
+            finally:
+                await other.close()
+        finally:
+            await backend.aclose()
+
+    @_plain
+    async def verify(self, *, sample: float | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+        """Re-read and hash every chunk any restore point references (or ``sample`` percent of
+        them); record what is damaged in the repository's health record."""
         from .verify import verify
 
-        return await verify(self.store, self.runtime, progress=progress)
+        return await verify(self.store, self.runtime, sample=sample, progress=progress)
+
+    @_plain
+    async def repair(self) -> RepairReport:
+        """Rebuild the index from the packs; report unreadable packs and the points they hurt."""
+        from .verify import repair
+
+        return await repair(self.store)
 
 
 __all__ = ["Repository", "init_repository", "open_repository", "NotFoundError"]

@@ -40,18 +40,6 @@ class SourceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     options: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class Retention(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Which restore points a job keeps. Stored with the job for the repository lifecycle
-    (retention, immutability); the daemon does not apply it yet."""
-
-    keep_last: Positive | None = None
-    keep_daily: Positive | None = None
-    keep_weekly: Positive | None = None
-    keep_monthly: Positive | None = None
-    keep_days: Positive | None = None
-    immutable_days: NonNegative | None = None
-
-
 class JobSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the daemon adds to a job spec."""
 
@@ -65,7 +53,6 @@ class JobSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     throttle: Rate = 0
     #: when the daemon was down at scheduled times, run once on start
     run_missed: bool = True
-    retention: Retention | None = None
     description: str = ""
 
 
@@ -365,6 +352,6 @@ def resolve(job: JobConfig, sources: Iterable[SourceConfig]) -> JobSpec:
     return msgspec.structs.replace(job.spec, objects=objects)
 
 
-__all__ = ["Catalog", "JobConfig", "JobSettings", "KINDS", "Rate", "RepositoryInit", "Retention", "Settings",
+__all__ = ["Catalog", "JobConfig", "JobSettings", "KINDS", "Rate", "RepositoryInit", "Settings",
            "SourceConfig", "catalog_from_data", "catalog_to_data", "chained_to", "check", "convert",
            "item_from_data", "item_to_data", "job_from_data", "load_toml", "repository_from_data", "resolve"]

@@ -4,9 +4,10 @@ Embedded commands (no daemon needed): ``init``, ``backup``, ``points``, ``restor
 ``unlock`` and ``demo``. Each takes ``--json`` for machine-readable output on stdout. Progress
 goes to stderr: a redrawn line on a terminal, plain lines otherwise.
 
-Exit codes: 0 success; 1 the operation failed (a backup session failed, an I/O error);
-2 bad input (arguments, configuration, missing source or point); 3 damaged data found;
-4 the repository is locked by another process.
+Exit codes: 0 success; 1 the operation failed (a backup session failed, an I/O error, a
+collection deferred); 2 bad input (arguments, configuration, missing source or point);
+3 damaged data found; 4 the repository is locked by another process; 5 a removal was refused
+because the point is immutable.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from . import __version__
 from .errors import BlockferryError, ConfigError, unwrap_group
 from .format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, parse_size, stats_dict
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_IMMUTABLE = 0, 1, 2, 3, 4, 5
 
 #: modules that add commands, each with ``register(add_command)`` where ``add_command(name, fn,
 #: help)`` returns the subparser. Keep them light: import what a command needs inside it.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("blockferry.cli_lifecycle",)
 
 
 def human(n: float) -> str:
@@ -89,7 +90,8 @@ class Progress:
 async def cmd_init(a: argparse.Namespace) -> int:
     from .api import init_repository
 
-    cfg = await init_repository(a.repo, block_size=a.block_size, compression=a.compression)
+    cfg = await init_repository(a.repo, block_size=a.block_size, compression=a.compression,
+                                immutable_days=a.immutable_days)
     if a.json:
         _json_out({"repository": a.repo, "config": cfg})
     else:
@@ -128,7 +130,7 @@ async def cmd_backup(a: argparse.Namespace) -> int:
 
     async with open_repository(a.repo, max_tasks=a.max_tasks) as repo:
         session = await repo.backup(a.sources, name=a.name, hints=_parse_hints(a.changed_extents),
-                                    retries=a.retries, progress=show)
+                                    retries=a.retries, immutable_days=a.immutable_days, progress=show)
     progress.done()
     if a.json:
         out = msgspec.to_builtins(session)
@@ -182,7 +184,9 @@ async def cmd_points(a: argparse.Namespace) -> int:
     print(f"{'ID':16}  {'CREATED (UTC)':19}  {'OBJECT':20}  DISKS")
     for p in pts:
         disks = ", ".join(f"{d.name} ({human(d.size)}{', incremental' if d.hinted else ''})" for d in p.disks)
-        print(f"{p.id:16}  {p.created[:19].replace('T', ' '):19}  {p.object[:20]:20}  {disks}")
+        flags = "".join(f" [{f}]" for f, on in (("DAMAGED", p.damaged), ("immutable", bool(p.immutable_until)))
+                        if on)
+        print(f"{p.id:16}  {p.created[:19].replace('T', ' '):19}  {p.object[:20]:20}  {disks}{flags}")
     return EXIT_OK
 
 
@@ -205,7 +209,8 @@ async def cmd_restore(a: argparse.Namespace) -> int:
         if a.to_file is not None:
             results = [await repo.restore_onto(m.id, a.to_file, disk=a.disk, progress=tick)]
         else:
-            results = await repo.restore(m.id, a.to, disk=a.disk, overwrite=a.overwrite, progress=tick)
+            results = await repo.restore(m.id, a.to, disk=a.disk, overwrite=a.overwrite,
+                                         allow_damaged=a.allow_damaged, progress=tick)
     progress.done()
     if a.json:
         _json_out(results)
@@ -213,7 +218,9 @@ async def cmd_restore(a: argparse.Namespace) -> int:
         for r in results:
             print(f"restored {r.disk} of point {r.point} to {r.path}: {human(r.size)} "
                   f"({human(r.data_bytes)} data, {human(r.hole_bytes)} holes) in {r.duration:.2f} s")
-    return EXIT_OK
+            for off, n in r.damaged_ranges:
+                print(f"  DAMAGED: {human(n)} at offset {off} written as zeros")
+    return EXIT_DAMAGED if any(r.damaged_ranges for r in results) else EXIT_OK
 
 
 async def cmd_verify(a: argparse.Namespace) -> int:
@@ -221,7 +228,8 @@ async def cmd_verify(a: argparse.Namespace) -> int:
 
     progress = Progress(quiet=a.json or a.quiet)
     async with open_repository(a.repo) as repo:
-        report = await repo.verify(progress=lambda n, total: progress.line(f"verified {n}/{total} chunks"))
+        report = await repo.verify(sample=a.sample,
+                                   progress=lambda n, total: progress.line(f"verified {n}/{total} chunks"))
     progress.done()
     if a.json:
         out = msgspec.to_builtins(report)
@@ -291,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block size, a power of two from 256KiB to 8MiB (default 1MiB)")
     sp.add_argument("--compression", choices=list(COMPRESSION_LEVELS), default="default",
                     help="none, fast (zstd 1), default (zstd 3), high (zstd 9)")
+    sp.add_argument("--immutable-days", type=int, metavar="N", help="every point stays immutable N days")
 
     sp = cmd("backup", cmd_backup, "back up the disks of one object (VM) into a new restore point")
     sp.add_argument("repo")
@@ -300,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only these extents of SOURCE changed since its last point ('OFFSET LENGTH' lines or rbd diff JSON)")
     sp.add_argument("--max-tasks", type=int, default=4, help="disks processed at once (default 4)")
     sp.add_argument("--retries", type=int, default=2, help="retries of a transient failure (default 2)")
+    sp.add_argument("--immutable-days", type=int, metavar="N",
+                    help="the point cannot be removed (by prune, gc or delete) for N days")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
     sp = cmd("points", cmd_points, "list restore points")
@@ -313,10 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to-file", help="an existing image file or block device to overwrite with one disk")
     sp.add_argument("--disk", help="only this disk")
     sp.add_argument("--overwrite", action="store_true", help="replace existing files in --to")
+    sp.add_argument("--allow-damaged", action="store_true",
+                    help="restore what is good; write damaged ranges as zeros and list them (exit code 3)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
-    sp = cmd("verify", cmd_verify, "re-read every chunk and check its hash")
+    sp = cmd("verify", cmd_verify, "re-read every chunk (or a sample) and check its hash")
     sp.add_argument("repo")
+    sp.add_argument("--sample", type=float, metavar="PERCENT", help="check only this share of the chunks, at random")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
     sp = cmd("unlock", cmd_unlock, "remove the writer lock left by a process that is gone")

@@ -13,6 +13,7 @@ import msgspec
 
 from .errors import ConfigError
 from .format import MiB
+from .retention import RetentionPolicy
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -106,6 +107,13 @@ class ObjectSpec(msgspec.Struct, frozen=True, kw_only=True):
     disks: Annotated[list[DiskSpec], msgspec.Meta(min_length=1)]
 
 
+class CopyTarget(msgspec.Struct, frozen=True, kw_only=True):
+    """Backup copy in immediate mode: where a job's new points also go."""
+
+    url: str
+    retention: RetentionPolicy | None = None
+
+
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: Name
     #: repository name (as configured) or URL
@@ -116,6 +124,13 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     retry_delay: Seconds = 10.0
     #: at most this many of the job's tasks at once (None: only proxy and repository limits)
     max_tasks: Positive | None = None
+    #: restore points of this job stay immutable this many days (the repository's own setting,
+    #: if longer, wins)
+    immutable_days: Positive | None = None
+    #: applied to the job's objects after each successful run (None: keep everything)
+    retention: RetentionPolicy | None = None
+    #: repositories each new point is copied to right after it is made, with their retention
+    copy_to: list[CopyTarget] = msgspec.field(default_factory=list)
 
 
 T = TypeVar("T")

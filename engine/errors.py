@@ -73,6 +73,13 @@ class RepositoryUnavailableError(RepositoryError):
     transient = False
 
 
+class ImmutableError(BlockferryError):
+    """Something asked to remove a restore point (or its data) that is immutable until a later
+    date. Nothing was removed."""
+
+    exit_code = 5
+
+
 class CorruptionError(BlockferryError):
     """Stored data does not match its hash or cannot be decoded. The message names what is
     damaged: the point, disk and offset for restores, the key for metadata."""

@@ -105,6 +105,8 @@ class RepositoryConfig(msgspec.Struct, frozen=True, kw_only=True):
     compression: str
     hash: str = HASH_NAME
     pack_size: int = DEFAULT_PACK_SIZE
+    #: every point stays immutable at least this many days
+    immutable_days: int | None = None
 
     @property
     def zstd_level(self) -> int | None:
@@ -227,6 +229,9 @@ class Manifest(msgspec.Struct, kw_only=True):
     disks: list[DiskRecord]
     stats: TaskStats = msgspec.field(default_factory=TaskStats)
     duration: float = 0.0
+    #: until then (ISO 8601, UTC) neither retention, garbage collection nor a delete removes
+    #: this point or its chunks
+    immutable_until: str | None = None
 
     def disk(self, name: str) -> DiskRecord:
         for d in self.disks:

@@ -201,6 +201,10 @@ class SessionResult(msgspec.Struct, kw_only=True):
     objects: list[ObjectResult] = msgspec.field(default_factory=list)
     stats: TaskStats = msgspec.field(default_factory=TaskStats)
     warnings: list[str] = msgspec.field(default_factory=list)
+    #: points the job's retention removed after the run
+    pruned: list[str] = msgspec.field(default_factory=list)
+    #: backup copies made after the run: target URL → points copied
+    copied: dict[str, list[str]] = msgspec.field(default_factory=dict)
 
     @property
     def points(self) -> list[str]:

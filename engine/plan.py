@@ -103,7 +103,10 @@ def make_plan(
     hints: list[Extent] | None,
     base: DiskRecord | None,
     base_point: str | None = None,
+    must_read: list[Run] | None = None,
 ) -> ReadPlan:
+    """``must_read``: blocks of the base whose chunks have no good copy; an incremental reads
+    them whatever the hints say (that heals the repository)."""
     nblocks = -(-size // block_size)
     everything = [(0, nblocks)] if nblocks else []
     data_runs = everything if data is None else runs_of(data, block_size, nblocks)
@@ -112,6 +115,9 @@ def make_plan(
     if base is None:
         return ReadPlan(nblocks, data_runs, [], False, "full read: no earlier point of this disk to apply hints to")
     candidates = runs_of(hints, block_size, nblocks)
+    heal = [(s, min(c, nblocks - s)) for s, c in (must_read or []) if s < nblocks]
+    if heal:
+        candidates = union(candidates, heal)
     if base.size != size:
         # grown: the new tail is read whole; shrunk or grown: the old and new last blocks may be
         # partial, so they are read again too
@@ -123,7 +129,8 @@ def make_plan(
         subtract(candidates, data_runs),
         True,
         f"incremental: {count(candidates)} of {nblocks} blocks hinted as changed"
-        + (f" since point {base_point}" if base_point else ""),
+        + (f" since point {base_point}" if base_point else "")
+        + (f", {count(heal)} read again to heal damaged chunks" if heal else ""),
     )
 
 

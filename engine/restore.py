@@ -52,6 +52,8 @@ class RestoreResult(msgspec.Struct, kw_only=True):
     data_bytes: int = 0  #: bytes of data blocks written
     hole_bytes: int = 0  #: bytes of zero blocks (left as holes, or zeroed on devices)
     duration: float = 0.0
+    #: (offset, length) ranges whose data was damaged and written as zeros (allow_damaged only)
+    damaged_ranges: list[tuple[int, int]] = msgspec.field(default_factory=list)
 
 
 def data_runs(blocks: bytes, nblocks: int, *, holes: bool = False) -> list[Run]:
@@ -188,7 +190,9 @@ class _PointRestorer:
     """Restores some disks of one point together, with ``lanes`` parallel batches."""
 
     def __init__(self, store: RepositoryStore, manifest: Manifest, disks: list[DiskRecord], targets: list[_Target],
-                 runtime: Runtime, progress: Callable[[int], None] | None) -> None:
+                 runtime: Runtime, progress: Callable[[int], None] | None, allow_damaged: bool = False) -> None:
+        self.allow_damaged = allow_damaged
+        self.damaged: list[set[int]] = [set() for _ in disks]  # blocks written as zeros, per disk
         self.store = store
         self.manifest = manifest
         self.disks = disks
@@ -240,7 +244,10 @@ class _PointRestorer:
                     continue
                 loc = self.store.locate(d)
                 if loc is None:
-                    raise CorruptionError(f"{self._where(k, b)}: chunk {d.hex()[:16]} is missing from the repository")
+                    if self.allow_damaged:  # left as zeros, reported
+                        continue
+                    raise CorruptionError(f"{self._where(k, b)}: chunk {d.hex()[:16]} has no good copy in the "
+                                          "repository (missing or damaged; restore with allow_damaged to skip it)")
                 key, off, length, raw_len, flags = loc
                 if raw_len != expect:
                     raise CorruptionError(
@@ -289,13 +296,21 @@ class _PointRestorer:
                 try:
                     decode_chunk_into(stored, raw_len, flags, d, stage[dest:dest + raw_len])
                 except CorruptionError as exc:
+                    if self.allow_damaged:
+                        continue
                     raise CorruptionError(f"{self._where(*first_use[d])}: {exc}") from None
                 decoded[d] = (dest, raw_len)
         for k, first, count in work:
             blocks = self.disks[k].blocks
             for b in range(first, first + count):
-                src, length = decoded[blocks[b * DIGEST_SIZE:(b + 1) * DIGEST_SIZE]]
                 dest = at[(k, b)]
+                found = decoded.get(blocks[b * DIGEST_SIZE:(b + 1) * DIGEST_SIZE])
+                if found is None:  # damaged, allowed: zeros, and say where
+                    length = min(self.bs, self.disks[k].size - b * self.bs)
+                    stage[dest:dest + length] = bytes(length)
+                    self.damaged[k].add(b)
+                    continue
+                src, length = found
                 if dest != src:  # the same chunk again (a cloned disk, a repeated block)
                     stage[dest:dest + length] = stage[src:src + length]
         return layout
@@ -403,6 +418,7 @@ async def restore_disks(
     overwrite: bool = False,
     into_existing: bool = False,
     sparse: bool = True,
+    allow_damaged: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> list[RestoreResult]:
     """Restore ``disks`` of ``manifest`` to ``dests`` (new images, or with ``into_existing``
@@ -415,7 +431,7 @@ async def restore_disks(
             targets.append(await anyio.to_thread.run_sync(
                 lambda d=d, dest=dest: _open_target(dest, d.size, overwrite=overwrite, into_existing=into_existing,
                                                     sparse=sparse)))
-        restorer = _PointRestorer(store, manifest, disks, targets, runtime, progress)
+        restorer = _PointRestorer(store, manifest, disks, targets, runtime, progress, allow_damaged)
         await restorer.run()
         for t in targets:
             await anyio.to_thread.run_sync(os.fsync, t.fd)
@@ -435,8 +451,19 @@ async def restore_disks(
     duration = anyio.current_time() - t0
     return [RestoreResult(point=manifest.id, disk=d.name, path=str(dest), size=d.size,
                           data_bytes=restorer.data_bytes[k], hole_bytes=d.size - restorer.data_bytes[k],
-                          duration=duration)
+                          duration=duration, damaged_ranges=_ranges(restorer.damaged[k], manifest.block_size, d.size))
             for k, (d, dest) in enumerate(zip(disks, dests))]
+
+
+def _ranges(blocks: set[int], bs: int, size: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for b in sorted(blocks):
+        off, n = b * bs, min(bs, size - b * bs)
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((off, n))
+    return out
 
 
 async def restore_disk(store: RepositoryStore, manifest: Manifest, disk: DiskRecord, dest: Path, **kw: Any) -> RestoreResult:

@@ -11,27 +11,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import anyio
 import msgspec
 
 from .backend import Backend, KeyExistsError, Upload
-from .log import get_logger
 from .errors import (
     AmbiguousError,
     ChunkLostError,
+    ConfigError,
+    CorruptionError,
+    ImmutableError,
     NotARepositoryError,
     NotFoundError,
     RepositoryError,
     RepositoryLockedError,
 )
+from .log import get_logger
 from .format import (
+    DEFAULT_PACK_SIZE,
     DIGEST_SIZE,
     FORMAT_VERSION,
+    MIN_BLOCK_SIZE,
     HOLE,
     INDEX_RECORD,
     PACK_HEADER,
@@ -39,6 +45,7 @@ from .format import (
     DiskRecord,
     Manifest,
     RepositoryConfig,
+    TaskStats,
     check_block_size,
     check_compression,
     decode_config,
@@ -59,6 +66,12 @@ log = get_logger()
 
 CONFIG_KEY = "config"
 LOCK_KEY = "locks/writer"
+GC_LOCK_KEY = "locks/gc"
+#: a reader's session marker: locks/read-<id> (restores, verify, copies read without the writer
+#: lock; garbage collection waits for those that started before its plan)
+READ_LOCK_PREFIX = "locks/read-"
+GC_PLAN_KEY = "gc/plan"
+HEALTH_KEY = "health/damaged"
 #: merge index files into one when a repository has more than this many
 INDEX_COMPACT_AT = 64
 
@@ -145,11 +158,15 @@ class ChunkIndex:
                 self._changed = anyio.Event()
             await self._changed.wait()
 
-    def load_index_file(self, f: Any) -> int:
+    def load_index_file(self, f: Any, damaged: set[tuple[bytes, str]] | None = None) -> int:
+        """Add an index file's entries, except the ``damaged`` copies (chunk, pack): a bad copy
+        must never replace a good one of the same chunk."""
         nos = [self.pack_no(p) for p in f.packs]
         n = 0
         committed = self.committed
         for digest, pno, off, length, raw_len, flags in INDEX_RECORD.iter_unpack(f.records):
+            if damaged and (digest, f.packs[pno]) in damaged:
+                continue
             committed[digest] = pack_loc(nos[pno], off, length, raw_len, flags)
             n += 1
         return n
@@ -162,6 +179,36 @@ class LockInfo(msgspec.Struct, kw_only=True):
     created: str
     purpose: str
 
+
+class GcPlan(msgspec.Struct, kw_only=True):
+    """What a garbage collection decided to remove. Backups that start while a plan exists never
+    deduplicate against its condemned chunks; the plan is swept once every session that started
+    before it has ended (see engine/gc.py)."""
+
+    version: int = 1
+    id: str
+    created: str
+    condemned: bytes  #: ids (32 bytes each) of chunks no point referenced when the plan was made
+    delete_packs: list[str]  #: packs holding only condemned chunks
+    rewrite_packs: list[str]  #: packs mostly condemned: their live chunks move to new packs
+    freed_bytes: int = 0
+    sweeping: str | None = None  #: set while a sweep deletes: readers that start wait for it
+
+
+class DamagedChunk(msgspec.Struct, kw_only=True):
+    chunk: str  #: hex id
+    pack: str | None  #: the pack holding the bad copy (None: no copy at all)
+    reason: str
+    found: str  #: when a health check found it
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """What the last health checks found damaged, until a backup stores a good copy."""
+
+    version: int = 1
+    checked: str
+    damaged: list[DamagedChunk] = []
+    points: list[str] = []  #: restore points that use a damaged chunk
 
 def _process_start(pid: int) -> str:
     """Start time of a process (tells a live lock holder from a reused pid); '' if unknown."""
@@ -204,16 +251,17 @@ class PackWriter:
     def __repr__(self) -> str:
         return f"<PackWriter pack={self._pack_no} bytes={self._offset}>"
 
-    async def add(self, chunks: list[tuple[bytes, bytes, int, int]]) -> list[bytes]:
-        """Store ``(digest, payload, raw_len, flags)`` chunks the repository lacks; returns the
-        digests that turned out to be stored already (and were skipped)."""
+    async def add(self, chunks: list[tuple[bytes, bytes, int, int]], *, dedup: bool = True) -> list[bytes]:
+        """Store ``(digest, payload, raw_len, flags)`` chunks the repository lacks (all of them
+        without ``dedup``: garbage collection moving chunks); returns the digests that turned out
+        to be stored already (and were skipped)."""
         index = self._store.index
         async with self.lock:
             fresh: list[tuple[bytes, bytes, int, int]] = []
             skipped: list[bytes] = []
             seen: set[bytes] = set()
             for c in chunks:
-                if c[0] in seen or index.lookup(c[0]) is not None:
+                if c[0] in seen or (dedup and index.lookup(c[0]) is not None):
                     skipped.append(c[0])
                 else:
                     seen.add(c[0])
@@ -318,6 +366,10 @@ class PointSummary(msgspec.Struct, kw_only=True):
     block_size: int
     job: str | None = None
     disks: list[Disk]
+    immutable_until: str | None = None
+    stats: TaskStats = msgspec.field(default_factory=TaskStats)
+    #: a health check found a chunk it uses with no good copy (not part of the manifest)
+    damaged: bool = False
 
 
 class RepositoryStore:
@@ -332,9 +384,13 @@ class RepositoryStore:
         self._index_files: list[str] = []
         self._index_loaded = False
         self._commit_lock = anyio.Lock()
-        self._lock_info: LockInfo | None = None
         self._summaries: dict[str, PointSummary] = {}
         self._manifests: dict[str, Manifest] = {}  # the few most recently used, decoded
+        self._writer: LockInfo | None = None  # the writer lock, while this store holds it
+        #: chunks a garbage-collection plan condemned (never deduplicated against)
+        self.condemned: set[bytes] = set()
+        #: (chunk, pack) copies a health check found damaged (never read, never deduplicated)
+        self.damaged: set[tuple[bytes, str]] = set()
         self.log = log.bind(repository=backend.url)
 
     def __repr__(self) -> str:
@@ -343,11 +399,17 @@ class RepositoryStore:
     # -- opening -------------------------------------------------------------------------------
 
     @staticmethod
-    async def init(backend: Backend, *, block_size: int, compression: str) -> RepositoryConfig:
-        """Write a new repository's config; NotARepositoryError-free: refuses an existing one."""
+    async def init(backend: Backend, *, block_size: int, compression: str,
+                   immutable_days: int | None = None, pack_size: int = DEFAULT_PACK_SIZE) -> RepositoryConfig:
+        """Write a new repository's config; refuses a location that holds one."""
         check_block_size(block_size)
         check_compression(compression)
-        cfg = RepositoryConfig(id=new_id(), created=utc_now(), block_size=block_size, compression=compression)
+        if immutable_days is not None and immutable_days < 1:
+            raise ConfigError(f"immutable days must be 1 or more, not {immutable_days}")
+        if not MIN_BLOCK_SIZE <= pack_size <= 1 << 30:
+            raise ConfigError(f"pack size {pack_size} is out of range (256 KiB to 1 GiB)")
+        cfg = RepositoryConfig(id=new_id(), created=utc_now(), block_size=block_size, compression=compression,
+                               immutable_days=immutable_days, pack_size=pack_size)
         try:
             await backend.put(CONFIG_KEY, encode_config(cfg), exclusive=True)
         except KeyExistsError:
@@ -362,67 +424,158 @@ class RepositoryStore:
             raise NotARepositoryError(f"{backend.url} is not a blockferry repository (no config)") from None
         return cls(backend, decode_config(data, backend.url))
 
-    async def load_index(self) -> None:
-        """Read every index file (once)."""
-        if self._index_loaded:
+    async def load_index(self, *, reload: bool = False) -> None:
+        """Read every index file (once, or again with ``reload``), leaving out the copies a
+        health check found damaged and the chunks a garbage-collection plan condemned."""
+        if self._index_loaded and not reload:
             return
+        if reload:
+            self.index.committed.clear()
+            self._index_files.clear()
+        await self.load_health()
         keys = [o.key async for o in self.backend.list("index/")]
         for key in sorted(keys):
             f = decode_index(await self.backend.get(key), key)
-            self.index.load_index_file(f)
+            self.index.load_index_file(f, self.damaged)
             self._index_files.append(key)
         self._index_loaded = True
+        self._mask()
+
+    def _mask(self) -> None:
+        committed, packs = self.index.committed, self.index.packs
+        for d in self.condemned:
+            committed.pop(d, None)
+        for d, pack in self.damaged:
+            loc = committed.get(d)
+            if loc is not None and packs[loc >> 84] == pack:
+                del committed[d]
+
+    async def load_health(self) -> Health | None:
+        try:
+            health = msgspec.json.decode(await self.backend.get(HEALTH_KEY), type=Health)
+        except NotFoundError:
+            self.damaged = set()
+            return None
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise CorruptionError(f"{HEALTH_KEY} is damaged ({exc})") from exc
+        self.damaged = {(bytes.fromhex(d.chunk), d.pack or "") for d in health.damaged}
+        return health
+
+    async def save_health(self, health: Health) -> None:
+        if health.damaged or health.points:
+            await self.backend.put(HEALTH_KEY, msgspec.json.encode(health))
+        else:
+            await self.backend.delete(HEALTH_KEY)
+        self.damaged = {(bytes.fromhex(d.chunk), d.pack or "") for d in health.damaged}
+        self._mask()  # copies found bad just now are not used from now on
+
+    async def load_gc_plan(self) -> GcPlan | None:
+        try:
+            data = await self.backend.get(GC_PLAN_KEY)
+        except NotFoundError:
+            return None
+        try:
+            return msgspec.msgpack.decode(data, type=GcPlan)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise CorruptionError(f"{GC_PLAN_KEY} is damaged ({exc})") from exc
 
     # -- writer lock ---------------------------------------------------------------------------
 
-    async def lock(self, purpose: str) -> None:
-        """Take the writer lock; RepositoryLockedError if a live process holds it. A lock left by
-        a dead process of this host is removed."""
-        if self._lock_info is not None:
-            return
-        info = LockInfo(
-            host=socket.gethostname(), pid=os.getpid(), pid_start=_process_start(os.getpid()),
-            created=utc_now(), purpose=purpose,
-        )
+    @staticmethod
+    def _session_info(purpose: str) -> LockInfo:
+        return LockInfo(host=socket.gethostname(), pid=os.getpid(), pid_start=_process_start(os.getpid()),
+                        created=utc_now(), purpose=purpose)
+
+    async def _take_lock(self, key: str, purpose: str) -> LockInfo:
+        """Create ``key`` exclusively; RepositoryLockedError if a live process holds it. A lock
+        left by a dead process of this host is removed."""
+        info = self._session_info(purpose)
         data = msgspec.json.encode(info)
         for _ in range(2):
             try:
-                await self.backend.put(LOCK_KEY, data, exclusive=True)
-                self._lock_info = info
-                if hasattr(self.backend, "clean_tmp"):
-                    await anyio.to_thread.run_sync(self.backend.clean_tmp)
-                return
+                await self.backend.put(key, data, exclusive=True)
+                return info
             except KeyExistsError:
-                holder = await self.read_lock()
+                holder = await self.read_lock(key)
                 if holder is not None and (holder.host != info.host or _holder_alive(holder)):
                     raise RepositoryLockedError(
                         f"{self.backend.url} is locked by pid {holder.pid} on {holder.host} since "
                         f"{holder.created} ({holder.purpose}); if that process is gone, run "
                         f"'blockferry unlock {self.backend.url}'"
                     ) from None
-                self.log.warning("stale_lock_removed", holder=msgspec.to_builtins(holder) if holder else None)
-                await self.backend.delete(LOCK_KEY)
-        raise RepositoryLockedError(f"{self.backend.url}: could not take the writer lock")
+                self.log.warning("stale_lock_removed", key=key,
+                                 holder=msgspec.to_builtins(holder) if holder else None)
+                await self.backend.delete(key)
+        raise RepositoryLockedError(f"{self.backend.url}: could not take {key}")
 
-    async def read_lock(self) -> LockInfo | None:
+    async def lock(self, purpose: str) -> None:
+        """Take the writer lock (RepositoryLockedError if a live process holds it); then apply a
+        pending garbage-collection plan, so this writer never deduplicates against chunks about
+        to be removed. Taking the lock before reading the plan is what makes that safe: a
+        collection reads the locks after writing its plan (see engine/gc.py)."""
+        if self._writer is not None:
+            return
+        self._writer = await self._take_lock(LOCK_KEY, purpose)
+        if hasattr(self.backend, "clean_tmp"):
+            await anyio.to_thread.run_sync(self.backend.clean_tmp)
+        plan = await self.load_gc_plan()
+        if plan is not None:
+            self.condemned = {plan.condemned[i:i + DIGEST_SIZE] for i in range(0, len(plan.condemned), DIGEST_SIZE)}
+            self._mask()
+
+    async def read_lock(self, key: str = LOCK_KEY) -> LockInfo | None:
         try:
-            return msgspec.json.decode(await self.backend.get(LOCK_KEY), type=LockInfo)
+            return msgspec.json.decode(await self.backend.get(key), type=LockInfo)
         except NotFoundError:
             return None
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None  # a damaged lock file protects nothing; treat as stale
 
+    async def _release(self, key: str, info: LockInfo) -> None:
+        holder = await self.read_lock(key)
+        if holder is not None and holder.pid == info.pid and holder.created == info.created:
+            await self.backend.delete(key)
+
     async def unlock(self) -> None:
-        if self._lock_info is None:
+        if self._writer is None:
             return
-        holder = await self.read_lock()
-        if holder is not None and holder.pid == self._lock_info.pid and holder.created == self._lock_info.created:
-            await self.backend.delete(LOCK_KEY)
-        self._lock_info = None
+        await self._release(LOCK_KEY, self._writer)
+        self._writer = None
+
+    @contextlib.asynccontextmanager
+    async def reading(self, purpose: str) -> AsyncIterator[None]:
+        """Mark a read session (restore, verify, copy) so that garbage collection does not
+        delete packs under it; no lock is taken, readers never wait."""
+        info = self._session_info(purpose)
+        key = f"{READ_LOCK_PREFIX}{new_id(8)}"
+        await self.backend.put(key, msgspec.json.encode(info))
+        try:
+            # a collection sweeping now may delete packs this reader would read: wait it out
+            # (it saw no reader when it started; see engine/gc.py)
+            while (plan := await self.load_gc_plan()) is not None and plan.sweeping:
+                holder = await self.read_lock(GC_LOCK_KEY)
+                if holder is None or (holder.host == socket.gethostname() and not _holder_alive(holder)):
+                    break  # that collection died: nothing more will be deleted until the next one
+                await anyio.sleep(0.2)
+            if self._index_loaded:
+                await self.load_index(reload=True)
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.backend.delete(key)
+
+    async def sessions(self) -> list[tuple[str, LockInfo]]:
+        """Every live lock and read session of the repository (stale ones are skipped)."""
+        out = []
+        async for o in self.backend.list("locks/"):
+            info = await self.read_lock(o.key)
+            if info is not None and (info.host != socket.gethostname() or _holder_alive(info)):
+                out.append((o.key, info))
+        return out
 
     @property
     def locked(self) -> bool:
-        return self._lock_info is not None
+        return self._writer is not None
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -442,16 +595,16 @@ class RepositoryStore:
             await self._write_index()
             await self.backend.put(f"points/{manifest.id}", encode_manifest(manifest), exclusive=True)
             self._summaries[manifest.id] = summary_of(manifest)
+            if manifest.immutable_until:
+                await self.protect_point(manifest)
+            if self.damaged:
+                await self.refresh_health()
             if len(self._index_files) > INDEX_COMPACT_AT:
                 await self._compact_index()
 
     async def _make_durable(self, manifest: Manifest) -> None:
         index = self.index
-        referenced: set[bytes] = set()
-        for disk in manifest.disks:
-            b = disk.blocks
-            referenced.update(b[i:i + DIGEST_SIZE] for i in range(0, len(b), DIGEST_SIZE))
-        referenced.discard(HOLE)
+        referenced = self.referenced(manifest)
         for _ in range(3):
             missing = [d for d in referenced if d not in index.committed and d not in index.pending]
             if missing:
@@ -540,6 +693,10 @@ class RepositoryStore:
                     await self._manifest_bytes(pid), f"restore point {pid}", PointSummary)
             out.append(s)
         out.sort(key=lambda s: (s.created, s.id))
+        health = await self.load_health()
+        bad = set(health.points) if health else set()
+        for s in out:
+            s.damaged = s.id in bad
         return out
 
     async def resolve_point(self, ref: str, *, object_name: str | None = None) -> str:
@@ -569,6 +726,76 @@ class RepositoryStore:
                 return m.id, m.disk(disk_name)
         return None
 
+    async def protect_point(self, manifest: Manifest) -> bool:
+        """Ask the backend to enforce a point's immutability on its manifest and on every pack
+        holding its chunks (the local backend sets the filesystem's immutable attribute). False
+        where the backend cannot: blockferry's own refusal is then the only protection."""
+        protect = getattr(self.backend, "protect", None)
+        if protect is None or not manifest.immutable_until:
+            return False
+        packs = {self.index.packs[loc >> 84] for d in self.referenced(manifest)
+                 if (loc := self.index.lookup(d)) is not None}
+        ok = await protect(f"points/{manifest.id}", manifest.immutable_until)
+        for p in sorted(packs):
+            ok = await protect(pack_key(p), manifest.immutable_until) and ok
+        return ok
+
+    async def refresh_health(self) -> None:
+        """Drop from the damaged points those whose chunks all have a good copy again (a backup
+        re-stored them)."""
+        health = await self.load_health()
+        if health is None or not health.points:
+            return
+        still = []
+        for pid in health.points:
+            try:
+                refs = self.referenced(await self.manifest(pid))
+            except NotFoundError:
+                continue
+            if any(self.index.lookup(d) is None for d in refs):
+                still.append(pid)
+        if still != health.points:
+            await self.save_health(msgspec.structs.replace(health, points=still))
+
+    def unhealthy_runs(self, disk: DiskRecord) -> list[tuple[int, int]]:
+        """Runs of a disk's blocks whose chunk has no good copy (damaged, or lost): an incremental
+        must read them again even when nothing says they changed, which heals the repository."""
+        runs: list[tuple[int, int]] = []
+        if not self.damaged:
+            return runs
+        bad = {d for d, _ in self.damaged if self.index.lookup(d) is None}
+        b = disk.blocks
+        for i in range(len(b) // DIGEST_SIZE):
+            if b[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] in bad:
+                if runs and runs[-1][0] + runs[-1][1] == i:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                else:
+                    runs.append((i, 1))
+        return runs
+
+    @staticmethod
+    def referenced(manifest: Manifest) -> set[bytes]:
+        """Every chunk id a point references."""
+        out: set[bytes] = set()
+        for disk in manifest.disks:
+            b = disk.blocks
+            out.update(b[i:i + DIGEST_SIZE] for i in range(0, len(b), DIGEST_SIZE))
+        out.discard(HOLE)
+        return out
+
+    async def delete_point(self, point_id: str, *, now: str | None = None) -> None:
+        """Remove a restore point (its chunks stay until garbage collection). ImmutableError if it
+        is immutable until a later date, whoever asks. (``now`` is for tests.)"""
+        m = await self.manifest(point_id)
+        if immutable_now(m.immutable_until, now):
+            raise ImmutableError(f"restore point {point_id} is immutable until {m.immutable_until}")
+        unprotect = getattr(self.backend, "unprotect", None)
+        if unprotect is not None and m.immutable_until:
+            await unprotect(f"points/{point_id}")
+        await self.backend.delete(f"points/{point_id}")
+        self._summaries.pop(point_id, None)
+        self._manifests.pop(point_id, None)
+
     def locate(self, digest: bytes) -> tuple[str, int, int, int, int] | None:
         """(pack key, offset, stored length, raw length, flags) of a chunk, or None."""
         loc = self.index.lookup(digest)
@@ -593,4 +820,14 @@ def summary_of(m: Manifest) -> PointSummary:
     return PointSummary(
         id=m.id, object=m.object, created=m.created, block_size=m.block_size, job=m.job,
         disks=[PointSummary.Disk(name=d.name, size=d.size, source=d.source, base=d.base, hinted=d.hinted) for d in m.disks],
+        immutable_until=m.immutable_until, stats=m.stats,
     )
+
+
+def immutable_now(until: str | None, now: str | None = None) -> bool:
+    """Whether an ``immutable_until`` date (ISO 8601) is still in the future."""
+    from .retention import parse_time
+
+    if not until:
+        return False
+    return parse_time(until) > (parse_time(now) if now else parse_time(utc_now()))

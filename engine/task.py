@@ -51,6 +51,8 @@ class TaskContext(msgspec.Struct, eq=False, kw_only=True):
     hints: list[Extent] | None = None
     base: DiskRecord | None = None
     base_point: str | None = None
+    #: runs of the base's blocks whose chunks have no good copy (read again, to heal)
+    heal: list[tuple[int, int]] = msgspec.field(default_factory=list)
     state: str = "pending"
     proxy: str | None = None
     plan: str = ""

@@ -1,0 +1,142 @@
+"""CLI commands of the repository lifecycle: prune, gc, delete, copy, repair."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .cli import EXIT_OK, _json_out, human
+
+
+def register(command: Callable[..., argparse.ArgumentParser]) -> None:
+    sp = command("prune", cmd_prune, "remove the restore points a retention policy does not keep")
+    sp.add_argument("repo")
+    for rule, what in (("last", "the N newest points of each object"),
+                       ("days", "every point within N days of the object's newest"),
+                       ("daily", "the newest point of each of the last N days with points"),
+                       ("weekly", "the newest point of each of the last N weeks with points"),
+                       ("monthly", "the newest point of each of the last N months with points"),
+                       ("yearly", "the newest point of each of the last N years with points")):
+        sp.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"keep {what}")
+    sp.add_argument("--object", help="only this object's points")
+    sp.add_argument("--dry-run", action="store_true", help="say what would go and why the rest stays")
+
+    sp = command("gc", cmd_gc, "free the space of chunks no restore point uses")
+    sp.add_argument("repo")
+    sp.add_argument("--rewrite-threshold", type=float, default=0.5, metavar="F",
+                    help="rewrite packs whose unused share is at least F (0.5)")
+    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait this long for backups and readers that started earlier (default: defer)")
+
+    sp = command("delete", cmd_delete, "remove restore points (never an immutable one)")
+    sp.add_argument("repo")
+    sp.add_argument("points", nargs="+", metavar="POINT")
+
+    sp = command("repair", cmd_repair, "rebuild the index from the packs")
+    sp.add_argument("repo")
+
+    sp = command("copy", cmd_copy, "copy restore points to another repository (only missing chunks travel)")
+    sp.add_argument("source")
+    sp.add_argument("target")
+    sp.add_argument("--point", action="append", metavar="ID", help="this point (repeatable; default: all)")
+
+
+def _policy(a: argparse.Namespace) -> Any:
+    from .errors import ConfigError
+    from .retention import RetentionPolicy
+
+    rules = {f"keep_{r}": getattr(a, f"keep_{r}") for r in ("last", "days", "daily", "weekly", "monthly", "yearly")}
+    if all(v is None for v in rules.values()):
+        raise ConfigError("say what to keep: --keep-last N, --keep-days N, --keep-weekly N...")
+    for k, v in rules.items():
+        if v is not None and v < 1:
+            raise ConfigError(f"--{k.replace('_', '-')} must be 1 or more")
+    return RetentionPolicy(**rules)
+
+
+async def cmd_prune(a: argparse.Namespace) -> int:
+    from .api import open_repository
+
+    policy = _policy(a)
+    async with open_repository(a.repo) as repo:
+        report = await repo.prune(policy, object=a.object, dry_run=a.dry_run)
+    if a.json:
+        _json_out(report)
+        return EXIT_OK
+    verb = "would remove" if a.dry_run else "removed"
+    for d in report.decisions:
+        mark = "keep  " if d.keep else ("remove" if a.dry_run else "gone  ")
+        why = "; ".join(d.reasons) if d.keep else "no rule keeps it"
+        print(f"{mark} {d.point}  {d.created[:19].replace('T', ' ')}  {d.object:20}  {why}")
+    for r in report.refused:
+        print(f"kept   {r.point}: {r.reason}")
+    gone = sum(not d.keep for d in report.decisions)
+    print(f"{verb} {gone} of {len(report.decisions)} points ({report.policy})")
+    return EXIT_OK
+
+
+async def cmd_gc(a: argparse.Namespace) -> int:
+    from .api import open_repository
+
+    async with open_repository(a.repo) as repo:
+        report = await repo.gc(rewrite_threshold=a.rewrite_threshold, wait=a.wait,
+                               progress=None if a.json else (lambda s: print(s, file=sys.stderr)))
+    if a.json:
+        _json_out(report)
+        return EXIT_OK
+    if report.state == "deferred":
+        print(f"collection deferred: {report.reason}")
+        return 1
+    print(f"{report.state}: {human(report.bytes_freed)} freed; {report.packs_deleted} pack(s) deleted, "
+          f"{report.packs_rewritten} rewritten into {report.packs_written}, {report.chunks_removed} chunk(s) removed, "
+          f"{report.orphan_packs_deleted} orphan pack(s); {report.packs_kept_immutable} pack(s) kept for immutable points")
+    return EXIT_OK
+
+
+async def cmd_delete(a: argparse.Namespace) -> int:
+    from .api import open_repository
+
+    removed = []
+    async with open_repository(a.repo) as repo:
+        for p in a.points:
+            removed.append(await repo.delete(p))
+    if a.json:
+        _json_out({"removed": removed})
+    else:
+        for p in removed:
+            print(f"removed point {p} (its data is freed by the next gc)")
+    return EXIT_OK
+
+
+async def cmd_copy(a: argparse.Namespace) -> int:
+    from .api import open_repository
+
+    async with open_repository(a.source) as repo:
+        report = await repo.copy_to(a.target, a.point)
+    if a.json:
+        _json_out(report)
+        return EXIT_OK
+    print(f"copied {len(report.points)} point(s) ({len(report.skipped)} already there): "
+          f"{report.chunks_copied} chunk(s) sent ({human(report.bytes_written)}), "
+          f"{report.chunks_present} already present, in {report.duration:.2f} s")
+    return EXIT_OK
+
+
+async def cmd_repair(a: argparse.Namespace) -> int:
+    from .api import open_repository
+    from .cli import EXIT_DAMAGED
+
+    async with open_repository(a.repo) as repo:
+        report = await repo.repair()
+    if a.json:
+        _json_out(report)
+    else:
+        print(f"index rebuilt from {report.packs} pack(s): {report.chunks} chunk(s) in {report.duration:.2f} s")
+        for u in report.unreadable:
+            print(f"unreadable pack {u.pack}: {u.reason}")
+        for x in report.affected:
+            print(f"  point {x.point} ({x.object}) disk {x.disk}: {x.damaged_blocks} block(s) lost, "
+                  f"at {', '.join(str(o) for o in x.offsets)}")
+    return EXIT_DAMAGED if report.unreadable or report.missing_chunks else EXIT_OK
