@@ -3,7 +3,7 @@
 A :class:`Catalog` is what the state database holds and what a TOML seed file or a
 ``config.apply`` request describes. Jobs keep the engine's :class:`~blockferry.config.JobSpec`
 untouched (objects in order, repository, retries, parallelism...) and add the daemon's own
-settings (:class:`JobSettings`: schedule, window, throttle, retention...). On the wire and in
+settings (:class:`JobSettings`: schedule, window, throttle...). On the wire and in
 TOML a job is one flat table; keys that JobSpec knows go to the spec, the others to the
 settings, so fields added to JobSpec later flow through without a change here.
 

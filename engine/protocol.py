@@ -39,6 +39,10 @@ class ProtocolError(BlockferryError):
     """The peer broke the protocol: a frame too large, undecodable, or out of order."""
 
 
+class UnknownMethodError(ProtocolError):
+    """A request named a method the daemon does not have."""
+
+
 class FrameTooLargeError(ProtocolError):
     """A frame announced more bytes than the receiver accepts."""
 
@@ -156,6 +160,8 @@ def error_for(exc: BaseException, request_id: int | None) -> Error:
         code = "invalid"
     elif isinstance(exc, RepositoryLockedError):
         code = "locked"
+    elif isinstance(exc, UnknownMethodError):
+        code = "unknown_method"
     elif isinstance(exc, ProtocolError):
         code = "bad_request"
     else:
@@ -229,6 +235,6 @@ __all__ = [
     "ApplyParams", "ClientMessage", "ClockParams", "ERROR_CODES", "Error", "Event", "FrameTooLargeError", "HEADER",
     "Hello", "MAX_FRAME", "MAX_REQUEST", "NameParams", "ProtocolError", "Reply", "Request", "ServerMessage",
     "SessionListParams", "SessionShowParams", "SetParams", "SettingsParams", "StopParams", "SubscribeParams",
-    "UnsubscribeParams", "VERSION", "VERSIONS", "Welcome", "decode_client", "decode_server", "error_for", "frame",
+    "UnknownMethodError", "UnsubscribeParams", "VERSION", "VERSIONS", "Welcome", "decode_client", "decode_server", "error_for", "frame",
     "read_frame",
 ]
