@@ -20,7 +20,7 @@ import msgspec
 
 from blockferry.actor import Actor, Completion
 from blockferry.config import JobSpec, ProxyConfig, RepositorySettings, ServerConfig
-from blockferry.errors import BlockferryError, ConfigError, ConflictError, NotFoundError
+from blockferry.errors import BlockferryError, ConfigError, ConflictError, NotFoundError, plain_errors
 from blockferry.messages import (
     AddProxy,
     AddRepository,
@@ -108,7 +108,8 @@ class BackupServer(Actor[Any]):
     async def _add_repository(self, settings: RepositorySettings, store: Any) -> Repository:
         if settings.name in self.repositories:
             raise ConfigError(f"a repository named {settings.name!r} exists")
-        repo = await self.spawn(Repository(settings, self.runtime, store))
+        with plain_errors():  # a repository that cannot open is the caller's error, not the server's failure
+            repo = await self.spawn(Repository(settings, self.runtime, store))
         self.repositories[settings.name] = repo
         self.scheduler.add_repository(settings.name, settings.max_tasks)
         return repo
