@@ -93,7 +93,6 @@ async def cmd_daemon(a: argparse.Namespace) -> int:
     )
     opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     bus = EventBus()
-    logfile = configure_logging(opts.state_dir / "daemon.log", level=a.log_level, stderr=not a.quiet, bus=bus)
     clock: Any
     if a.manual_clock:
         try:
@@ -104,8 +103,11 @@ async def cmd_daemon(a: argparse.Namespace) -> int:
             raise ConfigError(f"--manual-clock takes an ISO 8601 time with a zone, not {a.manual_clock!r}") from None
     else:
         clock = SystemClock(zone(a.timezone))
+    daemon = Daemon(opts, clock=clock, bus=bus)
+    logfile = configure_logging(opts.state_dir / "daemon.log", level=a.log_level, stderr=not a.quiet, bus=bus,
+                                extra=[daemon.log_context])
     try:
-        await Daemon(opts, clock=clock, bus=bus).run(handle_signals=True)
+        await daemon.run(handle_signals=True)
     finally:
         logfile.close()
     return EXIT_OK

@@ -134,9 +134,11 @@ class _Tee:
                 pass
 
 
-def configure_logging(log_file: Path, *, level: str, stderr: bool, bus: EventBus) -> TextIO:
+def configure_logging(log_file: Path, *, level: str, stderr: bool, bus: EventBus,
+                      extra: list[Any] | None = None) -> TextIO:
     """structlog JSON lines to ``log_file`` (and stderr in the foreground), each also offered to
-    ``log`` subscribers. Returns the open log file."""
+    ``log`` subscribers; ``extra`` processors run first (:meth:`Daemon.log_context`). Returns the
+    open log file."""
     import structlog
 
     from . import log as logmod
@@ -145,7 +147,7 @@ def configure_logging(log_file: Path, *, level: str, stderr: bool, bus: EventBus
     lvl = LEVELS.get(level, 20)
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True), bus.log_processor,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True), *(extra or ()), bus.log_processor,
                     structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=_Tee(f, sys.stderr) if stderr else f),  # type: ignore[arg-type]
@@ -176,6 +178,16 @@ class Daemon:
 
     def __repr__(self) -> str:
         return f"<Daemon {self.options.socket} state={self.options.state_dir}>"
+
+    def log_context(self, logger: Any, method: str, event: Any) -> Any:
+        """A structlog processor: a line about a running job names its session too (the job's
+        actors bind the job; only the daemon knows the session)."""
+        job = event.get("job")
+        if job is not None and "session" not in event and self.scheduler is not None:
+            sid = self.scheduler.session_of(job)
+            if sid is not None:
+                event["session"] = sid
+        return event
 
     def shutdown(self) -> None:
         """Ask the daemon to stop (what SIGTERM does)."""

@@ -151,6 +151,11 @@ def test_kill_9_mid_job_then_restart(tmp_path: Path, daemon: DaemonProc) -> None
     run = daemon.cli("job", "run", "j", "--wait", "--json")
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["state"] == "success"
+    lines = [json.loads(line) for line in (daemon.state / "daemon.log").read_text().splitlines()]
+    assert any(e.get("event") == "session_failed_at_start" and e.get("session") == sid for e in lines)
+    # lines of the job's actors carry the job, its session, and the object and disk they are about
+    disk_lines = [e for e in lines if e.get("disk") and e.get("session") == sid + 1]
+    assert disk_lines and all(e["job"] == "j" and e["object"] == "d" and "actor" in e for e in disk_lines)
 
 
 def test_a_second_daemon_refuses_and_logs_are_json(tmp_path: Path, daemon: DaemonProc) -> None:
