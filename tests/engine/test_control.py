@@ -173,7 +173,8 @@ frames = st.one_of(
     st.binary(max_size=64).map(lambda b: HEADER.pack(len(b)) + b),
     st.binary(max_size=16),
     st.dictionaries(st.sampled_from(["type", "id", "method", "params", "versions"]),
-                    st.one_of(st.integers(), st.text(max_size=8), st.lists(st.integers(), max_size=3),
+                    st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(max_size=8),
+                              st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3),
                               st.sampled_from(["hello", "request", "status", "job.add", "subscribe"])),
                     max_size=5).map(lambda d: frame(d)),
 )

@@ -10,6 +10,7 @@ import pytest
 
 from blockferry.api import open_repository
 from blockferry.client import DaemonError
+from blockferry.config import EngineSettings
 from blockferry.daemon import Daemon, DaemonOptions, LockedError
 
 from ..conftest import MiB, mixed_disk, write_disk
@@ -163,3 +164,28 @@ async def test_shutdown_mid_job_records_a_stopped_session(tmp_path: Path) -> Non
         await c.call("job.set", name="j", changes={"throttle": 0})
         rec = await wait_session(c, (await c.call("job.run", name="j"))["session"])
         assert rec["state"] == "success"  # the repository lock was released on the way out
+
+
+@pytest.mark.anyio
+async def test_failed_objects_are_retried_in_the_same_session(tmp_path: Path) -> None:
+    disk = write_disk(tmp_path / "d.img", 8 * MiB, [(0, "random", 8 * MiB)])
+    # small batches and no read-ahead to speak of, so the reader is still at work when the disk shrinks
+    engine = EngineSettings(batch_bytes=MiB, lanes=1, stream_batches=1, inflight_batches=2)
+    async with running_daemon(tmp_path, engine=engine) as (daemon, c):
+        await c.call("repo.add", name="main", url=str(tmp_path / "repo"))
+        await c.call("proxy.add", name="p")
+        await c.call("job.add", **job("j", "main", disk, retries=3, retry_delay=0.2, throttle=4 * MiB))
+        async with c.subscribe(["progress"], job="j") as events:
+            sid = (await c.call("job.run", name="j"))["session"]
+            with anyio.fail_after(10):
+                async for ev in events:
+                    if ev.data["done_bytes"] > 0:
+                        break
+        with open(disk, "r+b") as f:  # the disk shrinks under the reader: a transient failure
+            f.truncate(2 * MiB)
+        rec = await wait_session(c, sid)
+        obj = rec["result"]["objects"][0]
+        assert rec["state"] == "success" and obj["attempts"] >= 2 and obj["point"], (obj, rec["result"]["warnings"])
+        assert len(await c.call("session.list")) == 1  # one session, several attempts
+    async with open_repository(str(tmp_path / "repo")) as repo:
+        assert len(await repo.points()) == 1
