@@ -333,6 +333,7 @@ class Daemon:
                 raise ConflictError(f"proxy {name} is running tasks; stop them or wait")
         # open what is new (may refuse: unreachable, not a repository)
         opened: list[str] = []
+        replaced: list[RepositorySettings] = []
         try:
             for name, r in new_repos.items():
                 if name not in old_repos or old_repos[name].url != r.url:
@@ -340,14 +341,18 @@ class Daemon:
                         await self._create_repository(r, inits[name])
                     if name in self.server.repositories:
                         await self.server.ask(_remove_repository(name))
+                        replaced.append(old_repos[name])
                     await self._open_repository(r, quiet=False)
                     opened.append(name)
         except BaseException:
-            for name in opened:
-                try:
-                    await self.server.ask(_remove_repository(name))
-                except BlockferryError:
-                    pass
+            with anyio.CancelScope(shield=True):
+                for name in opened:
+                    try:
+                        await self.server.ask(_remove_repository(name))
+                    except BlockferryError:
+                        pass
+                for old in replaced:  # back to where it was
+                    await self._open_repository(old, quiet=True)
             raise
         for name, r in new_repos.items():
             if name in old_repos and old_repos[name].url == r.url and old_repos[name] != r \
@@ -518,6 +523,10 @@ class Daemon:
         self._find(kind, p.name)
         if kind == "job" and p.name in self.scheduler.runs:
             raise ConflictError(f"job {p.name} is running; stop it first")
+        if kind == "source":  # a bare name would silently become a relative file path
+            users = [j.name for j in self.catalog.jobs for o in j.spec.objects for d in o.disks if d.source == p.name]
+            if users:
+                raise ConflictError(f"source {p.name} is used by job(s) {', '.join(sorted(set(users)))}")
         await self.change(lambda c: msgspec.structs.replace(
             c, **{k.attr: [i for i in getattr(c, k.attr) if i.name != p.name]}))
         return {"removed": p.name}

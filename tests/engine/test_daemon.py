@@ -71,6 +71,15 @@ async def test_invalid_configuration_changes_nothing(tmp_path: Path) -> None:
             await c.call("repo.remove", name="main")
         assert err.value.field == "jobs[0].repository"
         assert (await c.call("config.get"))["jobs"][0]["name"] == "j"
+        # a named source: jobs use it by name; it cannot go while they do
+        await c.call("source.add", name="vmdisk", url=str(a))
+        await c.call("proxy.add", name="p")
+        await c.call("job.add", name="k", repository="main", objects=[{"name": "vm", "disks": [{"source": "vmdisk"}]}])
+        with pytest.raises(DaemonError) as err:
+            await c.call("source.remove", name="vmdisk")
+        assert err.value.code == "conflict" and "k" in str(err.value)
+        rec = await wait_session(c, (await c.call("job.run", name="k"))["session"])
+        assert rec["state"] == "success" and rec["result"]["objects"][0]["disks"][0]["source"] == str(a)
 
 
 @pytest.mark.anyio
