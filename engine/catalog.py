@@ -21,7 +21,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from .config import JobSpec, Name, NonNegative, Positive, ProxyConfig, RepositorySettings
+from .config import JobSpec, Name, Positive, ProxyConfig, RepositorySettings
 from .errors import ConfigError, FieldError
 from .format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, check_block_size, parse_size
 from .schedule import parse_schedule, parse_window

@@ -286,7 +286,7 @@ def _print_session(rec: dict[str, Any]) -> None:
         b = st.get("bottleneck") or {}
         print(f"  total: {human(st.get('disk_size', 0))} disks, read {human(st.get('read_bytes', 0))}, written "
               f"{human(st.get('written_bytes', 0))} in {res.get('duration', 0):.1f} s"
-              + (f"; bottleneck: " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in b.items()) if b else ""))
+              + ("; bottleneck: " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in b.items()) if b else ""))
     for w in res.get("warnings", []):
         print(f"  warning: {w}")
 

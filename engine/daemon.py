@@ -50,9 +50,9 @@ from .catalog import (
     load_toml,
     repository_from_data,
 )
-from .config import EngineSettings, ProxyConfig, RepositorySettings, ServerConfig
+from .config import EngineSettings, RepositorySettings, ServerConfig
 from .control import AccessPolicy, ControlServer, resolve_group
-from .errors import BlockferryError, ConfigError, ConflictError, FieldError, NotARepositoryError, NotFoundError
+from .errors import BlockferryError, ConfigError, ConflictError, FieldError, NotFoundError
 from .events import EventBus
 from .log import LEVELS, get_logger
 from .protocol import NameParams, SessionListParams, SessionShowParams, SetParams, StopParams

@@ -90,7 +90,7 @@ async def test_chained_jobs_run_after_success(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_the_backup_window_skips_and_stops_runs(tmp_path: Path) -> None:
-    slow = write_disk(tmp_path / "slow.img", 8 * MiB, [(0, "random", 8 * MiB)])
+    write_disk(tmp_path / "slow.img", 8 * MiB, [(0, "random", 8 * MiB)])
     clock = manual_clock()  # 21:00
     async with running_daemon(tmp_path, clock=clock) as (daemon, c):
         await setup(c, tmp_path, slow={"schedule": "every 10m", "window": "21:05-21:25", "throttle": MiB})
