@@ -141,9 +141,7 @@ class JobManager(Actor[Any]):
     async def _after_run(self) -> None:
         """The job's retention on its objects, then its immediate backup copies (and their
         retention). Failures here are warnings: the new points are committed already."""
-        from blockferry.lifecycle import copy_points, prune
-        from blockferry.registry import backend_plugin
-        from blockferry.store import RepositoryStore
+        from blockferry.lifecycle import copy_to_url, prune
 
         s, spec = self.session, self.spec
         done = [o.name for o in s.objects if o.state == "done"]
@@ -157,17 +155,12 @@ class JobManager(Actor[Any]):
             except BlockferryError as exc:
                 s.warnings.append(f"retention not applied: {exc}")
         for target in spec.copy_to:
+            if target.every_hours is not None:
+                continue  # periodic copies run on their own schedule
             try:
-                backend = await backend_plugin(target.url).open(target.url, {"limiter": self.runtime.io})
-                copy_store = await RepositoryStore.open(backend)
-                try:
-                    report = await copy_points(store, copy_store, s.points, runtime=self.runtime)
-                    s.copied[target.url] = report.points
-                    if target.retention is not None:
-                        await prune(copy_store, target.retention, objects=done)
-                finally:
-                    await copy_store.close()
-                    await backend.aclose()
+                report = await copy_to_url(store, target.url, s.points, runtime=self.runtime,
+                                           retention=target.retention)
+                s.copied[target.url] = report.points
             except BlockferryError as exc:
                 s.warnings.append(f"copy to {target.url} failed: {exc}")
 

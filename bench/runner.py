@@ -363,12 +363,18 @@ def run_steps(work: Path, fleet: Path, tools: list[Tool], repeat: int) -> dict[s
             subprocess.run(t.warm_cmd(), env=t.env, capture_output=True, check=True)
             log(f"restore ({rep + 1}/{repeat}): {t.name}")
             r = run_measured(t.restore_cmd(out), cwd=out, env=t.env)
+            # blockferry's restore returns once the data is on disk; restic and borg return with
+            # it in the page cache: the time of a sync right after is what they leave to do
+            t0 = time.perf_counter()
+            subprocess.run(["sync"], check=False)
+            flush = time.perf_counter() - t0
             restored = {p.name: p for p in out.rglob("*.img")}
             originals = {p.name: p for p in (fleet / "gen1").glob("*.img")}
             exact = sorted(restored) == sorted(originals) and all(same_content(restored[n], p)
                                                                   for n, p in originals.items())
             runs["restore"][t.name].append({
                 "wall": r.wall, "cpu": r.cpu, "rss": r.rss, "bit_exact": exact,
+                "flush": flush, "durable_wall": r.wall + flush,
                 "allocated_bytes": sum(p.stat().st_blocks * 512 for p in restored.values()),
                 "apparent_bytes": sum(p.stat().st_size for p in restored.values())})
             if not exact:
@@ -422,6 +428,10 @@ def table(res: dict[str, Any]) -> str:
             lines.append(f"{step:12} {tool:11} {v['wall']:8.2f} {v['cpu']:8.2f} {v['rss'] / MiB:8.0f} MiB "
                          f"{size / MiB:7.0f} MiB  {ratio}{exact}")
             step = ""
+    rows = res["steps"]["restore"]
+    if "durable_wall" in rows.get("blockferry", {}):
+        durable = "; ".join(f"{tool} {v['durable_wall']:.2f} s" for tool, v in rows.items())
+        lines.append(f"restore until on disk (the restore, then sync): {durable}")
     c = res.get("ceiling")
     if c:
         lines.append(f"ceiling: {c['seconds']:.2f} s (hash {c['data_blocks']} blocks, compress {c['unique_blocks']}, "
@@ -449,6 +459,8 @@ def judge(res: dict[str, Any]) -> dict[str, Any]:
         out["full_speedup"] = speedup("full")
         out["incremental_speedup"] = speedup("incremental")
         out["restore_speedup"] = speedup("restore")
+        durable = [v["durable_wall"] for k, v in st["restore"].items() if k != "blockferry"]
+        res["restore_speedup_until_on_disk"] = min(durable) / st["restore"]["blockferry"]["durable_wall"]
         peers_full = min(v["repo_bytes"] for k, v in st["full"].items() if k != "blockferry")
         peers_inc = min(v["repo_bytes"] for k, v in st["incremental"].items() if k != "blockferry")
         out["repo_vs_smaller_peer_full"] = st["full"]["blockferry"]["repo_bytes"] / peers_full

@@ -28,6 +28,7 @@ from .errors import (
 )
 from .format import Manifest, RepositoryConfig, TaskStats
 from .messages import SessionResult
+from .retention import RetentionPolicy
 
 __version__ = "0.1.0"
 

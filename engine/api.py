@@ -283,23 +283,22 @@ class Repository:
         return await collect(self.store, rewrite_threshold=rewrite_threshold, wait=wait, progress=progress)
 
     @_plain
-    async def copy_to(self, target: str, points: Sequence[str] | None = None, *,
+    async def copy_to(self, target: str, points: Sequence[str] | None = None, *, latest: bool = False,
+                      retention: RetentionPolicy | None = None,
                       progress: Callable[[int, int], None] | None = None) -> CopyReport:
-        """Copy points (all of them by default; ids, prefixes or 'latest') to the repository at
-        ``target``, sending only the chunks it lacks."""
-        from .lifecycle import copy_points
+        """Copy points (ids, prefixes or 'latest'; all of them by default, or with ``latest`` the
+        newest of each object, as a periodic copy does) to the repository at ``target``, sending
+        only the chunks it lacks; then apply the copy's own ``retention`` there."""
+        from .lifecycle import copy_to_url, latest_points
 
-        ids = ([await self.store.resolve_point(p) for p in points] if points is not None
-               else [s.id for s in await self.store.summaries()])
-        backend = await backend_plugin(target).open(target, {"limiter": self.runtime.io})
-        try:
-            other = await RepositoryStore.open(backend)
-            try:
-                return await copy_points(self.store, other, ids, runtime=self.runtime, progress=progress)
-            finally:
-                await other.close()
-        finally:
-            await backend.aclose()
+        if points is not None:
+            ids = [await self.store.resolve_point(p) for p in points]
+        elif latest:
+            ids = latest_points(await self.store.summaries())
+        else:
+            ids = [s.id for s in await self.store.summaries()]
+        return await copy_to_url(self.store, target, ids, runtime=self.runtime, retention=retention,
+                                 progress=progress)
 
     @_plain
     async def verify(self, *, sample: float | None = None,

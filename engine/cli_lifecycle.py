@@ -13,13 +13,7 @@ from .cli import EXIT_OK, _json_out, human
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp = command("prune", cmd_prune, "remove the restore points a retention policy does not keep")
     sp.add_argument("repo")
-    for rule, what in (("last", "the N newest points of each object"),
-                       ("days", "every point within N days of the object's newest"),
-                       ("daily", "the newest point of each of the last N days with points"),
-                       ("weekly", "the newest point of each of the last N weeks with points"),
-                       ("monthly", "the newest point of each of the last N months with points"),
-                       ("yearly", "the newest point of each of the last N years with points")):
-        sp.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"keep {what}")
+    _keep_arguments(sp, "keep")
     sp.add_argument("--object", help="only this object's points")
     sp.add_argument("--dry-run", action="store_true", help="say what would go and why the rest stays")
 
@@ -40,15 +34,34 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp = command("copy", cmd_copy, "copy restore points to another repository (only missing chunks travel)")
     sp.add_argument("source")
     sp.add_argument("target")
-    sp.add_argument("--point", action="append", metavar="ID", help="this point (repeatable; default: all)")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument("--point", action="append", metavar="ID", help="this point (repeatable; default: all)")
+    which.add_argument("--latest", action="store_true",
+                       help="the newest point of each object (what a periodic copy sends)")
+    _keep_arguments(sp, "then keep in the target")
 
 
-def _policy(a: argparse.Namespace) -> Any:
+_RULES = (("last", "the N newest points of each object"),
+          ("days", "every point within N days of the object's newest"),
+          ("daily", "the newest point of each of the last N days with points"),
+          ("weekly", "the newest point of each of the last N weeks with points"),
+          ("monthly", "the newest point of each of the last N months with points"),
+          ("yearly", "the newest point of each of the last N years with points"))
+
+
+def _keep_arguments(sp: argparse.ArgumentParser, verb: str) -> None:
+    for rule, what in _RULES:
+        sp.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"{verb} {what}")
+
+
+def _policy(a: argparse.Namespace, *, required: bool = True) -> Any:
     from .errors import ConfigError
     from .retention import RetentionPolicy
 
-    rules = {f"keep_{r}": getattr(a, f"keep_{r}") for r in ("last", "days", "daily", "weekly", "monthly", "yearly")}
+    rules = {f"keep_{r}": getattr(a, f"keep_{r}") for r, _ in _RULES}
     if all(v is None for v in rules.values()):
+        if not required:
+            return None
         raise ConfigError("say what to keep: --keep-last N, --keep-days N, --keep-weekly N...")
     for k, v in rules.items():
         if v is not None and v < 1:
@@ -114,13 +127,15 @@ async def cmd_copy(a: argparse.Namespace) -> int:
     from .api import open_repository
 
     async with open_repository(a.source) as repo:
-        report = await repo.copy_to(a.target, a.point)
+        report = await repo.copy_to(a.target, a.point, latest=a.latest, retention=_policy(a, required=False))
     if a.json:
         _json_out(report)
         return EXIT_OK
     print(f"copied {len(report.points)} point(s) ({len(report.skipped)} already there): "
           f"{report.chunks_copied} chunk(s) sent ({human(report.bytes_written)}), "
           f"{report.chunks_present} already present, in {report.duration:.2f} s")
+    if report.pruned:
+        print(f"the target's retention removed {len(report.pruned)} point(s): {', '.join(report.pruned)}")
     return EXIT_OK
 
 

@@ -108,10 +108,14 @@ class ObjectSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CopyTarget(msgspec.Struct, frozen=True, kw_only=True):
-    """Backup copy in immediate mode: where a job's new points also go."""
+    """Backup copy: where a job's points also go. Immediate mode (``every_hours`` unset) copies
+    each new point right after the job; periodic mode copies the latest point of each of the
+    job's objects every ``every_hours`` (run by the daemon's scheduler). The copy keeps its own
+    ``retention``."""
 
     url: str
     retention: RetentionPolicy | None = None
+    every_hours: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -256,7 +256,12 @@ async def _sweep(store: RepositoryStore, plan: GcPlan, report: GcReport, say: Ca
     new_bytes = 0
     for p in new_packs:
         new_bytes += (await backend.stat(pack_key(p))).size
+    # a pack once held by an immutable point may still carry the filesystem's immutable
+    # attribute; no pack chosen here holds a chunk of a point that is immutable now (see mark)
+    unprotect = getattr(backend, "unprotect", None)
     for p in targets:
+        if unprotect is not None:
+            await unprotect(pack_key(p))
         await backend.delete(pack_key(p))
     await backend.delete(GC_PLAN_KEY)
     report.bytes_freed = old_bytes - new_bytes

@@ -14,7 +14,7 @@ from .blocks import compressor, decode_chunk
 from .errors import ConfigError, CorruptionError, ImmutableError
 from .format import FLAG_ZSTD
 from .retention import Decision, RetentionPolicy, decide
-from .store import RepositoryStore
+from .store import PointSummary, RepositoryStore
 from .task import Runtime
 
 
@@ -67,6 +67,7 @@ class CopyReport(msgspec.Struct, kw_only=True):
     bytes_read: int = 0  #: stored bytes read from the source
     bytes_written: int = 0  #: stored bytes written to the target
     duration: float = 0.0
+    pruned: list[str] = msgspec.field(default_factory=list)  #: removed from the target by its retention
 
 
 def _reencode(stored: bytes, raw_len: int, flags: int, digest: bytes, level: int | None,
@@ -129,6 +130,46 @@ async def copy_points(
         await target.unlock()
     report.duration = anyio.current_time() - t0
     return report
+
+
+def latest_points(summaries: Iterable[PointSummary]) -> list[str]:
+    """The newest point of each object: what a periodic copy sends each time."""
+    newest: dict[str, PointSummary] = {}
+    for s in summaries:
+        cur = newest.get(s.object)
+        if cur is None or (s.created, s.id) > (cur.created, cur.id):
+            newest[s.object] = s
+    return [s.id for s in sorted(newest.values(), key=lambda s: (s.created, s.id))]
+
+
+async def copy_to_url(
+    source: RepositoryStore,
+    url: str,
+    point_ids: Sequence[str],
+    *,
+    runtime: Runtime,
+    retention: RetentionPolicy | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CopyReport:
+    """Copy points to the repository at ``url``, then apply the copy's own retention to the
+    objects copied (immediate and periodic copies, the CLI and the API all come here)."""
+    from .registry import backend_plugin
+
+    backend = await backend_plugin(url).open(url, {"limiter": runtime.io})
+    try:
+        target = await RepositoryStore.open(backend)
+        try:
+            report = await copy_points(source, target, point_ids, runtime=runtime, progress=progress)
+            if retention is not None:
+                objects = sorted({(await target.manifest(p)).object for p in [*report.points, *report.skipped]})
+                if objects:
+                    pruned = await prune(target, retention, objects=objects)
+                    report.pruned = pruned.removed
+            return report
+        finally:
+            await target.close()
+    finally:
+        await backend.aclose()
 
 
 async def _copy_chunks(source: RepositoryStore, digests: list[bytes], writer: object, level: int | None,

@@ -77,6 +77,11 @@ async def test_immutable_points_survive_every_deletion_path(unlock_after: Path) 
         later = (until + dt.timedelta(seconds=1)).isoformat()
         await r.store.delete_point(frozen, now=later)
         assert await r.points() == []
+        assert not manifest.exists()
+        # and garbage collection frees its packs, clearing their attribute first
+        g = await r.gc()
+        assert g.state == "done" and g.packs_deleted == len(packs)
+    assert not any(p.exists() for p in packs)
     # the CLI says why it refused, with its own exit code
     async with blockferry.open_repository(str(repo)) as r:
         again = (await r.backup([str(a)], name="vm", immutable_days=1)).points[0]
@@ -168,11 +173,16 @@ async def test_job_retention_and_immediate_copy(tmp_path: Path) -> None:
     assert same_file(tmp_path / "out" / "d.img", img)
 
 
-async def test_copy_from_the_cli(tmp_path: Path) -> None:
+async def src_and_dst(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Two empty repositories of the same block size, and a small disk image."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     await blockferry.init_repository(str(src), block_size=BS)
     await blockferry.init_repository(str(dst), block_size=BS)
-    img = mixed_disk(tmp_path / "d.img", MiB)
+    return src, dst, mixed_disk(tmp_path / "d.img", MiB)
+
+
+async def test_copy_from_the_cli(tmp_path: Path) -> None:
+    src, dst, img = await src_and_dst(tmp_path)
     async with blockferry.open_repository(str(src)) as r:
         s1 = await r.backup([str(img)], name="vm")
         await r.backup([str(img)], name="vm2")
@@ -183,3 +193,39 @@ async def test_copy_from_the_cli(tmp_path: Path) -> None:
 
     out = json.loads(p.stdout)
     assert out["points"] == s1.points and out["chunks_copied"] > 0
+
+
+async def test_periodic_copy_sends_the_latest_points_and_keeps_its_own_retention(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    await blockferry.init_repository(str(src), block_size=BS)
+    await blockferry.init_repository(str(dst), block_size=BS, compression="high")
+    img = mixed_disk(tmp_path / "d.img", MiB)
+    async with blockferry.open_repository(str(src)) as r:
+        runs = [await r.backup([str(img)], name=name) for name in ("vm", "vm2", "vm")]
+        first = await r.copy_to(str(dst), latest=True)
+        # the latest of each object: vm's second point and vm2's only one
+        assert sorted(first.points) == sorted([runs[1].points[0], runs[2].points[0]])
+        with img.open("r+b") as f:
+            f.write(b"x" * 4096)
+        newer = await r.backup([str(img)], name="vm")
+        again = await r.copy_to(str(dst), latest=True, retention=RetentionPolicy(keep_last=1))
+    assert again.points == newer.points and again.skipped == [runs[1].points[0]]
+    assert again.pruned == [runs[2].points[0]]  # the target keeps one point per object
+    async with blockferry.open_repository(str(dst)) as r:
+        assert sorted(p.id for p in await r.points()) == sorted([runs[1].points[0], newer.points[0]])
+        await r.restore(newer.points[0], tmp_path / "out")
+    assert same_file(tmp_path / "out" / "d.img", img)
+
+
+async def test_copy_latest_with_retention_from_the_cli(tmp_path: Path) -> None:
+    src, dst, img = await src_and_dst(tmp_path)
+    async with blockferry.open_repository(str(src)) as r:
+        a = await r.backup([str(img)], name="vm")
+        await r.copy_to(str(dst))
+        b = await r.backup([str(img)], name="vm")
+    p = subprocess.run([sys.executable, "-m", "blockferry", "copy", str(src), str(dst), "--latest", "--keep-last", "1"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert f"removed 1 point(s): {a.points[0]}" in p.stdout
+    async with blockferry.open_repository(str(dst)) as r:
+        assert [x.id for x in await r.points()] == b.points
