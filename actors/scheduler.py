@@ -12,6 +12,11 @@ or the wall clock jumped), it reports them as missed and runs one. A run due whi
 one still goes, or outside the job's backup window, is recorded as skipped; a run still going when
 its window closes is stopped. When a run ends with success or warning, the jobs chained after it
 start.
+
+Periodic backup copies (a job's ``copy_to`` targets with ``every_hours``) are scheduled here too:
+every ``every_hours`` the latest point of each of the job's objects is copied to the target, as a
+session of kind ``copy``. The first copy is due ``every_hours`` after the last successful one (at
+once if there was none).
 """
 
 from __future__ import annotations
@@ -138,6 +143,9 @@ class Scheduler(Actor[Any]):
         self._stopping = False
         self._idle: Completion[None] | None = None
         self._sleep: anyio.CancelScope | None = None
+        #: periodic copies: (job, target URL) -> when the next one is due; those running now
+        self.copy_due: dict[tuple[str, str], dt.datetime] = {}
+        self._copying: dict[tuple[str, str], int] = {}
 
     def __repr__(self) -> str:
         return f"<Scheduler jobs={len(self.jobs)} running={sorted(self.runs)}>"
@@ -154,6 +162,7 @@ class Scheduler(Actor[Any]):
             if due:
                 self.next_due[name] = dt.datetime.fromisoformat(due)
         self._parse()
+        await self._plan_copies()
         self.start_soon(self._ticker)
 
     async def _ticker(self) -> None:
@@ -175,7 +184,7 @@ class Scheduler(Actor[Any]):
             return []
         if not self._ticked:
             return [self.clock.now()]  # the first tick finds what was missed while the daemon was down
-        return [d for name, d in self.next_due.items() if name in self._schedules]
+        return [*(d for name, d in self.next_due.items() if name in self._schedules), *self.copy_due.values()]
 
     def _rethink(self) -> None:
         """The next wake-up may have changed: wake the ticker so it recomputes."""
@@ -248,6 +257,7 @@ class Scheduler(Actor[Any]):
                 or not before.settings.enabled
             if changed or name not in self.next_due:
                 await self._set_due(name, sched.next_after(now))
+        await self._plan_copies()
         for name, run in self.runs.items():  # a new limit applies to a running job at once
             if name in self.jobs:
                 run.throttle.set_rate(self.jobs[name].settings.throttle)
@@ -260,6 +270,72 @@ class Scheduler(Actor[Any]):
             self.next_due[name] = due
         await self.db.set_next_due(name, due.isoformat() if due else None)
 
+    # -- periodic copies ---------------------------------------------------------------------------
+
+    def _periodic(self) -> dict[tuple[str, str], Any]:
+        return {(j.name, t.url): t for j in self.jobs.values() for t in j.spec.copy_to
+                if t.every_hours is not None and j.settings.enabled}
+
+    async def _plan_copies(self) -> None:
+        targets = self._periodic()
+        for key in list(self.copy_due):
+            if key not in targets:
+                del self.copy_due[key]
+        for key, target in targets.items():
+            if key not in self.copy_due:
+                last = await self.db.last_success(key[0], "copy", key[1])
+                self.copy_due[key] = (dt.datetime.fromisoformat(last) + dt.timedelta(hours=target.every_hours)
+                                      if last else self.clock.now())
+
+    async def _copy(self, key: tuple[str, str], target: Any, sid: int) -> None:
+        """Copy the latest point of each of the job's objects to the target (a helper task)."""
+        from blockferry.lifecycle import copy_to_url, latest_points
+
+        name, url = key
+        job = self.jobs[name]
+        state, note, result = "failed", None, SessionResult(job=name, started=self.clock.now().isoformat())
+        try:
+            repo = self.server.repositories.get(job.spec.repository)
+            if repo is None or repo.store is None:
+                raise BlockferryError(f"repository {job.spec.repository} is not open")
+            objects = {o.name for o in job.spec.objects}
+            points = latest_points(p for p in await repo.store.summaries() if p.object in objects)
+            report = await copy_to_url(repo.store, url, points, runtime=self.server.runtime,
+                                       retention=target.retention)
+            result.copied[url], result.pruned = report.points, report.pruned
+            state = "success"
+            self.log.info("copy_done", job=name, session=sid, target=url, points=len(report.points))
+        except BlockferryError as exc:
+            note = str(exc)
+            self.log.warning("copy_failed", job=name, session=sid, target=url, error=note)
+        except anyio.get_cancelled_exc_class():
+            state, note = "stopped", "the daemon is shutting down"
+            raise
+        finally:
+            self._copying.pop(key, None)
+            result.state, result.ended = state, self.clock.now().isoformat()
+            with anyio.CancelScope(shield=True):
+                await self.db.update_session(sid, state=state, ended=result.ended, note=note, result=result)
+            self.bus.publish("session", {"session": sid, "job": name, "kind": "copy", "target": url,
+                                         "trigger": "schedule", "state": state, "note": note})
+
+    async def _start_copies(self, now: dt.datetime) -> None:
+        targets = self._periodic()
+        for key, due in list(self.copy_due.items()):
+            if due > now or key in self._copying or key not in targets:
+                continue
+            target = targets[key]
+            step = dt.timedelta(hours=target.every_hours)
+            while due <= now:  # missed ones are not made up for: the latest points are what a copy sends
+                due += step
+            self.copy_due[key] = due
+            sid = await self.db.create_session(key[0], "schedule", "running", now.isoformat(), pid=os.getpid(),
+                                               kind="copy", target=key[1])
+            self._copying[key] = sid
+            self.bus.publish("session", {"session": sid, "job": key[0], "kind": "copy", "target": key[1],
+                                         "trigger": "schedule", "state": "running"})
+            self.start_soon(self._copy, key, target, sid)
+
     # -- the schedule ----------------------------------------------------------------------------
 
     async def _tick(self) -> None:
@@ -267,6 +343,7 @@ class Scheduler(Actor[Any]):
         startup, self._ticked = not self._ticked, True
         if self._stopping:
             return
+        await self._start_copies(now)
         for name, sched in list(self._schedules.items()):
             due = self.next_due.get(name)
             if due is None:

@@ -264,12 +264,14 @@ async def cmd_session_list(a: argparse.Namespace) -> int:
         r["written"] = human(r["written_bytes"])
         r["duration"] = f"{r['duration']:.1f}s"
         r["started"] = r["started"][:19]
-    _print_table(rows, ["id", "job", "trigger", "state", "started", "duration", "objects_done", "written", "note"])
+    _print_table(rows, ["id", "job", "kind", "trigger", "state", "started", "duration", "objects_done", "written",
+                        "note"])
     return EXIT_OK
 
 
 def _print_session(rec: dict[str, Any]) -> None:
-    print(f"session {rec['id']}: job {rec['job']} ({rec['trigger']}) {rec['state']}, started {rec['started']}"
+    kind = "" if rec.get("kind", "backup") == "backup" else f" {rec['kind']} to {rec.get('target')}"
+    print(f"session {rec['id']}: job {rec['job']}{kind} ({rec['trigger']}) {rec['state']}, started {rec['started']}"
           + (f", ended {rec['ended']}" if rec.get("ended") else ""))
     if rec.get("note"):
         print(f"  note: {rec['note']}")
@@ -287,6 +289,8 @@ def _print_session(rec: dict[str, Any]) -> None:
         print(f"  total: {human(st.get('disk_size', 0))} disks, read {human(st.get('read_bytes', 0))}, written "
               f"{human(st.get('written_bytes', 0))} in {res.get('duration', 0):.1f} s"
               + ("; bottleneck: " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in b.items()) if b else ""))
+    for url, points in (res.get("copied") or {}).items():
+        print(f"  copied to {url}: {len(points)} point(s)")
     for w in res.get("warnings", []):
         print(f"  warning: {w}")
 

@@ -52,6 +52,11 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         CREATE INDEX sessions_by_job ON sessions (job, id);
     """),
+    # periodic backup copies are sessions too: what a session did (backup, copy) and where to
+    (2, """
+        ALTER TABLE sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'backup';
+        ALTER TABLE sessions ADD COLUMN target TEXT;
+    """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -76,6 +81,9 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     started: str
     ended: str | None = None
     note: str | None = None
+    #: backup (a job run) or copy (a periodic backup copy of the job's latest points to ``target``)
+    kind: str = "backup"
+    target: str | None = None
     result: SessionResult | None = None
 
 
@@ -102,6 +110,8 @@ class _Summary(msgspec.Struct):
 class SessionSummary(msgspec.Struct, kw_only=True):
     id: int
     job: str
+    kind: str
+    target: str | None
     trigger: str
     state: str
     started: str
@@ -163,12 +173,21 @@ class StateDB:
     # -- sessions --------------------------------------------------------------------------------
 
     async def create_session(self, job: str, trigger: str, state: str, started: str, *, note: str | None = None,
-                             ended: str | None = None, pid: int | None = None) -> int:
+                             ended: str | None = None, pid: int | None = None, kind: str = "backup",
+                             target: str | None = None) -> int:
         def q(c: sqlite3.Connection) -> int:
-            cur = c.execute("INSERT INTO sessions (job, trigger, state, started, ended, note, pid) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?)", (job, trigger, state, started, ended, note, pid))
+            cur = c.execute("INSERT INTO sessions (job, trigger, state, started, ended, note, pid, kind, target) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (job, trigger, state, started, ended, note, pid, kind, target))
             return int(cur.lastrowid or 0)
         return await self._run(q)
+
+    async def last_success(self, job: str, kind: str, target: str | None = None) -> str | None:
+        """When the newest successful session of this kind (and target) started."""
+        row = await self._run(lambda c: c.execute(
+            "SELECT started FROM sessions WHERE job = ? AND kind = ? AND target IS ? "
+            "AND state IN ('success', 'warning') ORDER BY id DESC LIMIT 1", (job, kind, target)).fetchone())
+        return row[0] if row else None
 
     async def update_session(self, sid: int, *, state: str | None = None, ended: str | None = None,
                              note: str | None = None, result: SessionResult | None = None) -> None:
@@ -186,11 +205,13 @@ class StateDB:
 
     async def session(self, sid: int) -> SessionRecord:
         row = await self._run(lambda c: c.execute(
-            "SELECT id, job, trigger, state, started, ended, note, result FROM sessions WHERE id = ?", (sid,)).fetchone())
+            "SELECT id, job, trigger, state, started, ended, note, kind, target, result FROM sessions WHERE id = ?",
+            (sid,)).fetchone())
         if row is None:
             raise NotFoundError(f"no session {sid}")
         *head, result = row
-        rec = SessionRecord(**dict(zip(("id", "job", "trigger", "state", "started", "ended", "note"), head)))
+        rec = SessionRecord(**dict(zip(("id", "job", "trigger", "state", "started", "ended", "note", "kind",
+                                        "target"), head)))
         if result:
             rec.result = msgspec.json.decode(result, type=SessionResult)
         return rec
@@ -205,14 +226,14 @@ class StateDB:
         if state is not None:
             where.append("state = ?")
             args.append(state)
-        sql = ("SELECT id, job, trigger, state, started, ended, note, result FROM sessions"
+        sql = ("SELECT id, job, trigger, state, started, ended, note, kind, target, result FROM sessions"
                + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?")
         rows = await self._run(lambda c: c.execute(sql, (*args, limit)).fetchall())
         out = []
-        for sid, jb, trig, st, started, ended, note, result in rows:
+        for sid, jb, trig, st, started, ended, note, kind, target, result in rows:
             s = msgspec.json.decode(result, type=_Summary) if result else _Summary()
             out.append(SessionSummary(
-                id=sid, job=jb, trigger=trig, state=st, started=started, ended=ended, note=note,
+                id=sid, job=jb, kind=kind, target=target, trigger=trig, state=st, started=started, ended=ended, note=note,
                 duration=s.duration, objects=len(s.objects), objects_done=sum(o.state == "done" for o in s.objects),
                 points=[o.point for o in s.objects if o.point], disk_bytes=s.stats.disk_size,
                 read_bytes=s.stats.read_bytes, written_bytes=s.stats.written_bytes, warnings=len(s.warnings)))

@@ -128,3 +128,31 @@ async def test_disabled_jobs_do_not_run_on_schedule(tmp_path: Path) -> None:
         await c.call("clock.advance", seconds=5 * 60)
         rows = await sessions_until(c, 3)
         assert sorted(r["job"] for r in rows[1:]) == ["off", "on"]
+
+
+@pytest.mark.anyio
+async def test_periodic_copies_send_the_latest_points(tmp_path: Path) -> None:
+    from blockferry.api import open_repository
+
+    copy = tmp_path / "copy"
+    async with running_daemon(tmp_path, clock=manual_clock()) as (daemon, c):
+        await c.call("repo.add", name="copyrepo", url=str(copy))  # creates the target repository
+        await c.call("repo.remove", name="copyrepo")
+        await setup(c, tmp_path, j={"copy_to": [{"url": str(copy), "every_hours": 2, "retention": {"keep_last": 1}}]})
+        rows = await sessions_until(c, 1)  # never copied: a first copy at once (nothing to copy yet)
+        assert (rows[0]["kind"], rows[0]["state"], rows[0]["target"]) == ("copy", "success", str(copy))
+        first = await wait_session(c, (await c.call("job.run", name="j"))["session"])
+        second = await wait_session(c, (await c.call("job.run", name="j"))["session"])
+        assert not first["result"]["copied"] and not second["result"]["copied"]  # not an immediate copy
+        await c.call("clock.advance", seconds=3600)
+        assert len(await c.call("session.list")) == 3  # not due yet
+        await c.call("clock.advance", seconds=3600)
+        rows = await sessions_until(c, 4)
+        assert rows[-1]["kind"] == "copy" and rows[-1]["state"] == "success"
+        shown = await c.call("session.show", id=rows[-1]["id"])
+        assert shown["result"]["copied"] == {str(copy): [o["point"] for o in second["result"]["objects"]]}
+    async with open_repository(str(copy)) as repo:
+        assert [p.id for p in await repo.points()] == [second["result"]["objects"][0]["point"]]
+    # a restarted daemon knows when the last copy was made
+    async with running_daemon(tmp_path, clock=manual_clock(START + dt.timedelta(hours=3))) as (daemon, c):
+        assert daemon.scheduler.copy_due[("j", str(copy))] == START + dt.timedelta(hours=4)

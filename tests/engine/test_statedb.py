@@ -91,3 +91,24 @@ async def test_sessions_record_results_and_dead_ones_fail(tmp_path: Path) -> Non
         assert [r.id for r in await db.sessions(state="success")] == [a]
     finally:
         await db.close()
+
+
+@pytest.mark.anyio
+async def test_a_version_1_database_is_migrated_keeping_its_sessions(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    for statement in MIGRATIONS[0][1].split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO sessions (job, trigger, state, started) VALUES ('old', 'manual', 'success', 'x')")
+    conn.close()
+    db = await StateDB.open(tmp_path / "state.db")
+    try:
+        assert await db.schema_version() == SCHEMA_VERSION
+        rec = await db.session(1)
+        assert rec.job == "old" and rec.kind == "backup" and rec.target is None
+        sid = await db.create_session("old", "schedule", "success", "y", kind="copy", target="/copy")
+        assert await db.last_success("old", "copy", "/copy") == "y" and sid == 2
+        assert await db.last_success("old", "copy", "/elsewhere") is None
+    finally:
+        await db.close()
