@@ -26,9 +26,9 @@ async def test_rate_is_enforced_and_shared_fairly() -> None:
         tg.start_soon(mover, "a")
         tg.start_soon(mover, "b")
     total = max(ends.values())
-    assert 0.4 <= total < 1.5  # 2 MiB at 4 MiB/s, less the first burst
+    assert 0.4 <= total < 3.0  # 2 MiB at 4 MiB/s, less the first burst (generous: shared CI cores)
     # first come, first served: neither task gets the bucket to itself and finishes early
-    assert abs(ends["a"] - ends["b"]) < 0.15
+    assert abs(ends["a"] - ends["b"]) < 0.25
     st = th.statistics()
     assert st.consumed == 2 << 20 and st.peak_waiting == 2 and st.waiting == 0
     assert st.waited > 0.3  # slept, rather than spun
