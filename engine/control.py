@@ -170,7 +170,10 @@ class ControlServer:
     async def run(self, *, task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind the socket, report started, serve until cancelled or :meth:`close`; the socket
         file is removed on the way out."""
-        listener = await anyio.create_unix_listener(self.path, mode=self.mode)
+        try:
+            listener = await anyio.create_unix_listener(self.path, mode=self.mode)
+        except OSError as exc:  # a path too long for AF_UNIX (108 bytes), a read-only directory...
+            raise ConfigError(f"cannot listen on {self.path}: {exc.strerror or exc}") from exc
         try:
             if self.group is not None:
                 os.chown(self.path, -1, self.group)

@@ -52,7 +52,7 @@ from .catalog import (
 )
 from .config import EngineSettings, RepositorySettings, ServerConfig
 from .control import AccessPolicy, ControlServer, resolve_group
-from .errors import BlockferryError, ConfigError, ConflictError, FieldError, NotFoundError
+from .errors import BlockferryError, ConfigError, ConflictError, FieldError, NotFoundError, plain_errors
 from .events import EventBus
 from .log import LEVELS, get_logger
 from .protocol import NameParams, SessionListParams, SessionShowParams, SetParams, StopParams
@@ -195,9 +195,6 @@ class Daemon:
 
     async def run(self, *, handle_signals: bool = False,
                   task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED) -> None:
-        from blockferry.actors.scheduler import Scheduler, StopAll
-        from blockferry.actors.server import BackupServer
-
         o = self.options
         o.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         o.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -219,36 +216,9 @@ class Daemon:
             self.throttle.set_rate(self.catalog.settings.throttle)
             access = AccessPolicy(o.allowed_users, o.allowed_groups)
             group = resolve_group(o.socket_group) if o.socket_group else None
-            async with anyio.create_task_group() as tg:
-                self.server = await tg.start(BackupServer(ServerConfig(proxies=[], repositories=[],
-                                                                       engine=o.engine)).run)
-                for p in self.catalog.proxies:
-                    await self.server.add_proxy(p)
-                for r in self.catalog.repositories:
-                    await self._open_repository(r, quiet=True)
-                self.scheduler = Scheduler(server=self.server, db=self.db, bus=self.bus, clock=self.clock,
-                                           throttle=self.throttle, jobs=self.catalog.jobs,
-                                           sources=self.catalog.sources, progress_interval=o.progress_interval,
-                                           prepare=self._prepare)
-                await tg.start(self.scheduler.run)
-                self.control = ControlServer(o.socket, handler=self._handle, bus=self.bus, access=access,
-                                             mode=0o660 if group is not None else 0o600, group=group,
-                                             max_clients=o.max_clients, server_name=f"blockferry {__version__}")
-                await tg.start(self.control.run)
-                if handle_signals:
-                    tg.start_soon(self._signals)
-                log.info("daemon_started", socket=str(o.socket), state_dir=str(o.state_dir), pid=os.getpid(),
-                         jobs=len(self.catalog.jobs), sessions_failed=len(failed))
-                task_status.started(self)
-                await self._stop.wait()
-                log.info("daemon_stopping")
-                self.control.close()
-                idle = await self.scheduler.ask(StopAll("the daemon is shutting down"))
-                with anyio.move_on_after(o.stop_timeout):
-                    await idle.wait()
-                await self.scheduler.stop()
-                await self.server.stop()
-                tg.cancel_scope.cancel()
+            with plain_errors():  # a start-up refusal is raised as itself, not in a group
+                await self._serve(access=access, group=group, handle_signals=handle_signals,
+                                  failed=failed, task_status=task_status)
         finally:
             with anyio.CancelScope(shield=True):
                 if self.db is not None:
@@ -256,6 +226,44 @@ class Daemon:
             for fd in self._fds:
                 os.close(fd)
             log.info("daemon_stopped")
+
+    async def _serve(self, *, access: AccessPolicy, group: int | None, handle_signals: bool, failed: list[int],
+                     task_status: anyio.abc.TaskStatus[Any]) -> None:
+        from blockferry.actors.scheduler import Scheduler, StopAll
+        from blockferry.actors.server import BackupServer
+
+        o = self.options
+        assert self.db is not None
+        async with anyio.create_task_group() as tg:
+            self.server = await tg.start(BackupServer(ServerConfig(proxies=[], repositories=[],
+                                                                   engine=o.engine)).run)
+            for p in self.catalog.proxies:
+                await self.server.add_proxy(p)
+            for r in self.catalog.repositories:
+                await self._open_repository(r, quiet=True)
+            self.scheduler = Scheduler(server=self.server, db=self.db, bus=self.bus, clock=self.clock,
+                                       throttle=self.throttle, jobs=self.catalog.jobs,
+                                       sources=self.catalog.sources, progress_interval=o.progress_interval,
+                                       prepare=self._prepare)
+            await tg.start(self.scheduler.run)
+            self.control = ControlServer(o.socket, handler=self._handle, bus=self.bus, access=access,
+                                         mode=0o660 if group is not None else 0o600, group=group,
+                                         max_clients=o.max_clients, server_name=f"blockferry {__version__}")
+            await tg.start(self.control.run)
+            if handle_signals:
+                tg.start_soon(self._signals)
+            log.info("daemon_started", socket=str(o.socket), state_dir=str(o.state_dir), pid=os.getpid(),
+                     jobs=len(self.catalog.jobs), sessions_failed=len(failed))
+            task_status.started(self)
+            await self._stop.wait()
+            log.info("daemon_stopping")
+            self.control.close()
+            idle = await self.scheduler.ask(StopAll("the daemon is shutting down"))
+            with anyio.move_on_after(o.stop_timeout):
+                await idle.wait()
+            await self.scheduler.stop()
+            await self.server.stop()
+            tg.cancel_scope.cancel()
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

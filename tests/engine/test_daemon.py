@@ -198,3 +198,21 @@ async def test_failed_objects_are_retried_in_the_same_session(tmp_path: Path) ->
         assert len(await c.call("session.list")) == 1  # one session, several attempts
     async with open_repository(str(tmp_path / "repo")) as repo:
         assert len(await repo.points()) == 1
+
+
+@pytest.mark.anyio
+async def test_a_socket_path_too_long_is_a_clear_error(tmp_path: Path) -> None:
+    from blockferry.errors import ConfigError
+
+    opts = DaemonOptions(socket=tmp_path / ("s" * 120), state_dir=tmp_path / "state")
+    with pytest.raises(ConfigError, match="cannot listen"):
+        await Daemon(opts).run()
+    await Daemon(DaemonOptions(socket=tmp_path / "ok.sock", state_dir=tmp_path / "state")).run(
+        task_status=_Stopper())  # the locks were released: a daemon can start on that state directory
+
+
+class _Stopper:
+    """A task_status that stops the daemon as soon as it has started."""
+
+    def started(self, daemon: Daemon) -> None:
+        daemon.shutdown()
