@@ -190,6 +190,11 @@ async def connect(path: str | os.PathLike[str], *, client: str = "blockferry-pyt
                 try:
                     yield c
                 finally:
+                    # close first: the reader then ends with ClosedResourceError instead of being
+                    # cancelled in a pending receive (on asyncio, anyio's UNIX streams can log an
+                    # InvalidStateError when data arrives just as such a receive is cancelled)
+                    with anyio.CancelScope(shield=True):
+                        await stream.aclose()
                     tg.cancel_scope.cancel()
 
 

@@ -169,6 +169,8 @@ class Daemon:
         self.started = time.time()
         self._change_lock = anyio.Lock()
         self._stop = anyio.Event()
+        #: set once :meth:`run` has returned (stopped or failed)
+        self.stopped = anyio.Event()
         self._fds: list[int] = []
         self.server: Any = None
         self.scheduler: Any = None
@@ -190,7 +192,9 @@ class Daemon:
         return event
 
     def shutdown(self) -> None:
-        """Ask the daemon to stop (what SIGTERM does)."""
+        """Ask the daemon to stop (what SIGTERM does): running jobs stop cleanly, then
+        :meth:`run` returns. Cancelling :meth:`run` instead is abrupt (the actors are cancelled
+        where they are; sessions left running are marked failed at the next start)."""
         self._stop.set()
 
     async def run(self, *, handle_signals: bool = False,
@@ -225,6 +229,7 @@ class Daemon:
                     await self.db.close()
             for fd in self._fds:
                 os.close(fd)
+            self.stopped.set()
             log.info("daemon_stopped")
 
     async def _serve(self, *, access: AccessPolicy, group: int | None, handle_signals: bool, failed: list[int],

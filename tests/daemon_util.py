@@ -35,6 +35,9 @@ async def running_daemon(tmp_path: Path, *, clock: Clock | None = None,
                 yield daemon, client
         finally:
             daemon.shutdown()
+            # a failing test must not cancel the daemon abruptly: let it stop cleanly first
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                await daemon.stopped.wait()
 
 
 async def wait_session(client: Client, sid: int, timeout: float = 20.0) -> dict[str, Any]:
