@@ -144,7 +144,7 @@ async def test_subscriptions_receive_events_in_order(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
 @pytest.mark.anyio
-async def test_another_user_is_refused_by_peer_credentials(tmp_path: Path) -> None:
+async def test_another_user_is_refused_by_peer_credentials_unless_its_group_is_allowed(tmp_path: Path) -> None:
     import tempfile
 
     public = Path(tempfile.mkdtemp(prefix="bf-peer-"))
@@ -160,12 +160,25 @@ async def test_another_user_is_refused_by_peer_credentials(tmp_path: Path) -> No
             "while len(data) < n: data += s.recv(n - len(data))\n"
             "sys.stdout.buffer.write(data)\n"
         )
-        proc = await anyio.run_process(["/usr/bin/python3", "-c", code], user=65534, check=False)
+        proc = await anyio.run_process(["/usr/bin/python3", "-c", code], user=65534, group=65534, extra_groups=[],
+                                       check=False)
         reply = msgspec.msgpack.decode(proc.stdout) if proc.stdout else {}
         out = str(reply)
         assert "permission_denied" in out and "nobody" in out and "not allowed" in out, out + proc.stderr.decode()
         assert daemon.control is not None and daemon.control.refused == 1
         assert (await client.call("status"))["pid"] == os.getpid()
+    # the same user, once its group is allowed, is welcome; the socket belongs to that group
+    async with running_daemon(tmp_path, socket=public / "g.sock", allowed_groups=["nogroup"],
+                              socket_group="nogroup") as (daemon, client):
+        st = os.stat(daemon.options.socket)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 65534
+        hello = frame(Hello(versions=[1]))
+        greet = code.replace("d.sock')\n", f"g.sock'); s.sendall({hello!r})\n")
+        assert "sendall" in greet
+        proc = await anyio.run_process(["/usr/bin/python3", "-c", greet], user=65534,
+                                       group=65534, extra_groups=[], check=False)
+        reply = msgspec.msgpack.decode(proc.stdout) if proc.stdout else {}
+        assert reply.get("type") == "welcome" and reply.get("user") == "nobody", proc.stderr.decode()
     shutil.rmtree(public)
 
 
