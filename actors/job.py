@@ -37,6 +37,7 @@ from blockferry.messages import (
 )
 from blockferry.registry import source_plugin
 from blockferry.scheduler import ResourceScheduler, Slots, Ticket
+from blockferry.source import expand_disks
 from blockferry.task import Runtime, TaskContext
 
 
@@ -170,6 +171,7 @@ class JobManager(Actor[Any]):
             res = ObjectResult(name=obj.name)
             self.session.objects.append(res)
             try:
+                obj = msgspec.structs.replace(obj, disks=await expand_disks(obj.disks))
                 tasks = self._make_tasks(obj)
             except BlockferryError as exc:
                 res.state, res.error = "failed", str(exc)

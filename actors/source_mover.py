@@ -81,8 +81,11 @@ class SourceMover(Actor[Any]):
             hints, tracking = task.hints, ""
             if hints is not None:
                 check_within(hints, disk.size, task.spec.hints or task.url)
-            elif task.base is not None and hasattr(disk, "changed_extents"):
-                hints, tracking = await disk.changed_extents(task.base)
+            elif hasattr(disk, "changed_extents"):
+                if task.base is not None:
+                    hints, tracking = await disk.changed_extents(task.base)
+                else:
+                    tracking = "no earlier point of this disk to track changes from"
             task.finish = getattr(disk, "finish", None)
             data = await disk.data_extents()
             plan = make_plan(size=disk.size, block_size=task.block_size, data=data, hints=hints,

@@ -34,6 +34,7 @@ from .format import DEFAULT_BLOCK_SIZE, Manifest, RepositoryConfig
 from .hints import check_within, load_hints
 from .messages import JobStatus, SessionResult
 from .registry import backend_plugin, scheme_of, source_plugin
+from .source import expand_disks
 from .store import PointSummary, RepositoryStore
 from .task import Runtime
 
@@ -161,8 +162,9 @@ class Repository:
         disks = [s if isinstance(s, DiskSpec) else DiskSpec(source=str(s), hints=hints.pop(str(s), None)) for s in sources]
         if hints:
             raise ConfigError(f"changed extents given for {', '.join(hints)}, which is not among the sources")
-        await self._preflight(disks)
         obj = name or disks[0].name or source_plugin(disks[0].source).disk_name(disks[0].source)
+        disks = await expand_disks(disks)  # a VM by its QMP socket: one spec per disk
+        await self._preflight(disks)
         spec = JobSpec(name=job or f"backup {obj}", repository="repository",
                        objects=[ObjectSpec(name=obj, disks=disks)], retries=retries, retry_delay=retry_delay,
                        immutable_days=immutable_days, retention=retention)
@@ -178,7 +180,9 @@ class Repository:
         """Run a whole job (several objects) against this repository, in an embedded server."""
         from blockferry.actors.server import running_server
 
-        cfg = ServerConfig(proxies=self.proxies or [ProxyConfig(name="local", max_tasks=self.max_tasks)],
+        # the embedded proxy runs here: it reaches local files and local QEMU sockets alike
+        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu"])
+        cfg = ServerConfig(proxies=self.proxies or [local],
                            engine=self.runtime.settings)
         async with running_server(cfg) as server:
             await server.add_repository(RepositorySettings(name=spec.repository, url=self.url, max_tasks=self.max_tasks),

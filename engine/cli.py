@@ -31,7 +31,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_IMMUTABLE = 0,
 
 #: modules that add commands, each with ``register(add_command)`` where ``add_command(name, fn,
 #: help)`` returns the subparser. Keep them light: import what a command needs inside it.
-COMMAND_MODULES: tuple[str, ...] = ("blockferry.cli_lifecycle", "blockferry.cli_daemon")
+COMMAND_MODULES: tuple[str, ...] = ("blockferry.cli_lifecycle", "blockferry.cli_qemu", "blockferry.cli_daemon")
 
 
 def human(n: float) -> str:

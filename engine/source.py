@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from .config import DiskSpec
     from .format import DiskRecord
 
 Buffer = bytearray | memoryview
@@ -83,3 +84,28 @@ class SourcePlugin(Protocol):
     def disk_name(self, url: str) -> str:
         """The disk's default name without opening it (used to plan a job)."""
         ...
+
+    # Optional: ``async def expand(self, url) -> list[str]`` when one URL may stand for several
+    # disks (a VM by its QMP socket): one URL per disk, or ``[url]``. See :func:`expand_disks`.
+
+
+async def expand_disks(disks: Sequence[DiskSpec]) -> list[DiskSpec]:
+    """Each disk spec whose source stands for several disks, as one spec per disk (through the
+    plugin's optional ``expand``); specs with a name or hints stay as they are. A source that
+    cannot be expanded now (a VM not running) also stays, so opening it fails in its task, where
+    retries apply."""
+    from .config import DiskSpec
+    from .errors import BlockferryError
+    from .registry import source_plugin
+
+    out: list[DiskSpec] = []
+    for d in disks:
+        expand = getattr(source_plugin(d.source), "expand", None)
+        urls = [d.source]
+        if expand is not None and d.name is None and not d.hints:
+            try:
+                urls = await expand(d.source)
+            except BlockferryError:
+                pass
+        out.extend([d] if urls == [d.source] else [DiskSpec(source=u, options=d.options) for u in urls])
+    return out
