@@ -41,7 +41,8 @@ class Repository(MoverHost):
 
     async def on_start(self) -> None:
         if self.store is None:
-            backend = await backend_plugin(self.settings.url).open(self.settings.url, {"limiter": self.runtime.io})
+            backend = await backend_plugin(self.settings.url).open(
+                self.settings.url, {**self.settings.options, "limiter": self.runtime.io})
             self.store = await RepositoryStore.open(backend)
         await self.store.load_index()
 

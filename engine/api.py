@@ -39,6 +39,7 @@ from .store import PointSummary, RepositoryStore
 from .task import Runtime
 
 if TYPE_CHECKING:
+    from .archive import ArchiveReport
     from .gc import GcReport
     from .lifecycle import CopyReport, PruneReport
     from .restore import RestoreResult
@@ -62,9 +63,12 @@ def _plain(fn: F) -> F:
 
 @_plain
 async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, compression: str = "default",
-                          immutable_days: int | None = None, pack_size: int | None = None) -> RepositoryConfig:
+                          immutable_days: int | None = None, pack_size: int | None = None,
+                          backend_options: Mapping[str, Any] | None = None) -> RepositoryConfig:
     """Create a repository at ``url``. A local directory is created if missing and must be empty
-    otherwise; a location that already holds a repository is refused."""
+    otherwise; a location that already holds a repository is refused. ``backend_options`` go
+    to the backend plugin (for ``s3``: ``create_bucket``, ``object_lock``, endpoint and the
+    other settings of docs/s3.md)."""
     if scheme_of(url) == "file":
         from blockferry.plugins.local import path_from_url
 
@@ -77,7 +81,7 @@ async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, com
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create {path}: {exc.strerror}") from exc
-    backend = await backend_plugin(url).open(url, {})
+    backend = await backend_plugin(url).open(url, dict(backend_options or {}))
     try:
         return await RepositoryStore.init(backend, block_size=block_size, compression=compression,
                                           immutable_days=immutable_days,
@@ -88,14 +92,16 @@ async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, com
 
 @asynccontextmanager
 async def open_repository(url: str, *, engine: EngineSettings | None = None,
-                          proxies: Sequence[ProxyConfig] | None = None, max_tasks: int = 4) -> AsyncIterator[Repository]:
+                          proxies: Sequence[ProxyConfig] | None = None, max_tasks: int = 4,
+                          backend_options: Mapping[str, Any] | None = None) -> AsyncIterator[Repository]:
     """Open an existing repository (NotARepositoryError, UnsupportedFormatError otherwise).
 
     ``proxies`` and ``max_tasks`` shape backups made through this handle: by default one local
-    proxy of 4 tasks and a repository limit of 4 tasks.
+    proxy of 4 tasks and a repository limit of 4 tasks. ``backend_options`` go to the backend
+    plugin (for ``s3``, the settings of docs/s3.md).
     """
     runtime = Runtime(engine)
-    backend = await backend_plugin(url).open(url, {"limiter": runtime.io})
+    backend = await backend_plugin(url).open(url, {**(backend_options or {}), "limiter": runtime.io})
     try:
         store = await RepositoryStore.open(backend)
         repo = Repository(url, store, runtime, list(proxies) if proxies else None, max_tasks)
@@ -239,6 +245,7 @@ class Repository:
 
         async with self.store.reading("restore"):
             await self.store.load_index()
+            await self.store.prepare_read([m], self._archive_progress)
             return await restore_disks(self.store, m, disks, [out / d.name for d in disks], runtime=self.runtime,
                                        overwrite=overwrite, allow_damaged=allow_damaged, progress=progress)
 
@@ -257,8 +264,27 @@ class Repository:
 
         async with self.store.reading("restore"):
             await self.store.load_index()
+            await self.store.prepare_read([m], self._archive_progress)
             return await restore_disk(self.store, m, record, Path(target), runtime=self.runtime, into_existing=True,
                                       progress=progress)
+
+    #: called with a message while packs come back from an archive tier (default: logged only)
+    _archive_progress: Callable[[str], None] | None = None
+
+    @_plain
+    async def archive(self, *, older_than_days: float | None = None, points: Sequence[str] | None = None,
+                      storage_class: str | None = None, back: bool = False,
+                      progress: Callable[[str], None] | None = None) -> ArchiveReport:
+        """Move the packs of old points (created more than ``older_than_days`` days ago, or
+        ``points``) to an archive storage class, or ``back`` to STANDARD; see engine/archive.py."""
+        from .archive import archive_points
+
+        await self.store.lock("archive")
+        try:
+            return await archive_points(self.store, older_than_days=older_than_days, points=points,
+                                        storage_class=storage_class, back=back, progress=progress)
+        finally:
+            await self.store.unlock()
 
     @_plain
     async def prune(self, policy: RetentionPolicy, *, object: str | None = None, dry_run: bool = False,

@@ -1,4 +1,4 @@
-"""The storage contract every repository backend meets (local directory now, S3 later).
+"""The storage contract every repository backend meets (local directory, S3).
 
 Keys are ``/``-separated relative names (``packs/ab/ab12...``). The contract is written so that a
 backend without rename (S3) fits: the only ways to publish bytes are :meth:`Backend.put` (a whole

@@ -31,7 +31,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_IMMUTABLE = 0,
 
 #: modules that add commands, each with ``register(add_command)`` where ``add_command(name, fn,
 #: help)`` returns the subparser. Keep them light: import what a command needs inside it.
-COMMAND_MODULES: tuple[str, ...] = ("blockferry.cli_lifecycle", "blockferry.cli_qemu", "blockferry.cli_daemon")
+COMMAND_MODULES: tuple[str, ...] = ("blockferry.cli_lifecycle", "blockferry.cli_qemu", "blockferry.cli_archive",
+                                   "blockferry.cli_daemon")
 
 
 def human(n: float) -> str:
@@ -90,8 +91,15 @@ class Progress:
 async def cmd_init(a: argparse.Namespace) -> int:
     from .api import init_repository
 
+    options = {}
+    if a.create_bucket or a.object_lock:
+        from .registry import scheme_of
+
+        if scheme_of(a.repo) != "s3":
+            raise ConfigError("--create-bucket and --object-lock are for s3:// repositories")
+        options = {"create_bucket": True, "object_lock": a.object_lock}
     cfg = await init_repository(a.repo, block_size=a.block_size, compression=a.compression,
-                                immutable_days=a.immutable_days)
+                                immutable_days=a.immutable_days, backend_options=options)
     if a.json:
         _json_out({"repository": a.repo, "config": cfg})
     else:
@@ -197,6 +205,8 @@ async def cmd_restore(a: argparse.Namespace) -> int:
         raise ConfigError("give either --to DIR or --to-file PATH")
     progress = Progress(quiet=a.json or a.quiet, every=10.0)
     async with open_repository(a.repo) as repo:
+        if not a.json:  # waits for an archive tier are worth saying, even with -q
+            repo._archive_progress = lambda text: print(text, file=sys.stderr, flush=True)
         m = await repo.point(a.point)
         disks = [m.disk(a.disk)] if a.disk else m.disks
         total = sum(d.size for d in disks)
@@ -300,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compression", choices=list(COMPRESSION_LEVELS), default="default",
                     help="none, fast (zstd 1), default (zstd 3), high (zstd 9)")
     sp.add_argument("--immutable-days", type=int, metavar="N", help="every point stays immutable N days")
+    sp.add_argument("--create-bucket", action="store_true", help="s3: create the bucket if it does not exist")
+    sp.add_argument("--object-lock", action="store_true",
+                    help="s3: create the bucket with object lock (immutable points are locked by the server)")
 
     sp = cmd("backup", cmd_backup, "back up the disks of one object (VM) into a new restore point")
     sp.add_argument("repo")

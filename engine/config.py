@@ -48,6 +48,8 @@ class RepositorySettings(msgspec.Struct, frozen=True, kw_only=True):
     max_tasks: Positive = 4
     #: the availability check refuses a task when less than this is free (bytes)
     min_free_bytes: NonNegative = 256 * MiB
+    #: options for the backend plugin (for s3: endpoint, region, limits... see docs/s3.md)
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):

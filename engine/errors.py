@@ -73,6 +73,13 @@ class RepositoryUnavailableError(RepositoryError):
     transient = False
 
 
+class ArchivedError(RepositoryError):
+    """An object of the repository is in an archive storage class (S3 Glacier and the like) and
+    could not be brought back in time: the restore was requested; the message says how to go on."""
+
+    transient = False
+
+
 class ImmutableError(BlockferryError):
     """Something asked to remove a restore point (or its data) that is immutable until a later
     date. Nothing was removed."""

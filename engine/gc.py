@@ -111,11 +111,16 @@ async def mark(store: RepositoryStore, *, rewrite_threshold: float = DEFAULT_REW
     live, frozen = await _live(store, now)
     delete, rewrite, condemned = [], [], bytearray()
     kept_immutable = freed = 0
+    # a backend with server-side retention (S3 object lock) can say what it would refuse to delete
+    locked_until = getattr(store.backend, "locked_until", None)
     for pack, entries in sorted(packs.items()):
         dead = [e for e in entries if e.digest not in live]
         if not dead:
             continue
         if any(e.digest in frozen for e in entries):
+            kept_immutable += 1
+            continue
+        if locked_until is not None and await locked_until(pack_key(pack)):
             kept_immutable += 1
             continue
         if any(e.digest in live and (e.digest, pack) in store.damaged for e in entries):
@@ -279,6 +284,10 @@ async def _delete_orphans(store: RepositoryStore, report: GcReport) -> int:
     async for o in store.backend.list("packs/"):
         pack = o.key.rsplit("/", 1)[-1]
         if pack not in packs:
+            locked_until = getattr(store.backend, "locked_until", None)
+            if locked_until is not None and await locked_until(o.key):
+                report.packs_kept_immutable += 1
+                continue
             await store.backend.delete(o.key)
             report.orphan_packs_deleted += 1
             freed += o.size

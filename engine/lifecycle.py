@@ -109,6 +109,8 @@ async def copy_points(
         await target.load_index()
         existing = set(await target.point_ids())
         async with source.reading("copy"):
+            # packs in an archive tier come back first, all at once (a no-op elsewhere)
+            await source.prepare_read([await source.manifest(p) for p in point_ids if p not in existing])
             for n, pid in enumerate(point_ids):
                 if pid in existing:
                     report.skipped.append(pid)

@@ -518,6 +518,13 @@ class RepositoryStore:
         self._writer = await self._take_lock(LOCK_KEY, purpose)
         if hasattr(self.backend, "clean_tmp"):
             await anyio.to_thread.run_sync(self.backend.clean_tmp)
+        abort_uploads = getattr(self.backend, "abort_incomplete_uploads", None)
+        if abort_uploads is not None:
+            # only this lock's holder and a garbage collection write packs: with no collection
+            # running, every incomplete upload was left by a writer that died
+            gc_holder = await self.read_lock(GC_LOCK_KEY)
+            gc_running = gc_holder is not None and (gc_holder.host != socket.gethostname() or _holder_alive(gc_holder))
+            await abort_uploads(older_than=86400.0 if gc_running else None)
         plan = await self.load_gc_plan()
         if plan is not None:
             self.condemned = {plan.condemned[i:i + DIGEST_SIZE] for i in range(0, len(plan.condemned), DIGEST_SIZE)}
@@ -726,6 +733,17 @@ class RepositoryStore:
                 return m.id, m.disk(disk_name)
         return None
 
+    async def prepare_read(self, manifests: Iterable[Manifest], progress: Any = None) -> int:
+        """Before reading points: let the backend bring back packs of theirs that sit in an
+        archive tier (S3 RestoreObject), waiting until they are readable. Returns how many it had
+        to restore (0 where the backend has no archive tier). The index must be loaded."""
+        prepare = getattr(self.backend, "prepare_read", None)
+        if prepare is None:
+            return 0
+        keys = {pack_key(self.index.packs[loc >> 84]) for m in manifests for d in self.referenced(m)
+                if (loc := self.index.lookup(d)) is not None}
+        return await prepare(sorted(keys), progress)
+
     async def protect_point(self, manifest: Manifest) -> bool:
         """Ask the backend to enforce a point's immutability on its manifest and on every pack
         holding its chunks (the local backend sets the filesystem's immutable attribute). False
@@ -789,6 +807,9 @@ class RepositoryStore:
         m = await self.manifest(point_id)
         if immutable_now(m.immutable_until, now):
             raise ImmutableError(f"restore point {point_id} is immutable until {m.immutable_until}")
+        locked_until = getattr(self.backend, "locked_until", None)  # server-side retention (S3 object lock)
+        if locked_until is not None and (until := await locked_until(f"points/{point_id}")):
+            raise ImmutableError(f"restore point {point_id} is locked by the storage until {until}")
         unprotect = getattr(self.backend, "unprotect", None)
         if unprotect is not None and m.immutable_until:
             await unprotect(f"points/{point_id}")

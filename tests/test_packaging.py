@@ -23,7 +23,7 @@ def test_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
     assert tops == {"blockferry", "blockferry-0.1.0.dist-info"}, tops
     for module in ("blockferry/actor.py", "blockferry/actors/proxy.py", "blockferry/actors/server.py",
                    "blockferry/plugins/local.py", "blockferry/plugins/file_source.py", "blockferry/plugins/qemu.py",
-                   "blockferry/plugins/nbd.py", "blockferry/serve.py"):
+                   "blockferry/plugins/nbd.py", "blockferry/serve.py", "blockferry/plugins/s3.py", "blockferry/archive.py"):
         assert module in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "blockferry.sources" in entry_points and "blockferry.backends" in entry_points
@@ -53,7 +53,8 @@ def test_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
     assert out[1] == "FileSourcePlugin LocalBackendPlugin"
     assert out[2] == str(sorted(["blockferry.plugins.file_source:FileSourcePlugin",
                                  "blockferry.plugins.local:LocalBackendPlugin",
-                                 "blockferry.plugins.qemu:QemuSourcePlugin"]))
+                                 "blockferry.plugins.qemu:QemuSourcePlugin",
+                                 "blockferry.plugins.s3:S3BackendPlugin"]))
     assert out[3:6] == ["no engine", "no plugins", "no actors"]
     version = subprocess.run([str(venv / "bin" / "blockferry"), "--version"], check=True, capture_output=True,
                              text=True, env=env, timeout=60).stdout

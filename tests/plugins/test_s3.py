@@ -1,0 +1,496 @@
+"""The ``s3`` backend against a real S3 server: radosgw from Debian's Ceph packages on loopback,
+started once per session (tests/plugins/rgw.py). These tests run on **asyncio only**: the backend
+is built on aiobotocore, which is asyncio-bound (under trio it refuses to open, tested below).
+
+Faults (503 SlowDown, slow answers, dropped connections, archived objects) come from a small
+HTTP proxy in front of radosgw (:class:`FaultProxy`): real HTTP both ways, nothing mocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+import blockferry
+from blockferry.errors import BlockferryError, ConfigError, ImmutableError
+from blockferry.retention import RetentionPolicy
+from blockferry.plugins.s3 import S3Backend, S3BackendPlugin, load_settings, parse_url
+from tests.conformance import BackendConformance
+from tests.conftest import KiB, MiB, mixed_disk, same_file, write_disk
+from tests.plugins.rgw import RadosGW
+from tests.plugins.s3proxy import FaultProxy, Rule
+
+pytestmark = pytest.mark.anyio
+
+PLAIN_BUCKET = "bf-plain"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiobotocore is asyncio-only
+
+
+@pytest.fixture
+def s3_env(rgw: RadosGW, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Only the standard AWS variables (and a cache directory of this test)."""
+    for k in list(os.environ):
+        if k.startswith(("AWS_", "BLOCKFERRY_S3_")):
+            monkeypatch.delenv(k)
+    env = rgw.env() | {"BLOCKFERRY_CACHE_DIR": str(tmp_path / "cache"), "AWS_CONFIG_FILE": "/dev/null",
+                       "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+def new_url(bucket: str = PLAIN_BUCKET) -> str:
+    return f"s3://{bucket}/t-{uuid.uuid4().hex[:12]}"
+
+
+async def open_s3(url: str, **options: object) -> S3Backend:
+    return await S3BackendPlugin().open(url, {"create_bucket": True, **options})
+
+
+class TestS3Backend(BackendConformance):
+    @pytest.fixture
+    async def backend(self, s3_env: dict[str, str]) -> AsyncIterator[S3Backend]:
+        # small parts and threshold so that the suite's uploads exercise multipart too
+        b = await open_s3(new_url(), multipart_threshold=6 << 20, part_size=5 << 20, upload_parallel=2)
+        yield b
+        await b.aclose()
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def proxy(rgw: RadosGW) -> Iterator[FaultProxy]:
+    p = FaultProxy(rgw.endpoint)
+    p.start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def fault(proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """The proxy, clean for this test."""
+    proxy.reset()
+    yield proxy
+    proxy.release()
+    proxy.reset()
+
+
+def cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The blockferry CLI in a fresh process, with only the environment given (plus PATH)."""
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+    p = subprocess.run([sys.executable, "-m", "blockferry", *args], capture_output=True, text=True,
+                       env=base | (env or {}), timeout=120)
+    if check:
+        assert p.returncode == 0, f"blockferry {' '.join(args)} failed ({p.returncode}): {p.stderr}"
+    return p
+
+
+@contextlib.asynccontextmanager
+async def raw_client(env: dict[str, str], endpoint: str | None = None) -> AsyncIterator[Any]:
+    """A plain aiobotocore client, to look at the bucket behind blockferry's back."""
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    async with get_session().create_client(
+            "s3", endpoint_url=endpoint or env["AWS_ENDPOINT_URL"], region_name="default",
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            config=AioConfig(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                             response_checksum_validation="when_required")) as c:
+        yield c
+
+
+async def keys(c: Any, url: str) -> dict[str, int]:
+    bucket, prefix = parse_url(url)
+    out = {}
+    async for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents", []):
+            out[o["Key"][len(prefix):]] = o["Size"]
+    return out
+
+
+async def incomplete(c: Any, url: str) -> list[str]:
+    bucket, prefix = parse_url(url)
+    page = await c.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return [u["Key"][len(prefix):] for u in page.get("Uploads", [])]
+
+
+def modify(img: Path, offset: int, n: int, seed: int) -> None:
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        f.write(random.Random(seed).randbytes(n))
+
+
+# -- end to end --------------------------------------------------------------------------------------
+
+
+async def test_cli_backup_incremental_restore_bit_exact_with_only_aws_env(s3_env: dict[str, str], tmp_path: Path) -> None:
+    url = new_url()
+    img = mixed_disk(tmp_path / "disk0.img", 8 * MiB, seed=11)
+    env = dict(s3_env)
+    out = cli("init", url, "--create-bucket", "--block-size", "256KiB", env=env)
+    assert "created repository" in out.stdout
+    full = cli("-vv", "backup", url, str(img), "--name", "vm", "-q", "--json", env=env)
+    modify(img, 3 * MiB, 300 * KiB, seed=12)
+    saved = tmp_path / "v1.img"
+    shutil.copy(img, saved)
+    incr = cli("-vv", "--log-json", "backup", url, str(img), "--name", "vm", "-q", "--json", env=env)
+    first, second = (json.loads(p.stdout)["objects"][0]["point"] for p in (full, incr))
+    points = json.loads(cli("points", url, "--json", env=env).stdout)
+    assert [p["id"] for p in points] == [first, second]
+    # the incremental stored only what changed (two 256 KiB blocks)
+    assert json.loads(incr.stdout)["stats"]["new_bytes"] <= 512 * KiB
+    cli("restore", url, "latest", "--to", str(tmp_path / "r2"), "-q", env=env)
+    assert same_file(tmp_path / "r2" / "disk0.img", saved)
+    cli("restore", url, first[:8], "--to", str(tmp_path / "r1"), "-q", env=env)
+    assert not same_file(tmp_path / "r1" / "disk0.img", saved)
+    assert cli("verify", url, "-q", env=env).returncode == 0
+    # secrets never reach the output, even at debug level
+    for p in (full, incr):
+        assert s3_env["AWS_SECRET_ACCESS_KEY"] not in p.stdout + p.stderr
+        assert "s3_opened" in p.stderr or "s3" in p.stderr  # debug logging did run
+    # a wrong secret: a clear error, and the secret is not in it either
+    bad = cli("points", url, env=env | {"AWS_SECRET_ACCESS_KEY": "wrong-secret-XYZ"}, check=False)
+    assert bad.returncode != 0 and "access denied" in bad.stderr and "wrong-secret-XYZ" not in bad.stderr
+    missing = cli("points", "s3://bf-no-such-bucket/x", env=env, check=False)
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+async def test_api_multipart_packs_and_ranged_reads(s3_env: dict[str, str], tmp_path: Path) -> None:
+    url = new_url()
+    opts = {"multipart_threshold": 6 * MiB, "part_size": 5 * MiB, "upload_parallel": 3}
+    await blockferry.init_repository(url, block_size=MiB, compression="none", pack_size=24 * MiB,
+                                     backend_options={"create_bucket": True})
+    img = write_disk(tmp_path / "big.img", 40 * MiB, [(0, "random", 40 * MiB)], seed=5)
+    async with blockferry.open_repository(url, backend_options=opts) as r:
+        s = await r.backup([str(img)], name="big")
+        b = r.store.backend
+        assert isinstance(b, S3Backend)
+        # 40 MiB of incompressible blocks in 24 MiB packs: one pack in 5 parts, sent 3 at a time
+        assert b.requests["UploadPart"] >= 5 and b.requests["CompleteMultipartUpload"] >= 1
+        await r.restore(s.points[0], tmp_path / "out")
+        # restores read chunks with ranged GETs (coalesced), not whole packs one chunk at a time
+        assert b.requests["GetObject"] < 40
+    assert same_file(tmp_path / "out" / "big.img", img)
+    async with raw_client(s3_env) as c:
+        assert await incomplete(c, url) == []
+        packs = {k: n for k, n in (await keys(c, url)).items() if k.startswith("packs/")}
+        assert len(packs) == 2 and max(packs.values()) > 24 * MiB
+
+
+async def test_crash_mid_upload_leaves_no_half_object_and_the_next_run_cleans_up(
+        s3_env: dict[str, str], fault: FaultProxy, tmp_path: Path) -> None:
+    url = new_url()
+    await blockferry.init_repository(url, block_size=MiB, compression="none", pack_size=16 * MiB,
+                                     backend_options={"create_bucket": True})
+    img = write_disk(tmp_path / "d.img", 24 * MiB, [(0, "random", 24 * MiB)], seed=7)
+    env = s3_env | {"AWS_ENDPOINT_URL": fault.endpoint, "BLOCKFERRY_S3_MULTIPART_THRESHOLD": str(6 * MiB),
+                    "BLOCKFERRY_S3_PART_SIZE": str(5 * MiB)}
+    # the first multipart upload to complete hangs in the proxy: the writer is caught mid-upload
+    fault.add(Rule(lambda op, path: op == "CompleteMultipartUpload", "hang"))
+    proc = subprocess.Popen([sys.executable, "-m", "blockferry", "backup", url, str(img), "--name", "vm", "-q"],
+                            env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")} | env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert await anyio.to_thread.run_sync(fault.hung.wait, 60), "the backup never reached the upload"
+    finally:
+        proc.kill()
+        proc.wait()
+    fault.release()
+    async with raw_client(s3_env) as c:
+        left = await incomplete(c, url)
+        assert left and all(k.startswith("packs/") for k in left)
+        listed = await keys(c, url)
+        assert not any(k.startswith("points/") for k in listed)
+        assert not set(left) & set(listed)  # the pack being written is not visible, not even in part
+        # the next writer (it finds the dead one's lock and takes over) aborts the leftovers
+        async with blockferry.open_repository(url) as r:
+            s = await r.backup([str(img)], name="vm")
+            assert await incomplete(c, url) == []
+            await r.restore(s.points[0], tmp_path / "out")
+    assert same_file(tmp_path / "out" / "d.img", img)
+
+
+async def test_throttling_errors_and_dropped_connections_are_retried(
+        s3_env: dict[str, str], fault: FaultProxy, tmp_path: Path) -> None:
+    url = new_url()
+    await blockferry.init_repository(url, block_size=256 * KiB, backend_options={"create_bucket": True})
+    img = mixed_disk(tmp_path / "d.img", 6 * MiB, seed=21)
+    fault.slow_seconds = 2.5
+    rules = [
+        fault.add(Rule(lambda op, path: op == "PutObject", "slowdown", times=3)),
+        fault.add(Rule(lambda op, path: op == "GetObject" and "/points/" in path, "slowdown", times=2)),
+        fault.add(Rule(lambda op, path: op == "PutObject" and "/packs/" in path, "drop", times=1)),
+        fault.add(Rule(lambda op, path: op == "List", "slow", times=1)),
+        fault.add(Rule(lambda op, path: op == "GetObject" and "/packs/" in path, "drop", times=4)),
+    ]
+    opts = {"endpoint_url": fault.endpoint, "read_timeout": 1.0, "backoff_base": 0.01, "cache_dir": ""}
+    async with blockferry.open_repository(url, backend_options=opts) as r:
+        s = await r.backup([str(img)], name="vm")
+        r.store._manifests.clear()
+        r.store._summaries.clear()
+        assert [p.id for p in await r.points()] == s.points
+        await r.restore(s.points[0], tmp_path / "out")
+        b = r.store.backend
+        assert isinstance(b, S3Backend)
+        # every 503 and the slow answer went through our backoff; a dropped connection may also
+        # be retried once by the HTTP layer below (a stale keep-alive connection looks the same)
+        assert b.retries["PutObject"] >= 3 and b.retries["GetObject"] >= 2 and sum(b.retries.values()) >= 6, b.retries
+    assert [rule.fired for rule in rules] == [3, 2, 1, 1, 4]
+    assert same_file(tmp_path / "out" / "d.img", img)
+    # a server that keeps failing: the error says what failed, after the configured retries
+    fault.add(Rule(lambda op, path: op == "GetObject" and "/packs/" in path, "slowdown", times=None))
+    async with blockferry.open_repository(url, backend_options=opts | {"retries": 2}) as r:
+        r.store._manifests.clear()
+        # (restore reports it as data it cannot read, naming the S3 error and the retries)
+        with pytest.raises(BlockferryError, match="SlowDown.*after 2 retries"):
+            await r.restore(s.points[0], tmp_path / "again")
+
+
+async def test_cache_serves_unchanged_objects_and_is_rebuilt_when_another_writer_changes_the_bucket(
+        s3_env: dict[str, str], tmp_path: Path) -> None:
+    url = new_url()
+    mine, theirs = str(tmp_path / "cache-mine"), str(tmp_path / "cache-theirs")
+    await blockferry.init_repository(url, block_size=256 * KiB, backend_options={"create_bucket": True})
+    a = mixed_disk(tmp_path / "a.img", 2 * MiB, seed=31)
+    async with blockferry.open_repository(url, backend_options={"cache_dir": mine}) as r:
+        p1 = (await r.backup([str(a)], name="vm")).points[0]
+        modify(a, 0, 256 * KiB, seed=32)
+        p2 = (await r.backup([str(a)], name="vm")).points[0]
+    async with blockferry.open_repository(url, backend_options={"cache_dir": mine}) as r:
+        assert [p.id for p in await r.points()] == [p1, p2]
+        await r.store.load_index()
+        b = r.store.backend
+        # manifests and index files came from the cache: listing only, no GET
+        assert b.fetched["points"] == b.fetched["index"] == 0 and b.cache_hits >= 4, b.statistics()
+    # another writer, with its own cache: removes p1 and rebuilds the index (new index files)
+    async with blockferry.open_repository(url, backend_options={"cache_dir": theirs}) as r:
+        await r.delete(p1)
+        await r.repair()
+    cached = {p.name.split("@")[0] for p in Path(mine).rglob("*@*")}
+    assert p1 in cached
+    async with blockferry.open_repository(url, backend_options={"cache_dir": mine}) as r:
+        assert [p.id for p in await r.points()] == [p2]
+        await r.store.load_index()
+        b = r.store.backend
+        # only the new index file travelled; the manifest of p2 came from the cache
+        assert b.fetched["index"] == 1 and b.fetched["points"] == 0, b.statistics()
+        await r.restore(p2, tmp_path / "out")
+    assert same_file(tmp_path / "out" / "a.img", a)
+    cached = {p.name.split("@")[0] for p in Path(mine).rglob("*@*")}
+    async with raw_client(s3_env) as c:
+        now = {k.rsplit("/", 1)[-1] for k in await keys(c, url) if k.startswith(("index/", "points/"))}
+    assert cached == now  # stale copies dropped, current ones kept
+
+
+async def test_copy_between_local_and_s3_sends_only_missing_chunks(
+        s3_env: dict[str, str], fault: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    local, back = str(tmp_path / "local"), str(tmp_path / "back")
+    url = new_url()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault.endpoint)  # count what reaches the server
+    await blockferry.init_repository(local, block_size=256 * KiB)
+    await blockferry.init_repository(url, block_size=256 * KiB, backend_options={"create_bucket": True})
+    await blockferry.init_repository(back, block_size=256 * KiB)
+    img = write_disk(tmp_path / "d.img", 8 * MiB, [(0, "random", 8 * MiB)], seed=41)
+    async with blockferry.open_repository(local) as r:
+        p1 = (await r.backup([str(img)], name="vm")).points[0]
+        fault.reset()
+        first = await r.copy_to(url)
+        assert first.points == [p1] and first.chunks_copied == 32
+        assert fault.put_bytes["packs"] >= 8 * MiB
+        modify(img, 5 * MiB, 256 * KiB, seed=42)
+        p2 = (await r.backup([str(img)], name="vm")).points[0]
+        fault.reset()
+        second = await r.copy_to(url)
+    assert second.skipped == [p1] and second.points == [p2] and second.chunks_copied == 1
+    # one new pack of one 256 KiB chunk travelled; PUTs: that pack, an index file, the manifest,
+    # the lock and the read session
+    assert 256 * KiB <= fault.put_bytes["packs"] < 300 * KiB
+    assert fault.counts["PutObject"] <= 6 and fault.counts["UploadPart"] == 0
+    async with blockferry.open_repository(url) as r:
+        to_local = await r.copy_to(back)
+        assert to_local.points == [p1, p2]
+        assert (await r.copy_to(back)).skipped == [p1, p2]
+    async with blockferry.open_repository(back) as r:
+        await r.restore(p2, tmp_path / "out")
+        assert (await r.verify()).healthy
+    assert same_file(tmp_path / "out" / "d.img", img)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_refuses_to_run_on_trio_with_a_clear_error(anyio_backend: str) -> None:
+    with pytest.raises(ConfigError, match="asyncio only"):
+        await S3BackendPlugin().open("s3://bf-plain/x", {})
+
+
+def test_settings_hide_secrets_and_urls_are_checked() -> None:
+    s = load_settings({"access_key_id": "AKIAEXAMPLE", "secret_access_key": "very-secret", "session_token": "tok"})
+    assert "very-secret" not in repr(s) and "tok'" not in repr(s) and "AKIAEXAMPLE" in repr(s)
+    assert parse_url("s3://bucket/a/b/") == ("bucket", "a/b/")
+    assert parse_url("s3://bucket") == ("bucket", "")
+    for bad in ("s3://", "s3://B_ad/x", "s3://bucket/a/../b", "s3://bucket/x?endpoint=y"):
+        with pytest.raises(ConfigError):
+            parse_url(bad)
+    with pytest.raises(ConfigError, match="part size"):
+        load_settings({"part_size": 1024})
+
+
+async def test_object_locked_points_cannot_be_removed(s3_env: dict[str, str], tmp_path: Path) -> None:
+    url = f"s3://bf-locked-{uuid.uuid4().hex[:8]}/repo"
+    bucket, prefix = parse_url(url)
+    cli("init", url, "--create-bucket", "--object-lock", "--block-size", "256KiB", env=s3_env)
+    a = write_disk(tmp_path / "a.img", 2 * MiB, [(0, "random", 2 * MiB)], seed=51)
+    b = write_disk(tmp_path / "b.img", 2 * MiB, [(0, "random", 2 * MiB)], seed=52)
+    c_img = write_disk(tmp_path / "c.img", 2 * MiB, [(0, "random", 2 * MiB)], seed=53)
+    frozen = json.loads(cli("backup", url, str(a), "--name", "vm", "--immutable-days", "1", "-q", "--json",
+                            env=s3_env).stdout)["objects"][0]["point"]
+    async with blockferry.open_repository(url) as r:
+        plain = (await r.backup([str(b)], name="vm")).points[0]
+        modify(b, 0, 256 * KiB, seed=54)
+        await r.backup([str(b)], name="vm")
+        other = (await r.backup([str(c_img)], name="other")).points[0]
+        backend = r.store.backend
+        assert isinstance(backend, S3Backend) and backend.object_lock
+        frozen_packs = {r.store.locate(d)[0] for d in r.store.referenced(await r.point(frozen))}  # type: ignore[index]
+        other_packs = {r.store.locate(d)[0] for d in r.store.referenced(await r.point(other))}  # type: ignore[index]
+        # the server holds the manifest and the packs of the immutable point under COMPLIANCE retention
+        async with raw_client(s3_env) as c:
+            for key in [f"points/{frozen}", *frozen_packs]:
+                head = await c.head_object(Bucket=bucket, Key=prefix + key)
+                assert head["ObjectLockMode"] == "COMPLIANCE"
+                left = head["ObjectLockRetainUntilDate"] - dt.datetime.now(dt.timezone.utc)
+                assert dt.timedelta(hours=23) < left <= dt.timedelta(days=1)
+            # the bucket came with rules for crash leftovers and old versions of overwritten objects
+            rules = (await c.get_bucket_lifecycle_configuration(Bucket=bucket))["Rules"]
+            assert {"AbortIncompleteMultipartUpload", "NoncurrentVersionExpiration"} <= {k for r in rules for k in r}
+            # the server refuses to delete the locked version, whatever the client asks
+            versions = await c.list_object_versions(Bucket=bucket, Prefix=prefix + f"points/{frozen}")
+            vid = versions["Versions"][0]["VersionId"]
+            with pytest.raises(Exception, match="AccessDenied"):
+                await c.delete_object(Bucket=bucket, Key=prefix + f"points/{frozen}", VersionId=vid,
+                                      BypassGovernanceRetention=True)
+        # and blockferry does not try: refused before any delete request
+        before = backend.requests["DeleteObjects"] + backend.requests["DeleteObject"]
+        with pytest.raises(ImmutableError):
+            await r.delete(frozen)
+        assert backend.requests["DeleteObjects"] + backend.requests["DeleteObject"] == before
+        report = await r.prune(RetentionPolicy(keep_last=1))
+        assert frozen not in report.removed and plain in report.removed
+        # the backend itself: the server's refusal becomes an ImmutableError
+        with pytest.raises(ImmutableError, match="object lock"):
+            await backend.delete(f"points/{frozen}")
+        # a pack the server keeps locked although no point says so: gc plans around it
+        assert await backend.protect(sorted(other_packs)[0], (dt.datetime.now(dt.timezone.utc)
+                                                               + dt.timedelta(hours=2)).isoformat())
+        await r.delete(other)
+        gc = await r.gc()
+        assert gc.state == "nothing to do" and gc.packs_kept_immutable == 1  # only dead chunks, but locked
+    out = cli("delete", url, frozen[:8], env=s3_env, check=False)
+    assert out.returncode == 5 and "immutable" in out.stderr
+    cli("restore", url, frozen[:8], "--to", str(tmp_path / "out"), "-q", env=s3_env)
+    assert same_file(tmp_path / "out" / "a.img", a)
+    async with raw_client(s3_env) as c:
+        listed = await keys(c, url)
+    assert f"points/{frozen}" in listed and all(p in listed for p in frozen_packs | other_packs)
+    assert f"points/{plain}" not in listed
+
+
+async def test_archive_tier_moves_old_packs_and_restores_bring_them_back(
+        s3_env: dict[str, str], fault: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storage classes are real (radosgw with an ARCHIVE class in its placement, see rgw.py);
+    the archive tier's *behaviour* (GETs refused until RestoreObject, then x-amz-restore) is
+    played by the proxy, since radosgw 16 has no RestoreObject."""
+    from blockferry.archive import archive_points
+    from blockferry.retention import parse_time
+
+    url = new_url()
+    bucket, prefix = parse_url(url)
+    env = s3_env | {"AWS_ENDPOINT_URL": fault.endpoint, "BLOCKFERRY_S3_RESTORE_CLASSES": "ARCHIVE",
+                    "BLOCKFERRY_S3_RESTORE_POLL": "0.2", "BLOCKFERRY_S3_ARCHIVE_CLASS": "ARCHIVE"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    fault.restore_after = 0.5
+    await blockferry.init_repository(url, block_size=256 * KiB, backend_options={"create_bucket": True})
+    old = write_disk(tmp_path / "old.img", 2 * MiB, [(0, "random", 2 * MiB)], seed=61)
+    new = write_disk(tmp_path / "new.img", 2 * MiB, [(0, "random", 2 * MiB)], seed=62)
+    async with blockferry.open_repository(url) as r:
+        p_old = (await r.backup([str(old)], name="old")).points[0]
+        p_new = (await r.backup([str(new)], name="new")).points[0]
+        created = {p.id: parse_time(p.created) for p in await r.points()}
+        # "older than N days", with the clock moved so that only the first point qualifies
+        span = (created[p_new] - created[p_old]).total_seconds() / 86400
+        await r.store.lock("archive")
+        report = await archive_points(r.store, older_than_days=span / 2, now=created[p_new])
+        await r.store.unlock()
+        assert report.points == [p_old] and report.packs_moved == 1 and report.storage_class == "ARCHIVE"
+        old_packs = {r.store.locate(d)[0] for d in r.store.referenced(await r.point(p_old))}  # type: ignore[index]
+        new_packs = {r.store.locate(d)[0] for d in r.store.referenced(await r.point(p_new))}  # type: ignore[index]
+    async with raw_client(s3_env) as c:
+        async def cls(key: str) -> str:
+            return (await c.head_object(Bucket=bucket, Key=prefix + key)).get("StorageClass", "STANDARD")
+        assert [await cls(k) for k in old_packs] == ["ARCHIVE"]
+        assert {await cls(k) for k in new_packs} | {await cls(f"points/{p_old}")} == {"STANDARD"}
+    # the archive refuses reads until a restore was requested and has finished
+    fault.archived = {f"{bucket}/{prefix}{k}" for k in old_packs}
+    out = cli("restore", url, p_old[:8], "--to", str(tmp_path / "out"), "-q", env=env)
+    assert "1 pack(s) are in the archive tier: requesting them back" in out.stderr
+    assert "1 pack(s) restored from the archive tier" in out.stderr
+    assert fault.counts["RestoreObject"] == 1
+    assert same_file(tmp_path / "out" / "old.img", old)
+    # a read that meets an archived object unannounced (class not in restore_classes) restores it too
+    fault.restores.clear()
+    async with blockferry.open_repository(url, backend_options={"restore_classes": ""}) as r:
+        b = r.store.backend
+        assert isinstance(b, S3Backend)
+        key = sorted(old_packs)[0]
+        assert await b.get(key, 0, 8) == b"BFPACK01"  # the pack's header, once restored
+        assert b.requests["RestoreObject"] == 1 and b.fetched["packs"] == 2  # refused, then read
+        # and back to STANDARD
+        report = await r.archive(points=[p_old], back=True)
+        assert report.packs_moved == 1 and report.storage_class == "STANDARD"
+    async with raw_client(s3_env) as c:
+        assert [await cls(k) for k in old_packs] == ["STANDARD"]
+    # a copy on a backend without storage classes has no archive tier: said plainly
+    await blockferry.init_repository(str(tmp_path / "local"))
+    async with blockferry.open_repository(str(tmp_path / "local")) as r:
+        with pytest.raises(ConfigError, match="no storage classes"):
+            await r.archive(older_than_days=1)
+
+
+async def test_a_job_runs_into_s3_with_the_repository_settings_options(
+        s3_env: dict[str, str], fault: FaultProxy, tmp_path: Path) -> None:
+    from blockferry.actors.server import running_server
+    from blockferry.config import DiskSpec, JobSpec, ObjectSpec, RepositorySettings
+
+    url = new_url()
+    await blockferry.init_repository(url, block_size=256 * KiB, backend_options={"create_bucket": True})
+    img = mixed_disk(tmp_path / "d.img", 2 * MiB, seed=71)
+    spec = JobSpec(name="nightly", repository="s3", objects=[ObjectSpec(name="vm", disks=[DiskSpec(source=str(img))])])
+    # the endpoint comes from the repository's options (here: the proxy, to see that it is used)
+    settings = RepositorySettings(name="s3", url=url, options={"endpoint_url": fault.endpoint, "max_requests": 4})
+    async with running_server() as server:
+        await server.add_repository(settings)
+        session = await (await server.run_job(spec)).result()
+    assert session.state == "success", session
+    assert fault.counts["PutObject"] >= 3  # pack, index, manifest went through the configured endpoint
+    async with blockferry.open_repository(url) as r:
+        await r.restore(session.points[0], tmp_path / "out")
+    assert same_file(tmp_path / "out" / "d.img", img)
