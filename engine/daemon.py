@@ -392,7 +392,7 @@ class Daemon:
         from .store import CONFIG_KEY
 
         try:
-            backend = await backend_plugin(r.url).open(r.url, {})
+            backend = await backend_plugin(r.url).open(r.url, dict(r.options))
         except BlockferryError:
             exists = False  # init_repository says what is wrong with the location
         else:
@@ -403,7 +403,8 @@ class Daemon:
             finally:
                 await backend.aclose()
         if not exists:
-            await init_repository(r.url, block_size=init.block_size, compression=init.compression)
+            await init_repository(r.url, block_size=init.block_size, compression=init.compression,
+                                  backend_options=r.options)
             log.info("repository_created", repository=r.name, url=r.url)
 
     async def _open_repository(self, r: RepositorySettings, *, quiet: bool) -> None:
