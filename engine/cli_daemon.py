@@ -454,8 +454,9 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
             return client(ap)
         return action
 
-    for kind, noun in (("repo", "repository"), ("proxy", "proxy"), ("source", "source"), ("job", "job")):
-        action = group(kind, f"configure {noun}s in the daemon")
+    for kind, noun, nouns in (("repo", "repository", "repositories"), ("proxy", "proxy", "proxies"),
+                              ("source", "source", "sources"), ("job", "job", "jobs")):
+        action = group(kind, f"configure {nouns} in the daemon")
         fns = _item_commands(kind)
         if kind == "repo":
             ap = action("add", cmd_repo_add, "add a repository (created if the location holds none)")
@@ -505,7 +506,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
             ap = action("stop", cmd_job_stop, "stop a running job (between restore points)")
             ap.add_argument("name")
             ap.add_argument("--reason", default="stopped by request")
-        action("list", fns["list"], f"list {noun}s")
+        action("list", fns["list"], f"list {nouns}")
         action("show", fns["show"], f"show a {noun}").add_argument("name")
         action("remove", fns["remove"], f"remove a {noun}").add_argument("name")
         ap = action("set", fns["set"], f"change a {noun}'s fields")
