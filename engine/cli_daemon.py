@@ -523,11 +523,14 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
             ap.add_argument("url")
             ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
         else:
-            ap = action("add", cmd_job_add, "add a backup job")
+            ap = action("add", cmd_job_add, "add a backup job, or a lifecycle job (--type)")
             ap.add_argument("name")
             ap.add_argument("sources", nargs="*", metavar="SOURCE",
-                            help="disk image, block device, URL or configured source; each is an object of its own "
-                                 "unless --object groups them")
+                            help="backup jobs: disk image, block device, URL or configured source; each is an "
+                                 "object of its own unless --object groups them")
+            # argparse matches an optional list right after NAME as empty; SOURCEs given after the
+            # options come back as extras, which the CLI's main appends here (see engine/cli.py)
+            ap.set_defaults(extra_positionals="sources")
             ap.add_argument("--repo", required=True, help="repository name")
             ap.add_argument("--object", help="one object (VM) with every SOURCE as its disks")
             ap.add_argument("--named-sources", action="store_true", help="SOURCEs are names of configured sources")
