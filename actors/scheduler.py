@@ -17,6 +17,11 @@ Periodic backup copies (a job's ``copy_to`` targets with ``every_hours``) are sc
 every ``every_hours`` the latest point of each of the job's objects is copied to the target, as a
 session of kind ``copy``. The first copy is due ``every_hours`` after the last successful one (at
 once if there was none).
+
+Lifecycle jobs (type ``prune``, ``gc``, ``verify``, ``copy``) take the same schedules, windows,
+chains, manual runs and stops as backup jobs; each run is a session of that kind, done by
+:func:`blockferry.lifecycle_jobs.run_lifecycle` in a helper task on the store of the job's
+repository, and stopped by cancelling that task (every lifecycle operation is safe to interrupt).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import anyio
 import msgspec
 
 from blockferry.actor import Actor, Completion
-from blockferry.catalog import JobConfig, SourceConfig, chained_to, resolve
+from blockferry.catalog import JobConfig, LifecycleSpec, SourceConfig, chained_to, resolve
 from blockferry.errors import ActorStoppedError, BlockferryError, ConflictError, NotFoundError
 from blockferry.events import EventBus
 from blockferry.messages import CancelJob, Message, SessionResult
@@ -70,6 +75,9 @@ class RunEnded(Message, frozen=True):
     job: str
     result: SessionResult | None
     error: str | None = None
+    #: a lifecycle run's final state and note (a backup run's come from its result)
+    state: str | None = None
+    note: str | None = None
 
 
 class SchedulerStatusQuery(Message, frozen=True):
@@ -114,6 +122,9 @@ class _Run:
         self.window_closes: dt.datetime | None = None
         self.t0 = anyio.current_time()
         self.samples: list[tuple[float, int]] = []
+        #: a lifecycle run: its helper task's scope (cancelled to stop it) and latest step
+        self.scope: anyio.CancelScope | None = None
+        self.step = ""
 
     def __repr__(self) -> str:
         return f"<Run {self.job.name} session={self.session} {self.trigger}>"
@@ -221,8 +232,8 @@ class Scheduler(Actor[Any]):
                 if not self.runs:
                     self._idle.set_result(None)
                 return self._idle
-            case RunEnded(job=job, result=result, error=error):
-                return await self._ended(job, result, error)
+            case RunEnded(job=job, result=result, error=error, state=state, note=note):
+                return await self._ended(job, result, error, state, note)
             case SetJobs(jobs=jobs, sources=sources):
                 return await self._set_jobs(jobs, sources)
             case SchedulerStatusQuery():
@@ -273,7 +284,7 @@ class Scheduler(Actor[Any]):
     # -- periodic copies ---------------------------------------------------------------------------
 
     def _periodic(self) -> dict[tuple[str, str], Any]:
-        return {(j.name, t.url): t for j in self.jobs.values() for t in j.spec.copy_to
+        return {(j.name, t.url): t for j in self.jobs.values() for t in (j.backup.copy_to if j.backup else [])
                 if t.every_hours is not None and j.settings.enabled}
 
     async def _plan_copies(self) -> None:
@@ -298,7 +309,8 @@ class Scheduler(Actor[Any]):
             repo = self.server.repositories.get(job.spec.repository)
             if repo is None or repo.store is None:
                 raise BlockferryError(f"repository {job.spec.repository} is not open")
-            objects = {o.name for o in job.spec.objects}
+            assert job.backup is not None
+            objects = {o.name for o in job.backup.objects}
             points = latest_points(p for p in await repo.store.summaries() if p.object in objects)
             report = await copy_to_url(repo.store, url, points, runtime=self.server.runtime,
                                        retention=target.retention)
@@ -406,6 +418,8 @@ class Scheduler(Actor[Any]):
             if window_closes is None:
                 return await self._record(name, trigger, "skipped", now,
                                           f"outside the backup window {job.settings.window}")
+        if job.type != "backup":
+            return await self._start_lifecycle(job, trigger, now, window_closes)
         sid = await self.db.create_session(name, trigger, "running", now.isoformat(), pid=os.getpid())
         run = _Run(job, sid, trigger, now, Throttle(job.settings.throttle, name=f"job:{name}"))
         run.window_closes = window_closes
@@ -427,10 +441,70 @@ class Scheduler(Actor[Any]):
         self.start_soon(self._watch, run)
         return sid
 
+    async def _start_lifecycle(self, job: JobConfig, trigger: str, now: dt.datetime,
+                               window_closes: dt.datetime | None) -> int:
+        """Start a lifecycle job's run (prune, gc, verify, copy) as a helper task."""
+        spec = job.spec
+        assert isinstance(spec, LifecycleSpec)
+        target = spec.to if spec.type == "copy" else None
+        sid = await self.db.create_session(job.name, trigger, "running", now.isoformat(), pid=os.getpid(),
+                                           kind=spec.type, target=target)
+        run = _Run(job, sid, trigger, now, Throttle(0, name=f"job:{job.name}"))
+        run.window_closes = window_closes
+        self.runs[job.name] = run
+        self.log.info("session_started", job=job.name, session=sid, trigger=trigger, kind=spec.type)
+        self.bus.publish("session", {"session": sid, "job": job.name, "kind": spec.type, "target": target,
+                                     "trigger": trigger, "state": "running", "started": now.isoformat()})
+        self.start_soon(self._lifecycle, run)
+        return sid
+
+    async def _lifecycle(self, run: _Run) -> None:
+        """Run a lifecycle job (a helper task); hand its outcome to the actor."""
+        from blockferry.lifecycle_jobs import run_lifecycle
+
+        job, spec = run.job, run.job.spec
+        assert isinstance(spec, LifecycleSpec)
+        result = SessionResult(job=job.name, started=run.started.isoformat())
+        state, note = "failed", None
+        async with anyio.create_task_group() as tg:
+            if run.window_closes is not None:
+                tg.start_soon(self._guard_window, run, run.window_closes)
+            with anyio.CancelScope() as run.scope:
+                if run.stop_reason is not None:  # stopped before it began
+                    run.scope.cancel()
+                try:
+                    if self.prepare is not None:
+                        await self.prepare(job)
+                    repo = self.server.repositories.get(spec.repository)
+                    if repo is None or repo.store is None:
+                        raise BlockferryError(f"repository {spec.repository} is not open")
+                    outcome = await run_lifecycle(spec, repo.store, self.server.runtime, result,
+                                                  say=lambda step: setattr(run, "step", step))
+                    state, note = outcome.state, outcome.note
+                except BlockferryError as exc:
+                    state, note = "failed", str(exc)[:1000]
+                    self.log.warning("lifecycle_failed", job=job.name, session=run.session, kind=spec.type,
+                                     error=str(exc))
+            if run.scope.cancelled_caught or (run.stop_reason is not None and state == "failed" and note is None):
+                state, note = "stopped", run.stop_reason
+            tg.cancel_scope.cancel()
+        result.state, result.duration = state, anyio.current_time() - run.t0
+        result.ended = self.clock.now().isoformat()
+        try:
+            await self.tell(RunEnded(job.name, result, None, state, note))
+        except ActorStoppedError:
+            with anyio.CancelScope(shield=True):  # the daemon is stopping: record it here
+                await self.db.update_session(run.session, state="stopped", ended=result.ended,
+                                             note="the daemon is shutting down", result=result)
+
     async def _stop(self, run: _Run, reason: str) -> None:
         if run.stop_reason is None:
             run.stop_reason = reason
             self.log.info("session_stopping", job=run.job.name, session=run.session, reason=reason)
+        if run.handle is None:  # a lifecycle run
+            if run.scope is not None:
+                run.scope.cancel()
+            return
         try:
             await run.handle.manager.ask(CancelJob(reason), timeout=10)
         except (BlockferryError, TimeoutError):
@@ -479,9 +553,14 @@ class Scheduler(Actor[Any]):
             await anyio.sleep(self.progress_interval)
 
     def progress(self, run: _Run) -> dict[str, Any] | None:
-        """A running session's progress: per disk and for the job, with the recent rate."""
+        """A running session's progress: per disk and for the job, with the recent rate (for a
+        lifecycle run, its current step)."""
         if run.handle is None:
-            return None
+            if run.job.type == "backup":
+                return None
+            return {"session": run.session, "job": run.job.name, "kind": run.job.type,
+                    "state": "stopping" if run.stop_reason else "running", "elapsed": anyio.current_time() - run.t0,
+                    "step": run.step}
         st = run.handle.manager.status()
         done = sum(t.done_bytes for t in st.tasks)
         total = sum(t.total_bytes for t in st.tasks)
@@ -496,11 +575,16 @@ class Scheduler(Actor[Any]):
             "tasks": [msgspec.to_builtins(t) for t in st.tasks],
         }
 
-    async def _ended(self, name: str, result: SessionResult | None, error: str | None) -> None:
+    async def _ended(self, name: str, result: SessionResult | None, error: str | None,
+                     final: str | None = None, final_note: str | None = None) -> None:
         run = self.runs.pop(name, None)
         if run is None:
             return
-        if result is None:
+        if run.job.type != "backup":
+            state, note = (final or "failed"), final_note
+            if run.stop_reason and state == "stopped":
+                note = run.stop_reason
+        elif result is None:
             state, note = "failed", error
         elif run.stop_reason and any(o.state != "done" for o in result.objects):
             state, note = "stopped", run.stop_reason
@@ -513,7 +597,11 @@ class Scheduler(Actor[Any]):
         self.log.info("session_ended", job=name, session=run.session, state=state, note=note)
         event: dict[str, Any] = {"session": run.session, "job": name, "trigger": run.trigger, "state": state,
                                  "ended": ended, "note": note}
-        if result is not None:
+        if run.job.type != "backup":
+            event["kind"] = run.job.type
+            if result is not None:
+                event["summary"] = result.summary
+        elif result is not None:
             event["points"] = result.points
         self.bus.publish("session", event)
         if state in ("success", "warning") and not self._stopping:

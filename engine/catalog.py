@@ -17,13 +17,14 @@ import re
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from .config import JobSpec, Name, Positive, ProxyConfig, RepositorySettings
+from .config import JobSpec, Name, Positive, ProxyConfig, RepositorySettings, Seconds
 from .errors import ConfigError, FieldError
 from .format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, check_block_size, parse_size
+from .retention import RetentionPolicy
 from .schedule import parse_schedule, parse_window
 
 Rate = Annotated[int, msgspec.Meta(ge=0)]  #: bytes per second; 0 means unlimited
@@ -56,13 +57,66 @@ class JobSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     description: str = ""
 
 
+#: what a job does: a backup (the default), or one of the repository lifecycle operations
+JOB_TYPES = ("backup", "prune", "gc", "verify", "copy")
+LifecycleType = Literal["prune", "gc", "verify", "copy"]
+
+
+class LifecycleSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A job that runs a repository lifecycle operation (docs/lifecycle.md) on a configured
+    repository instead of a backup. Each type takes only its own fields (see :data:`TYPE_FIELDS`):
+
+    * ``prune``: ``retention`` (required), ``objects`` (only these objects' points);
+    * ``gc``: ``rewrite_threshold`` (0.5), ``wait`` (seconds to wait for earlier sessions, else
+      the sweep is deferred to the next run);
+    * ``verify``: ``sample`` (percent of the chunks; None: all of them);
+    * ``copy``: ``to`` (the target repository URL, required), ``latest`` (only the newest point of
+      each object; default: every point the target lacks), ``objects``, ``retention`` (the
+      copy's own, applied in the target).
+    """
+
+    name: Name
+    type: LifecycleType
+    #: the configured repository it works on (a copy's source)
+    repository: str
+    retention: RetentionPolicy | None = None
+    objects: list[Name] | None = None
+    rewrite_threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    wait: Seconds | None = None
+    sample: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None
+    to: str | None = None
+    latest: bool = False
+
+
+#: the fields each lifecycle job type takes, beyond name, type and repository
+TYPE_FIELDS: dict[str, frozenset[str]] = {
+    "prune": frozenset({"retention", "objects"}),
+    "gc": frozenset({"rewrite_threshold", "wait"}),
+    "verify": frozenset({"sample"}),
+    "copy": frozenset({"to", "latest", "objects", "retention"}),
+}
+#: settings that only make sense for a backup job (a lifecycle job moves no source data)
+_BACKUP_SETTINGS = frozenset({"throttle"})
+
+
 class JobConfig(msgspec.Struct, frozen=True, kw_only=True):
-    spec: JobSpec
+    #: a backup job's JobSpec, or a lifecycle job's LifecycleSpec
+    spec: JobSpec | LifecycleSpec
     settings: JobSettings = msgspec.field(default_factory=JobSettings)
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def type(self) -> str:
+        """backup, prune, gc, verify or copy."""
+        return self.spec.type if isinstance(self.spec, LifecycleSpec) else "backup"
+
+    @property
+    def backup(self) -> JobSpec | None:
+        """The JobSpec of a backup job, None for a lifecycle job."""
+        return self.spec if isinstance(self.spec, JobSpec) else None
 
 
 class RepositoryInit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -169,8 +223,41 @@ def _split(data: Any, base: type[Any], where: str) -> tuple[dict[str, Any], dict
     return {k: v for k, v in data.items() if k in known}, {k: v for k, v in data.items() if k not in known}
 
 
+def _type_fields(data: dict[str, Any], kind: str, where: str) -> None:
+    """Refuse a field that belongs to another job type, naming it and saying who takes it."""
+    at = f"{where}." if where else ""
+    own = TYPE_FIELDS.get(kind, frozenset())
+    backup_only = (set(JobSpec.__struct_fields__) | _BACKUP_SETTINGS) - {"name", "repository"}
+    for key in data:
+        if key in own or key in ("name", "type", "repository"):
+            continue
+        takers = [t for t, fields in TYPE_FIELDS.items() if key in fields]
+        if kind != "backup" and key in backup_only:
+            takers = ["backup", *takers]
+        elif kind == "backup" and key in backup_only:
+            continue
+        if takers:
+            only = takers[0] if len(takers) == 1 else ", ".join(takers[:-1]) + " or " + takers[-1]
+            raise FieldError(f"{at}{key}", f"a {kind} job does not take {key} (only {only} jobs do)")
+
+
 def job_from_data(data: Any, where: str = "") -> JobConfig:
     data = _sizes(data, where)
+    if not isinstance(data, dict):
+        raise FieldError(where, f"expected a table, not {type(data).__name__}")
+    kind = data.get("type", "backup")
+    if kind not in JOB_TYPES:
+        raise FieldError(f"{where}.type" if where else "type",
+                         f"unknown job type {kind!r} (use {', '.join(JOB_TYPES)})")
+    _type_fields(data, kind, where)
+    if kind != "backup":
+        spec_part, rest = _split(data, LifecycleSpec, where)
+        settings = convert(rest, JobSettings, where)
+        lspec = convert(spec_part, LifecycleSpec, where)
+        _check_lifecycle(lspec, where)
+        _check_job_fields(None, settings, where)
+        return JobConfig(spec=lspec, settings=settings)
+    data = {k: v for k, v in data.items() if k != "type"}
     spec_part, rest = _split(data, JobSpec, where)
     settings = convert(rest, JobSettings, where)
     spec = convert(spec_part, JobSpec, where)
@@ -207,6 +294,10 @@ def item_from_data(kind: str, data: Any, where: str = "") -> Any:
 
 def item_to_data(item: Any) -> dict[str, Any]:
     """The flat table of an item (the inverse of :func:`item_from_data`)."""
+    if isinstance(item, JobConfig) and isinstance(item.spec, LifecycleSpec):
+        settings = msgspec.to_builtins(item.settings)
+        settings.pop("throttle", None)  # a backup setting
+        return {**msgspec.to_builtins(item.spec), **settings}
     if isinstance(item, JobConfig):
         return {**msgspec.to_builtins(item.spec), **msgspec.to_builtins(item.settings)}
     out: dict[str, Any] = msgspec.to_builtins(item)
@@ -264,7 +355,15 @@ def load_toml(path: Path) -> dict[str, Any]:
 # -- the catalog as a whole -----------------------------------------------------------------------
 
 
-def _check_job_fields(spec: JobSpec, settings: JobSettings, where: str) -> None:
+def _check_lifecycle(spec: LifecycleSpec, where: str) -> None:
+    at = f"{where}." if where else ""
+    if spec.type == "prune" and spec.retention is None:
+        raise FieldError(f"{at}retention", "a prune job needs a retention policy (keep_last, keep_days, keep_weekly...)")
+    if spec.type == "copy" and not spec.to:
+        raise FieldError(f"{at}to", "a copy job needs the target repository's URL")
+
+
+def _check_job_fields(spec: JobSpec | None, settings: JobSettings, where: str) -> None:
     at = f"{where}." if where else ""
     if settings.schedule is not None:
         try:
@@ -276,6 +375,8 @@ def _check_job_fields(spec: JobSpec, settings: JobSettings, where: str) -> None:
             parse_window(settings.window)
         except ConfigError as exc:
             raise FieldError(f"{at}window", str(exc)) from None
+    if spec is None:
+        return
     seen: set[str] = set()
     for i, obj in enumerate(spec.objects):
         if obj.name in seen:
@@ -307,7 +408,7 @@ def check(cat: Catalog) -> None:
         if job.spec.repository not in repos:
             raise FieldError(f"{at}.repository", f"no repository named {job.spec.repository!r} "
                                                  f"(configured: {', '.join(sorted(repos)) or 'none'})")
-        for j, obj in enumerate(job.spec.objects):
+        for j, obj in enumerate(job.backup.objects if job.backup else []):
             for k, disk in enumerate(obj.disks):
                 if disk.source in sources:
                     continue
@@ -336,6 +437,7 @@ def chained_to(job: JobConfig) -> str | None:
 
 def resolve(job: JobConfig, sources: Iterable[SourceConfig]) -> JobSpec:
     """The job's spec with named sources replaced by their URL and connection options."""
+    assert isinstance(job.spec, JobSpec), "only a backup job reads sources"
     by_name = {s.name: s for s in sources}
     if not any(d.source in by_name for o in job.spec.objects for d in o.disks):
         return job.spec
@@ -352,6 +454,6 @@ def resolve(job: JobConfig, sources: Iterable[SourceConfig]) -> JobSpec:
     return msgspec.structs.replace(job.spec, objects=objects)
 
 
-__all__ = ["Catalog", "JobConfig", "JobSettings", "KINDS", "Rate", "RepositoryInit", "Settings",
+__all__ = ["Catalog", "JOB_TYPES", "JobConfig", "JobSettings", "KINDS", "LifecycleSpec", "TYPE_FIELDS", "Rate", "RepositoryInit", "Settings",
            "SourceConfig", "catalog_from_data", "catalog_to_data", "chained_to", "check", "convert",
            "item_from_data", "item_to_data", "job_from_data", "load_toml", "repository_from_data", "resolve"]

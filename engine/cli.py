@@ -362,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a, extra = parser.parse_known_args(argv)
+    tail = getattr(a, "extra_positionals", None)  # a command whose last positional is optional
+    if extra and (tail is None or any(x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(a, tail).extend(extra)
     from .log import configure, quiet_cli_defaults
 
     level = ("warning", "info", "debug")[min(a.verbose, 2)]

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .catalog import JOB_TYPES
 from .cli import EXIT_FAILED, EXIT_OK, _json_out, human
 
 FINAL = ("success", "warning", "failed", "stopped", "missed", "skipped")
@@ -132,7 +133,8 @@ async def cmd_status(a: argparse.Namespace) -> int:
     for run in st["scheduler"]["running"]:
         prog = run.get("progress") or {}
         print(f"running: job {run['job']} session {run['session']} ({run['trigger']}) "
-              f"{human(prog.get('done_bytes', 0))}/{human(prog.get('total_bytes', 0))}")
+              + (f"{prog['kind']}: {prog.get('step') or 'starting'}" if "kind" in prog else
+                 f"{human(prog.get('done_bytes', 0))}/{human(prog.get('total_bytes', 0))}"))
     for n in st["scheduler"]["next_runs"]:
         print(f"job {n['job']}: {n['schedule']}" + (f", next {n['due']}" if n["due"] else "")
               + ("" if n["enabled"] else " (disabled)"))
@@ -143,7 +145,7 @@ _LIST_COLS = {
     "repo": ["name", "url", "max_tasks", "available"],
     "proxy": ["name", "max_tasks", "transports", "reach"],
     "source": ["name", "url"],
-    "job": ["name", "repository", "objects", "schedule", "next_run", "running"],
+    "job": ["name", "type", "repository", "objects", "schedule", "next_run", "running"],
 }
 
 
@@ -154,8 +156,10 @@ def _item_commands(kind: str) -> dict[str, Callable[[argparse.Namespace], Any]]:
             _json_out(items)
         else:
             for i in items:
-                if "objects" in i:
-                    i["objects"] = ",".join(o["name"] for o in i["objects"])
+                if kind == "job":
+                    i.setdefault("type", "backup")
+                if isinstance(i.get("objects"), list):
+                    i["objects"] = ",".join(o["name"] if isinstance(o, dict) else o for o in i["objects"])
                 for k in ("transports", "reach"):
                     if isinstance(i.get(k), list):
                         i[k] = ",".join(i[k]) or "*"
@@ -201,7 +205,20 @@ async def cmd_source_add(a: argparse.Namespace) -> int:
     return await _add(a, "source", {"name": a.name, "url": _local(a.url), "options": _pairs(a.option) or None})
 
 
+_KEEP_RULES = ("last", "days", "daily", "weekly", "monthly", "yearly")
+
+
 async def cmd_job_add(a: argparse.Namespace) -> int:
+    from .errors import ConfigError
+
+    if a.type != "backup":
+        return await _add(a, "job", _lifecycle_params(a))
+    if not a.sources:
+        raise ConfigError("a backup job needs at least one SOURCE")
+    for flag in ("only_object", "rewrite_threshold", "gc_wait", "sample", "to"):
+        if getattr(a, flag) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} is not for backup jobs (see --type)")
+
     def disk(src: str) -> dict[str, Any]:
         # a configured source's name stays a name; anything else is a path or URL
         return {"source": src if a.named_sources else _local(src)}
@@ -217,10 +234,33 @@ async def cmd_job_add(a: argparse.Namespace) -> int:
                               "description": a.description}
     if a.disabled:
         params["enabled"] = False
-    if a.keep_last or a.keep_days:
-        params["retention"] = {k: v for k, v in (("keep_last", a.keep_last), ("keep_days", a.keep_days)) if v}
+    if any(getattr(a, f"keep_{r}") for r in _KEEP_RULES):
+        params["retention"] = {f"keep_{r}": getattr(a, f"keep_{r}") for r in _KEEP_RULES if getattr(a, f"keep_{r}")}
     params.update(_pairs(a.set))
     return await _add(a, "job", params)
+
+
+def _lifecycle_params(a: argparse.Namespace) -> dict[str, Any]:
+    """A prune, gc, verify or copy job's table from the flags given (the daemon refuses those that
+    do not fit the type, naming them)."""
+    from .errors import ConfigError
+
+    if a.sources:
+        raise ConfigError(f"a {a.type} job reads no SOURCE (it works on the repository --repo)")
+    params: dict[str, Any] = {"name": a.name, "type": a.type, "repository": a.repo, "schedule": a.schedule,
+                              "window": a.window, "description": a.description, "objects": a.only_object,
+                              "rewrite_threshold": a.rewrite_threshold, "wait": a.gc_wait, "sample": a.sample,
+                              "to": _local(a.to) if a.to else None, "latest": True if a.latest else None}
+    for flag in ("retries", "retry_delay", "max_tasks", "throttle", "immutable_days", "object"):
+        if getattr(a, flag) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')} is for backup jobs, not {a.type} jobs")
+    rules = {f"keep_{r}": getattr(a, f"keep_{r}") for r in _KEEP_RULES}
+    if any(v is not None for v in rules.values()):
+        params["retention"] = rules  # the rules not given are off, as with 'blockferry prune'
+    if a.disabled:
+        params["enabled"] = False
+    params.update(_pairs(a.set))
+    return params
 
 
 async def cmd_job_run(a: argparse.Namespace) -> int:
@@ -265,7 +305,7 @@ async def cmd_session_list(a: argparse.Namespace) -> int:
         r["duration"] = f"{r['duration']:.1f}s"
         r["started"] = r["started"][:19]
     _print_table(rows, ["id", "job", "kind", "trigger", "state", "started", "duration", "objects_done", "written",
-                        "note"])
+                        "summary", "note"])
     return EXIT_OK
 
 
@@ -289,6 +329,10 @@ def _print_session(rec: dict[str, Any]) -> None:
         print(f"  total: {human(st.get('disk_size', 0))} disks, read {human(st.get('read_bytes', 0))}, written "
               f"{human(st.get('written_bytes', 0))} in {res.get('duration', 0):.1f} s"
               + ("; bottleneck: " + ", ".join(f"{k} {v * 100:.0f}%" for k, v in b.items()) if b else ""))
+    if res.get("summary"):
+        print(f"  {rec.get('kind', 'backup')}: {res['summary']}")
+    if rec.get("kind") == "prune" and res.get("pruned"):
+        print(f"  removed: {', '.join(res['pruned'])}")
     for url, points in (res.get("copied") or {}).items():
         print(f"  copied to {url}: {len(points)} point(s)")
     for w in res.get("warnings", []):
@@ -479,11 +523,14 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
             ap.add_argument("url")
             ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
         else:
-            ap = action("add", cmd_job_add, "add a backup job")
+            ap = action("add", cmd_job_add, "add a backup job, or a lifecycle job (--type)")
             ap.add_argument("name")
-            ap.add_argument("sources", nargs="+", metavar="SOURCE",
-                            help="disk image, block device, URL or configured source; each is an object of its own "
-                                 "unless --object groups them")
+            ap.add_argument("sources", nargs="*", metavar="SOURCE",
+                            help="backup jobs: disk image, block device, URL or configured source; each is an "
+                                 "object of its own unless --object groups them")
+            # argparse matches an optional list right after NAME as empty; SOURCEs given after the
+            # options come back as extras, which the CLI's main appends here (see engine/cli.py)
+            ap.set_defaults(extra_positionals="sources")
             ap.add_argument("--repo", required=True, help="repository name")
             ap.add_argument("--object", help="one object (VM) with every SOURCE as its disks")
             ap.add_argument("--named-sources", action="store_true", help="SOURCEs are names of configured sources")
@@ -494,8 +541,19 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
             ap.add_argument("--max-tasks", type=int)
             ap.add_argument("--throttle", type=_size_arg, help="bytes per second for the job, e.g. 50MiB")
             ap.add_argument("--immutable-days", type=int)
-            ap.add_argument("--keep-last", type=int)
-            ap.add_argument("--keep-days", type=int)
+            ap.add_argument("--type", choices=JOB_TYPES, default="backup",
+                            help="backup (the default), or a lifecycle job on --repo: prune, gc, verify, copy")
+            for rule in _KEEP_RULES:
+                ap.add_argument(f"--keep-{rule}", type=int, metavar="N",
+                                help="retention of a backup or prune job (copy: in the target)")
+            ap.add_argument("--only-object", action="append", metavar="NAME",
+                            help="prune, copy: only this object's points (repeatable)")
+            ap.add_argument("--rewrite-threshold", type=float, metavar="F", help="gc: rewrite packs this unused (0.5)")
+            ap.add_argument("--gc-wait", type=float, metavar="SECONDS",
+                            help="gc: wait this long for earlier sessions (default: defer the sweep)")
+            ap.add_argument("--sample", type=float, metavar="PERCENT", help="verify: check this share of the chunks")
+            ap.add_argument("--to", metavar="URL", help="copy: the target repository")
+            ap.add_argument("--latest", action="store_true", help="copy: only the newest point of each object")
             ap.add_argument("--description")
             ap.add_argument("--disabled", action="store_true", help="never started by the scheduler")
             ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="any other job field")

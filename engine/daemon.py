@@ -538,7 +538,8 @@ class Daemon:
         if kind == "job" and p.name in self.scheduler.runs:
             raise ConflictError(f"job {p.name} is running; stop it first")
         if kind == "source":  # a bare name would silently become a relative file path
-            users = [j.name for j in self.catalog.jobs for o in j.spec.objects for d in o.disks if d.source == p.name]
+            users = [j.name for j in self.catalog.jobs for o in (j.backup.objects if j.backup else [])
+                     for d in o.disks if d.source == p.name]
             if users:
                 raise ConflictError(f"source {p.name} is used by job(s) {', '.join(sorted(set(users)))}")
         await self.change(lambda c: msgspec.structs.replace(

@@ -205,6 +205,10 @@ class SessionResult(msgspec.Struct, kw_only=True):
     pruned: list[str] = msgspec.field(default_factory=list)
     #: backup copies made after the run: target URL → points copied
     copied: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    #: a lifecycle job's run (prune, gc, verify, copy): what it did in one line, and the
+    #: operation's own report (PruneReport, GcReport, VerifyReport, CopyReport as plain data)
+    summary: str = ""
+    report: dict[str, Any] = msgspec.field(default_factory=dict)
 
     @property
     def points(self) -> list[str]:

@@ -22,7 +22,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 
-from .catalog import Catalog, JobConfig, JobSettings, Settings, SourceConfig
+from .catalog import Catalog, JobConfig, JobSettings, LifecycleSpec, Settings, SourceConfig
 from .config import JobSpec, ProxyConfig, RepositorySettings
 from .errors import NotFoundError, UnsupportedFormatError
 from .messages import SessionResult
@@ -57,6 +57,11 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'backup';
         ALTER TABLE sessions ADD COLUMN target TEXT;
     """),
+    # lifecycle jobs (prune, gc, verify, copy): a job's spec column holds a JobSpec for a backup
+    # job and a LifecycleSpec for the others, so the row says which
+    (3, """
+        ALTER TABLE jobs ADD COLUMN type TEXT NOT NULL DEFAULT 'backup';
+    """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -81,7 +86,8 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     started: str
     ended: str | None = None
     note: str | None = None
-    #: backup (a job run) or copy (a periodic backup copy of the job's latest points to ``target``)
+    #: backup (a backup job's run), copy (a periodic backup copy of a backup job's latest points
+    #: to ``target``, or a copy job's run), prune, gc or verify (a lifecycle job's run)
     kind: str = "backup"
     target: str | None = None
     result: SessionResult | None = None
@@ -105,6 +111,7 @@ class _Summary(msgspec.Struct):
     objects: list[_SummaryObject] = msgspec.field(default_factory=list)
     stats: _SummaryStats = msgspec.field(default_factory=_SummaryStats)
     warnings: list[str] = msgspec.field(default_factory=list)
+    summary: str = ""
 
 
 class SessionSummary(msgspec.Struct, kw_only=True):
@@ -125,6 +132,7 @@ class SessionSummary(msgspec.Struct, kw_only=True):
     read_bytes: int
     written_bytes: int
     warnings: int
+    summary: str = ""  #: a lifecycle job's run: what it did, in one line
 
 
 class StateDB:
@@ -236,7 +244,8 @@ class StateDB:
                 id=sid, job=jb, kind=kind, target=target, trigger=trig, state=st, started=started, ended=ended, note=note,
                 duration=s.duration, objects=len(s.objects), objects_done=sum(o.state == "done" for o in s.objects),
                 points=[o.point for o in s.objects if o.point], disk_bytes=s.stats.disk_size,
-                read_bytes=s.stats.read_bytes, written_bytes=s.stats.written_bytes, warnings=len(s.warnings)))
+                read_bytes=s.stats.read_bytes, written_bytes=s.stats.written_bytes, warnings=len(s.warnings),
+                summary=s.summary))
         return out
 
     async def fail_running(self, note: str, ended: str) -> list[int]:
@@ -294,8 +303,9 @@ def _load_catalog(c: sqlite3.Connection) -> Catalog:
     for table, kind in _TABLES:
         rows = c.execute(f"SELECT data FROM {table} ORDER BY position").fetchall()
         lists[table] = [msgspec.json.decode(r[0], type=kind) for r in rows]
-    jobs = [JobConfig(spec=msgspec.json.decode(spec, type=JobSpec), settings=msgspec.json.decode(st, type=JobSettings))
-            for spec, st in c.execute("SELECT spec, settings FROM jobs ORDER BY position")]
+    jobs = [JobConfig(spec=msgspec.json.decode(spec, type=JobSpec if kind == "backup" else LifecycleSpec),
+                      settings=msgspec.json.decode(st, type=JobSettings))
+            for spec, st, kind in c.execute("SELECT spec, settings, type FROM jobs ORDER BY position")]
     row = c.execute("SELECT value FROM meta WHERE key = 'settings'").fetchone()
     settings = msgspec.json.decode(row[0], type=Settings) if row else Settings()
     return Catalog(**lists, jobs=jobs, settings=settings)
@@ -310,8 +320,9 @@ def _save_catalog(c: sqlite3.Connection, cat: Catalog) -> None:
             c.executemany(f"INSERT INTO {table} (name, position, data) VALUES (?, ?, ?)",
                           [(i.name, n, enc(i).decode()) for n, i in enumerate(getattr(cat, table))])
         c.execute("DELETE FROM jobs")
-        c.executemany("INSERT INTO jobs (name, position, spec, settings) VALUES (?, ?, ?, ?)",
-                      [(j.name, n, enc(j.spec).decode(), enc(j.settings).decode()) for n, j in enumerate(cat.jobs)])
+        c.executemany("INSERT INTO jobs (name, position, spec, settings, type) VALUES (?, ?, ?, ?, ?)",
+                      [(j.name, n, enc(j.spec).decode(), enc(j.settings).decode(), j.type)
+                       for n, j in enumerate(cat.jobs)])
         c.execute("DELETE FROM job_state WHERE job NOT IN (SELECT name FROM jobs)")
         c.execute("INSERT INTO meta (key, value) VALUES ('settings', ?) "
                   "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (enc(cat.settings).decode(),))

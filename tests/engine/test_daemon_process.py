@@ -204,3 +204,41 @@ def test_scheduled_run_on_a_manual_clock(tmp_path: Path) -> None:
         assert rows[0]["trigger"] == "schedule" and rows[0]["state"] == "success"
     finally:
         assert d.signal(signal.SIGTERM) == 0
+
+
+def test_lifecycle_jobs_from_the_cli(tmp_path: Path) -> None:
+    """Prune, then a chained gc, on a schedule; a verify run by hand; a refused flag named."""
+    d = DaemonProc(tmp_path, "--manual-clock", "2026-01-05T21:00:00+00:00").start()
+    try:
+        disk = tmp_path / "vm.img"
+        d.cli("repo", "add", "main", str(tmp_path / "repo"), check=True)
+        d.cli("proxy", "add", "p", check=True)
+        for seed in (1, 2):
+            write_disk(disk, 2 * MiB, [(0, "random", 2 * MiB)], seed=seed)
+            if seed == 1:
+                d.cli("job", "add", "b", str(disk), "--repo", "main", check=True)
+            d.cli("job", "run", "b", "--wait", "-q", check=True)
+        bad = d.cli("job", "add", "g", "--type", "gc", "--repo", "main", "--sample", "5")
+        assert bad.returncode != 0 and "sample" in bad.stderr and "only verify jobs" in bad.stderr
+        d.cli("job", "add", "prune-nightly", "--type", "prune", "--repo", "main", "--keep-last", "1",
+              "--schedule", "daily 22:00", check=True)
+        d.cli("job", "add", "gc", "--type", "gc", "--repo", "main", "--schedule", "after prune-nightly", check=True)
+        d.cli("job", "add", "check", "--type", "verify", "--repo", "main", "--sample", "100", check=True)
+        listed = d.cli("job", "list", check=True).stdout
+        assert "prune-nightly" in listed and "prune" in listed and "verify" in listed
+        d.cli("clock", "3600", check=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = {r["job"]: r for r in d.json("session", "list")}
+            if rows.get("gc", {}).get("state") not in (None, "running"):
+                break
+            time.sleep(0.05)
+        assert (rows["prune-nightly"]["kind"], rows["prune-nightly"]["state"]) == ("prune", "success")
+        assert (rows["gc"]["kind"], rows["gc"]["trigger"], rows["gc"]["state"]) == ("gc", "chain", "success")
+        shown = d.cli("session", "show", str(rows["gc"]["id"]), check=True).stdout
+        assert "gc: done:" in shown and "freed" in shown
+        out = d.cli("job", "run", "check", "--wait", "-q", check=True).stdout
+        assert "verify: checked" in out and "healthy" in out
+        assert "prune" in d.cli("session", "list", check=True).stdout
+    finally:
+        d.signal(signal.SIGTERM)
