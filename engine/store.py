@@ -539,9 +539,11 @@ class RepositoryStore:
             return None  # a damaged lock file protects nothing; treat as stale
 
     async def _release(self, key: str, info: LockInfo) -> None:
-        holder = await self.read_lock(key)
-        if holder is not None and holder.pid == info.pid and holder.created == info.created:
-            await self.backend.delete(key)
+        # shielded: a cancelled job, copy or collection must not leave its lock behind
+        with anyio.CancelScope(shield=True):
+            holder = await self.read_lock(key)
+            if holder is not None and holder.pid == info.pid and holder.created == info.created:
+                await self.backend.delete(key)
 
     async def unlock(self) -> None:
         if self._writer is None:
