@@ -74,6 +74,7 @@ class JobManager(Actor[Any]):
         scheduler: ResourceScheduler,
         runtime: Runtime,
         done: Completion[SessionResult],
+        throttles: list[Any] | None = None,
     ) -> None:
         super().__init__(f"job:{spec.name}", mailbox_size=runtime.settings.mailbox_size)
         self.spec = spec
@@ -85,6 +86,8 @@ class JobManager(Actor[Any]):
         self.scheduler = scheduler
         self.runtime = runtime
         self.done = done
+        #: bandwidth limits (objects with ``async consume(nbytes)``) every task goes through
+        self.throttles = list(throttles or ())
         self.session = SessionResult(job=spec.name, started=utc_now())
         self.tasks: list[TaskContext] = []
         self._scope: anyio.CancelScope | None = None
@@ -202,7 +205,7 @@ class JobManager(Actor[Any]):
     def _task(self, obj: ObjectSpec, d: DiskSpec, name: str) -> TaskContext:
         return TaskContext(
             job=self.spec.name, object=obj.name, disk=name, spec=d, block_size=self.block_size, level=self.level,
-            hints=load_hints(d.hints) if d.hints else None,
+            hints=load_hints(d.hints) if d.hints else None, throttles=self.throttles,
         )
 
     async def _run_object(self, obj: ObjectSpec, res: ObjectResult, tasks: list[TaskContext],
@@ -231,7 +234,10 @@ class JobManager(Actor[Any]):
                                     job=self.spec.name, disks=records, stats=stats, duration=duration,
                                     immutable_until=immutable_until(created, self.spec.immutable_days,
                                                                     self.repo_immutable_days))
-                await self.repository.ask(CommitPoint(manifest), timeout=None)
+                # once sent, a commit completes whatever happens (a stop, a shutdown): wait for it
+                # so the session says truly whether the point exists
+                with anyio.CancelScope(shield=True):
+                    await self.repository.ask(CommitPoint(manifest), timeout=None)
                 res.point, res.state, res.error = manifest.id, "done", None
                 await self._finish_sources(obj.name, tasks, committed=True)
                 break

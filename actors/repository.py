@@ -15,6 +15,7 @@ from blockferry.messages import (
     CommitPoint,
     FindBase,
     OpenTarget,
+    ReleaseLock,
     RepositoryStatus,
     RepositoryStatusQuery,
 )
@@ -71,6 +72,10 @@ class Repository(MoverHost):
                 await store.commit(manifest)
                 self.log.info("point_committed", point=manifest.id, object=manifest.object, disks=len(manifest.disks))
                 return manifest.id
+            case ReleaseLock():
+                if self.load == 0:
+                    await store.unlock()
+                return None
             case RepositoryStatusQuery():
                 return RepositoryStatus(name=self.settings.name, url=self.settings.url, load=self.load,
                                         peak=self.peak, max_tasks=self.settings.max_tasks, chunks=len(store.index))
@@ -78,7 +83,8 @@ class Repository(MoverHost):
 
     async def _check_available(self, store: RepositoryStore) -> Availability:
         """Reachable, writable, not locked by another writer, enough free space; the reason
-        otherwise. Takes the writer lock (held until the repository actor stops)."""
+        otherwise. Takes the writer lock (held until the last job using the repository ends:
+        the server sends ReleaseLock, or until the repository actor stops)."""
         backend = store.backend
         try:
             await backend.stat(CONFIG_KEY)

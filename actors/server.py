@@ -20,16 +20,21 @@ import msgspec
 
 from blockferry.actor import Actor, Completion
 from blockferry.config import JobSpec, ProxyConfig, RepositorySettings, ServerConfig
-from blockferry.errors import BlockferryError, ConfigError
+from blockferry.errors import BlockferryError, ConfigError, ConflictError, NotFoundError, plain_errors
 from blockferry.messages import (
     AddProxy,
     AddRepository,
     ProxyStatusQuery,
+    ReleaseLock,
+    RemoveProxy,
+    RemoveRepository,
     RepositoryStatusQuery,
     RunJob,
     ServerStatus,
     ServerStatusQuery,
     SessionResult,
+    UpdateProxy,
+    UpdateRepository,
 )
 from blockferry.scheduler import ResourceScheduler
 from blockferry.task import Runtime
@@ -70,12 +75,20 @@ class BackupServer(Actor[Any]):
 
     async def handle(self, msg: Any) -> Any:
         match msg:
-            case RunJob(spec=spec):
-                return await self._run_job(spec)
+            case RunJob(spec=spec, throttles=throttles):
+                return await self._run_job(spec, throttles)
             case AddRepository(settings=settings, store=store):
                 return await self._add_repository(settings, store)
             case AddProxy(config=config):
                 return await self._add_proxy(config)
+            case UpdateProxy(config=config):
+                return self._update_proxy(config)
+            case RemoveProxy(name=name):
+                return await self._remove_proxy(name)
+            case UpdateRepository(settings=settings):
+                return await self._update_repository(settings)
+            case RemoveRepository(name=name):
+                return await self._remove_repository(name)
             case ServerStatusQuery():
                 return ServerStatus(
                     proxies=[await p.ask(ProxyStatusQuery()) for p in self.proxies.values()],
@@ -95,10 +108,51 @@ class BackupServer(Actor[Any]):
     async def _add_repository(self, settings: RepositorySettings, store: Any) -> Repository:
         if settings.name in self.repositories:
             raise ConfigError(f"a repository named {settings.name!r} exists")
-        repo = await self.spawn(Repository(settings, self.runtime, store))
+        with plain_errors():  # a repository that cannot open is the caller's error, not the server's failure
+            repo = await self.spawn(Repository(settings, self.runtime, store))
         self.repositories[settings.name] = repo
         self.scheduler.add_repository(settings.name, settings.max_tasks)
         return repo
+
+    def _update_proxy(self, config: ProxyConfig) -> Proxy:
+        proxy = self.proxies.get(config.name)
+        if proxy is None:
+            raise NotFoundError(f"no proxy named {config.name!r}")
+        proxy.config, proxy.max_tasks = config, config.max_tasks
+        self.scheduler.update_proxy(config)
+        return proxy
+
+    async def _remove_proxy(self, name: str) -> None:
+        proxy = self.proxies.get(name)
+        if proxy is None:
+            raise NotFoundError(f"no proxy named {name!r}")
+        self.scheduler.remove_proxy(name)  # ConflictError while it has tasks
+        del self.proxies[name]
+        await proxy.stop()
+
+    def _users(self, repo: Repository) -> list[str]:
+        return sorted(name for name, m in self.jobs.items() if m.repository is repo)
+
+    async def _update_repository(self, settings: RepositorySettings) -> Repository:
+        repo = self.repositories.get(settings.name)
+        if repo is None:
+            raise NotFoundError(f"no repository named {settings.name!r}")
+        if settings.url == repo.settings.url:
+            repo.settings, repo.max_tasks = settings, settings.max_tasks
+            self.scheduler.update_repository(settings.name, settings.max_tasks)
+            return repo
+        await self._remove_repository(settings.name)  # a new location: open it afresh
+        return await self._add_repository(settings, None)
+
+    async def _remove_repository(self, name: str) -> None:
+        repo = self.repositories.get(name)
+        if repo is None:
+            raise NotFoundError(f"no repository named {name!r}")
+        if self._users(repo):
+            raise ConflictError(f"repository {name} is used by running job(s) {', '.join(self._users(repo))}")
+        self.scheduler.remove_repository(name)
+        del self.repositories[name]
+        await repo.stop()
 
     def _find_repository(self, ref: str) -> Repository:
         repo = self.repositories.get(ref)
@@ -108,7 +162,7 @@ class BackupServer(Actor[Any]):
             raise ConfigError(f"unknown repository {ref!r} (known: {', '.join(self.repositories) or 'none'})")
         return repo
 
-    async def _run_job(self, spec: JobSpec) -> JobHandle:
+    async def _run_job(self, spec: JobSpec, throttles: list[Any] | None = None) -> JobHandle:
         if spec.name in self.jobs:
             raise ConfigError(f"job {spec.name!r} is already running")
         repo = self._find_repository(spec.repository)
@@ -116,7 +170,8 @@ class BackupServer(Actor[Any]):
         cfg = repo.store.config
         done: Completion[SessionResult] = Completion()
         manager = JobManager(spec, repository=repo, repository_name=repo.settings.name, block_size=cfg.block_size,
-                             level=cfg.zstd_level, scheduler=self.scheduler, runtime=self.runtime, done=done)
+                             level=cfg.zstd_level, scheduler=self.scheduler, runtime=self.runtime, done=done,
+                             throttles=throttles)
         manager.repo_immutable_days = cfg.immutable_days
         self.jobs[spec.name] = manager
         try:
@@ -131,7 +186,15 @@ class BackupServer(Actor[Any]):
         try:
             await done.wait()
         finally:
-            self.jobs.pop(name, None)
+            manager = self.jobs.pop(name, None)
+        if manager is not None and not self._users(manager.repository):
+            # the last job using the repository is over: release its writer lock so that other
+            # processes (an embedded backup, a restore) can use it between jobs. Queued before
+            # anything a later job sends it, so that job's first task takes the lock again.
+            try:
+                await manager.repository.tell(ReleaseLock())
+            except BlockferryError:
+                pass  # the repository is stopping: it unlocks as it stops
 
     # -- convenience for embedding ---------------------------------------------------------------
 
@@ -141,8 +204,8 @@ class BackupServer(Actor[Any]):
     async def add_proxy(self, config: ProxyConfig) -> Proxy:
         return await self.ask(AddProxy(config))
 
-    async def run_job(self, spec: JobSpec) -> JobHandle:
-        return await self.ask(RunJob(spec))
+    async def run_job(self, spec: JobSpec, throttles: list[Any] | None = None) -> JobHandle:
+        return await self.ask(RunJob(spec, throttles))
 
     async def status(self) -> ServerStatus:
         return await self.ask(ServerStatusQuery())

@@ -31,7 +31,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_IMMUTABLE = 0,
 
 #: modules that add commands, each with ``register(add_command)`` where ``add_command(name, fn,
 #: help)`` returns the subparser. Keep them light: import what a command needs inside it.
-COMMAND_MODULES: tuple[str, ...] = ("blockferry.cli_lifecycle", "blockferry.cli_qemu", "blockferry.cli_archive")
+COMMAND_MODULES: tuple[str, ...] = ("blockferry.cli_lifecycle", "blockferry.cli_qemu", "blockferry.cli_archive",
+                                   "blockferry.cli_daemon")
 
 
 def human(n: float) -> str:
@@ -361,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a, extra = parser.parse_known_args(argv)
+    tail = getattr(a, "extra_positionals", None)  # a command whose last positional is optional
+    if extra and (tail is None or any(x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(a, tail).extend(extra)
     from .log import configure, quiet_cli_defaults
 
     level = ("warning", "info", "debug")[min(a.verbose, 2)]

@@ -133,6 +133,21 @@ class ChildFailedError(BlockferryError):
         self.error = error
 
 
+class FieldError(ConfigError):
+    """Invalid configuration, naming the field at fault (``jobs[0].schedule``, ``max_tasks``) and
+    why. Nothing was changed."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.field = field
+        self.reason = reason
+
+
+class ConflictError(ConfigError):
+    """The request contradicts the daemon's state: a name already taken, a job already running,
+    removing something still in use. Nothing was changed."""
+
+
 @contextlib.contextmanager
 def map_errors(mapping: Mapping[type[BaseException], type[BlockferryError]], context: str = "") -> Iterator[None]:
     """Translate foreign exceptions into engine errors, once, at a boundary.

@@ -47,6 +47,7 @@ from .store import (
     RepositoryStore,
     immutable_now,
     pack_key,
+    read_index_files,
 )
 
 #: fraction of a pack's bytes that must be dead before the pack is rewritten
@@ -67,28 +68,6 @@ class GcReport(msgspec.Struct, kw_only=True):
     duration: float = 0.0
 
 
-class _Entry(msgspec.Struct, array_like=True, gc=False):
-    digest: bytes
-    offset: int
-    length: int
-    raw_len: int
-    flags: int
-
-
-async def _read_index(store: RepositoryStore) -> tuple[list[str], dict[str, list[_Entry]]]:
-    """Every index file, and every pack's entries according to them (no masks)."""
-    files = sorted([o.key async for o in store.backend.list("index/")])
-    packs: dict[str, list[_Entry]] = {}
-    for key in files:
-        try:
-            f = decode_index(await store.backend.get(key), key)
-        except NotFoundError:
-            continue  # replaced by a concurrent commit's compaction
-        for digest, pno, off, n, raw_len, flags in INDEX_RECORD.iter_unpack(f.records):
-            packs.setdefault(f.packs[pno], []).append(_Entry(digest, off, n, raw_len, flags))
-    return files, packs
-
-
 async def _live(store: RepositoryStore, now: str | None = None) -> tuple[set[bytes], set[bytes]]:
     """(chunks any point references, chunks a point immutable now references)."""
     live: set[bytes] = set()
@@ -107,7 +86,7 @@ async def mark(store: RepositoryStore, *, rewrite_threshold: float = DEFAULT_REW
     """Decide what to remove; write and return the plan (None: nothing to remove), and the
     number of packs kept for immutable points."""
     created = utc_now()
-    _, packs = await _read_index(store)
+    _, packs = await read_index_files(store)
     live, frozen = await _live(store, now)
     delete, rewrite, condemned = [], [], bytearray()
     kept_immutable = freed = 0
@@ -212,7 +191,7 @@ async def _sweep(store: RepositoryStore, plan: GcPlan, report: GcReport, say: Ca
     say("sweeping: reading every restore point again")
     live, _ = await _live(store)
     condemned = {plan.condemned[i:i + DIGEST_SIZE] for i in range(0, len(plan.condemned), DIGEST_SIZE)} - live
-    _, packs = await _read_index(store)
+    _, packs = await read_index_files(store)
     targets = [p for p in plan.delete_packs + plan.rewrite_packs if p in packs]
     old_bytes = 0
     for p in targets:
@@ -248,7 +227,7 @@ async def _sweep(store: RepositoryStore, plan: GcPlan, report: GcReport, say: Ca
     await store._write_index()
     report.packs_written = len(new_packs)
     # one index without the old packs; then the files it replaces; then the packs
-    files, now_packs = await _read_index(store)
+    files, now_packs = await read_index_files(store)
     table = [p for p in sorted(now_packs) if p not in going]
     records = bytearray()
     for no, pack in enumerate(table):
@@ -279,7 +258,7 @@ async def _delete_orphans(store: RepositoryStore, report: GcReport) -> int:
     no writer runs (a running one may still index its packs)."""
     if any(key == LOCK_KEY for key, _ in await store.sessions()):
         return 0
-    _, packs = await _read_index(store)
+    _, packs = await read_index_files(store)
     freed = 0
     async for o in store.backend.list("packs/"):
         pack = o.key.rsplit("/", 1)[-1]

@@ -24,6 +24,8 @@ class Message(msgspec.Struct, frozen=True, tag=True):
 
 class RunJob(Message, frozen=True):
     spec: JobSpec
+    #: bandwidth limits every task of the run waits on (Throttle objects, in-process)
+    throttles: Any = None
 
 
 class ServerStatusQuery(Message, frozen=True):
@@ -37,6 +39,30 @@ class AddRepository(Message, frozen=True):
 
 class AddProxy(Message, frozen=True):
     config: ProxyConfig
+
+
+class UpdateProxy(Message, frozen=True):
+    """Change a proxy in place (its limit applies to the tasks it starts from now on)."""
+
+    config: ProxyConfig
+
+
+class RemoveProxy(Message, frozen=True):
+    """Stop and forget a proxy; ConflictError while it runs tasks."""
+
+    name: str
+
+
+class UpdateRepository(Message, frozen=True):
+    """Change a repository's limits in place; a new URL reopens it (only while no job uses it)."""
+
+    settings: RepositorySettings
+
+
+class RemoveRepository(Message, frozen=True):
+    """Stop and forget a repository; ConflictError while a job uses it."""
+
+    name: str
 
 
 class ServerStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +134,10 @@ class RepositoryStatusQuery(Message, frozen=True):
     pass
 
 
+class ReleaseLock(Message, frozen=True):
+    """No job uses the repository any more: release its writer lock (the next task takes it)."""
+
+
 class RepositoryStatus(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     url: str
@@ -175,6 +205,10 @@ class SessionResult(msgspec.Struct, kw_only=True):
     pruned: list[str] = msgspec.field(default_factory=list)
     #: backup copies made after the run: target URL → points copied
     copied: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    #: a lifecycle job's run (prune, gc, verify, copy): what it did in one line, and the
+    #: operation's own report (PruneReport, GcReport, VerifyReport, CopyReport as plain data)
+    summary: str = ""
+    report: dict[str, Any] = msgspec.field(default_factory=dict)
 
     @property
     def points(self) -> list[str]:
@@ -200,5 +234,6 @@ __all__ = [
     "AddProxy", "AddRepository", "ServerStatus", "Availability", "CancelJob", "CheckAvailable", "CommitPoint", "DiskEnd", "DiskHeader", "DiskRecord",
     "DiskResult", "FindBase", "JobStatus", "JobStatusQuery", "Message", "ObjectResult", "OpenTarget",
     "ProxyConfig", "ProxyStatus", "ProxyStatusQuery", "RepositoryStatus", "RepositoryStatusQuery", "RunJob",
-    "RunSource", "ServerStatusQuery", "SessionResult", "TaskStatus",
+    "RunSource", "ServerStatusQuery", "SessionResult", "TaskStatus", "UpdateProxy", "RemoveProxy",
+    "UpdateRepository", "RemoveRepository", "ReleaseLock",
 ]

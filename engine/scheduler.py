@@ -16,7 +16,7 @@ import anyio
 import msgspec
 
 from .config import ProxyConfig
-from .errors import ConfigError
+from .errors import ConfigError, ConflictError
 from .task import TaskContext
 
 
@@ -75,6 +75,32 @@ class ResourceScheduler:
         if name not in self.repositories:
             self.repositories[name] = Slots(name, max_tasks)
         self._dispatch()
+
+    def update_proxy(self, config: ProxyConfig) -> None:
+        """New limits and reach for a proxy; tasks it runs keep their slots."""
+        entry = next(p for p in self.proxies if p.config.name == config.name)
+        entry.config = config
+        entry.slots.limit = config.max_tasks
+        self._dispatch()
+
+    def update_repository(self, name: str, max_tasks: int) -> None:
+        self.repositories[name].limit = max_tasks
+        self._dispatch()
+
+    def remove_proxy(self, name: str) -> None:
+        entry = next((p for p in self.proxies if p.config.name == name), None)
+        if entry is not None:
+            if entry.slots.load:
+                raise ConflictError(f"proxy {name} is running {entry.slots.load} task(s)")
+            self.proxies.remove(entry)
+        self._dispatch()
+
+    def remove_repository(self, name: str) -> None:
+        slots = self.repositories.get(name)
+        if slots is not None:
+            if slots.load or any(t.repository == name for t in self._queue):
+                raise ConflictError(f"repository {name} has tasks running or waiting")
+            del self.repositories[name]
 
     @property
     def waiting(self) -> int:

@@ -540,16 +540,28 @@ class RepositoryStore:
             gc_running = gc_holder is not None and (gc_holder.host != socket.gethostname() or _holder_alive(gc_holder))
             await abort_uploads(older_than=86400.0 if gc_running else None)
 
+        async def refresh_index() -> None:
+            # a store kept open between writer sessions (a daemon, an embedding program) may have
+            # an index that another process changed since: a collection that swept packs this
+            # index still lists would have it deduplicate against chunks that are gone
+            keys = [o.key async for o in self.backend.list("index/")]
+            if sorted(keys) != sorted(self._index_files):
+                self.condemned = set()
+                await self.load_index(reload=True)
+
         async def read_plan() -> None:
             nonlocal plan
             plan = await self.load_gc_plan()
 
         plan: GcPlan | None = None
-        # independent reads, at once: on object storage each is a round trip
+        # independent reads, at once (on object storage each is a round trip); the plan is
+        # applied after the index is current
         with plain_errors():
             async with anyio.create_task_group() as tg:
                 if abort_uploads is not None:
                     tg.start_soon(abort_left_uploads)
+                if self._index_loaded:
+                    tg.start_soon(refresh_index)
                 tg.start_soon(read_plan)
         if plan is not None:
             self.condemned = {plan.condemned[i:i + DIGEST_SIZE] for i in range(0, len(plan.condemned), DIGEST_SIZE)}
@@ -564,9 +576,11 @@ class RepositoryStore:
             return None  # a damaged lock file protects nothing; treat as stale
 
     async def _release(self, key: str, info: LockInfo) -> None:
-        holder = await self.read_lock(key)
-        if holder is not None and holder.pid == info.pid and holder.created == info.created:
-            await self.backend.delete(key)
+        # shielded: a cancelled job, copy or collection must not leave its lock behind
+        with anyio.CancelScope(shield=True):
+            holder = await self.read_lock(key)
+            if holder is not None and holder.pid == info.pid and holder.created == info.created:
+                await self.backend.delete(key)
 
     async def unlock(self) -> None:
         if self._writer is None:
@@ -680,17 +694,24 @@ class RepositoryStore:
                     del pending[digest]
 
     async def _compact_index(self) -> None:
-        """Replace all index files by one. Crash-safe: the merged file is written first, so a
-        crash leaves duplicates (harmless), never a gap."""
-        old = list(self._index_files)
-        packs = list(self.index.packs)
+        """Replace all index files by one, merged from the files themselves (not from this
+        store's memory, which may hold locations a collection has since moved). Crash-safe: the
+        merged file is written first, so a crash leaves duplicates (harmless), never a gap.
+
+        Skipped while a collection's plan exists: its sweep may delete packs and index files
+        under the merge. Without a plan now, a collection that plans later waits for this
+        writer (it holds the writer lock from before that plan; see engine/gc.py)."""
+        if await self.load_gc_plan() is not None:
+            return
+        files, packs = await read_index_files(self)
+        table = sorted(packs)
         records = bytearray()
-        for digest, loc in self.index.committed.items():
-            pno, off, n, raw_len, flags = unpack_loc(loc)
-            records += INDEX_RECORD.pack(digest, pno, off, n, raw_len, flags)
+        for no, pack in enumerate(table):
+            for e in packs[pack]:
+                records += INDEX_RECORD.pack(e.digest, no, e.offset, e.length, e.raw_len, e.flags)
         key = f"index/{new_id()}"
-        await self.backend.put(key, encode_index(packs, bytes(records)))
-        for k in old:
+        await self.backend.put(key, encode_index(table, bytes(records)))
+        for k in files:
             await self.backend.delete(k)
         self._index_files = [key]
 
@@ -890,6 +911,31 @@ def summary_of(m: Manifest) -> PointSummary:
         disks=[PointSummary.Disk(name=d.name, size=d.size, source=d.source, base=d.base, hinted=d.hinted) for d in m.disks],
         immutable_until=m.immutable_until, stats=m.stats,
     )
+
+
+class IndexEntry(msgspec.Struct, array_like=True, gc=False):
+    """Where a chunk is in a pack, as an index file says."""
+
+    digest: bytes
+    offset: int
+    length: int
+    raw_len: int
+    flags: int
+
+
+async def read_index_files(store: RepositoryStore) -> tuple[list[str], dict[str, list[IndexEntry]]]:
+    """Every index file in the repository now, and every pack's entries according to them
+    (no masks, nothing from memory)."""
+    files = sorted([o.key async for o in store.backend.list("index/")])
+    packs: dict[str, list[IndexEntry]] = {}
+    for key in files:
+        try:
+            f = decode_index(await store.backend.get(key), key)
+        except NotFoundError:
+            continue  # replaced by a concurrent commit's compaction
+        for digest, pno, off, n, raw_len, flags in INDEX_RECORD.iter_unpack(f.records):
+            packs.setdefault(f.packs[pno], []).append(IndexEntry(digest, off, n, raw_len, flags))
+    return files, packs
 
 
 def immutable_now(until: str | None, now: str | None = None) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from blockferry.errors import ConfigError, SourceError
+from blockferry.errors import ConfigError, SourceChangedError, SourceError
 from blockferry.plugins.local import path_from_url
 from blockferry.source import Buffer, Extent
 
@@ -103,7 +103,7 @@ class FileDisk:
         """A private mapping of ``length`` bytes at ``offset`` (never written: it is writable only
         so that a C pointer to it can be taken for the zero check)."""
         if os.fstat(self._fd).st_size < offset + length:
-            raise SourceError(f"{self.path}: the file shrank below offset {offset + length} while being read")
+            raise SourceChangedError(f"{self.path}: the file shrank below offset {offset + length} while being read")
         try:
             return mmap.mmap(self._fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                              offset=offset)

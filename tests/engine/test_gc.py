@@ -14,6 +14,7 @@ import pytest
 
 import blockferry
 from blockferry import gc, registry
+from blockferry import store as store_module
 from blockferry.errors import RepositoryError
 from blockferry.format import INDEX_RECORD, decode_index
 from blockferry.plugins.local import LocalBackendPlugin
@@ -389,3 +390,52 @@ async def test_prune_then_gc_from_the_cli(tmp_path: Path) -> None:
     assert bf("prune", str(repo)).returncode == 2  # no rule given
     policy = RetentionPolicy(keep_last=1)
     assert policy.describe() == "last 1"
+
+
+async def test_a_long_open_repository_sees_a_collection_made_by_another_process(tmp_path: Path) -> None:
+    """A daemon keeps its repository open between jobs: a collection run meanwhile by another
+    process must not leave it deduplicating against chunks that are gone."""
+    repo = await make_repo(tmp_path / "repo")
+    old = disk_with(tmp_path / "old.img", range(8))
+    async with blockferry.open_repository(str(repo)) as daemon:
+        s = await daemon.backup([str(old)], name="old")
+        async with blockferry.open_repository(str(repo)) as other:
+            await other.delete(s.points[0])
+            report = await other.gc()
+            assert report.state == "done" and report.chunks_removed == 8
+        s2 = await daemon.backup([str(old)], name="again")  # the same data, after the collection
+        assert s2.objects[0].disks[0].stats.new_bytes == 8 * BS  # stored again, not deduplicated
+        assert (await daemon.verify()).healthy
+        await daemon.restore(s2.points[0], tmp_path / "out")
+    assert same_file(tmp_path / "out" / "old.img", old)
+
+
+async def test_compaction_merges_the_index_files_as_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that started after a collection's plan does not hold up its sweep; when that
+    writer then compacts the index, it must merge what the sweep left, not its own memory of
+    where chunks were before the sweep moved them."""
+    monkeypatch.setattr(store_module, "INDEX_COMPACT_AT", 1)
+    repo = await make_repo(tmp_path / "repo", pack_size=8 * BS)
+    whole = disk_with(tmp_path / "whole.img", range(8))
+    half = disk_with(tmp_path / "half.img", range(4))  # the first half of the same blocks
+    new = disk_with(tmp_path / "new.img", range(200, 202))
+    async with blockferry.open_repository(str(repo)) as r:
+        s = await r.backup([str(whole)], name="whole")
+        kept = (await r.backup([str(half)], name="half")).points[0]
+        await r.delete(s.points[0])  # its pack is now half dead: a collection rewrites it
+    async with blockferry.open_repository(str(repo)) as writer:
+        await writer.store.load_index()  # knows where the chunks are before the collection
+        async with blockferry.open_repository(str(repo)) as other:
+            plan, _ = await gc.mark(other.store)
+            assert plan is not None and len(plan.rewrite_packs) == 1
+            await writer.store.lock("a backup that started after the plan")
+            report = await gc.collect(other.store)
+            assert report.state == "done" and report.packs_rewritten == 1  # the writer did not hold it up
+        s3 = await writer.backup([str(new)], name="new")  # commits, and compacts the index
+    assert len(list((repo / "index").iterdir())) == 1
+    assert set(entries_by_pack(repo)) == set(pack_files(repo))  # no entry names a deleted pack
+    async with blockferry.open_repository(str(repo)) as r:
+        assert (await r.verify()).healthy
+        await r.restore(kept, tmp_path / "a")
+        await r.restore(s3.points[0], tmp_path / "b")
+    assert same_file(tmp_path / "a" / "half.img", half) and same_file(tmp_path / "b" / "new.img", new)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 import blockferry
@@ -229,3 +230,17 @@ async def test_copy_latest_with_retention_from_the_cli(tmp_path: Path) -> None:
     assert f"removed 1 point(s): {a.points[0]}" in p.stdout
     async with blockferry.open_repository(str(dst)) as r:
         assert [x.id for x in await r.points()] == b.points
+
+
+async def test_a_cancelled_copy_leaves_no_lock_behind(tmp_path: Path) -> None:
+    src, dst, img = await src_and_dst(tmp_path)
+    other = write_disk(tmp_path / "e.img", MiB, [(0, "random", MiB)], seed=5)
+    async with blockferry.open_repository(str(src)) as r:
+        a = await r.backup([str(img)], name="vm")
+        await r.backup([str(other)], name="vm2")
+        with anyio.CancelScope() as scope:
+            await r.copy_to(str(dst), progress=lambda n, total: scope.cancel())  # after the first point
+        assert scope.cancelled_caught
+    assert not (dst / "locks" / "writer").exists()
+    async with blockferry.open_repository(str(dst)) as r:
+        assert [p.id for p in await r.points()] == a.points  # the first point was copied whole
