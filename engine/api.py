@@ -30,7 +30,7 @@ import anyio
 from .retention import RetentionPolicy
 from .config import DiskSpec, EngineSettings, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
 from .errors import ConfigError, NotFoundError, plain_errors
-from .format import DEFAULT_BLOCK_SIZE, Manifest, RepositoryConfig
+from .format import DEFAULT_BLOCK_SIZE, DiskRecord, Manifest, RepositoryConfig
 from .hints import check_within, load_hints
 from .messages import JobStatus, SessionResult
 from .registry import backend_plugin, scheme_of, source_plugin
@@ -249,17 +249,20 @@ class Repository:
             return await restore_disks(self.store, m, disks, [out / d.name for d in disks], runtime=self.runtime,
                                        overwrite=overwrite, allow_damaged=allow_damaged, progress=progress)
 
-    @_plain
-    async def restore_onto(self, point: str, target: str | os.PathLike[str], *, disk: str | None = None,
-                           progress: Callable[[int], None] | None = None) -> RestoreResult:
-        """Restore one disk onto an existing image file or block device, overwriting it."""
+    async def point_disk(self, point: str, disk: str | None = None) -> tuple[Manifest, DiskRecord]:
+        """A point and one of its disks: ``disk`` by name, or the only one."""
         m = await self.point(point)
         if disk is None:
             if len(m.disks) != 1:
                 raise ConfigError(f"point {m.id} has {len(m.disks)} disks: name the one to restore")
-            record = m.disks[0]
-        else:
-            record = m.disk(disk)
+            return m, m.disks[0]
+        return m, m.disk(disk)
+
+    @_plain
+    async def restore_onto(self, point: str, target: str | os.PathLike[str], *, disk: str | None = None,
+                           progress: Callable[[int], None] | None = None) -> RestoreResult:
+        """Restore one disk onto an existing image file or block device, overwriting it."""
+        m, record = await self.point_disk(point, disk)
         from .restore import restore_disk
 
         async with self.store.reading("restore"):

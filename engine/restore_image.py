@@ -161,15 +161,10 @@ async def restore_image(repo: Any, point: str, target: str, *, disk: str | None 
     path (its format from the file, or ``fmt`` / the ``.qcow2`` suffix for a new one)."""
     from blockferry.plugins.nbd import is_nbd_url
 
-    m = await repo.point(point)
-    if disk is None:
-        if len(m.disks) != 1:
-            raise ConfigError(f"point {m.id} has {len(m.disks)} disks: name the one to restore")
-        record = m.disks[0]
-    else:
-        record = m.disk(disk)
+    m, record = await repo.point_disk(point, disk)
     async with repo.store.reading("restore"):
         await repo.store.load_index()
+        await repo.store.prepare_read([m], repo._archive_progress)
         if is_nbd_url(target):
             return await restore_to_nbd(repo.store, m, record, target, runtime=repo.runtime,
                                         allow_damaged=allow_damaged)
