@@ -300,7 +300,7 @@ class Scheduler(Actor[Any]):
 
     async def _copy(self, key: tuple[str, str], target: Any, sid: int) -> None:
         """Copy the latest point of each of the job's objects to the target (a helper task)."""
-        from blockferry.lifecycle import copy_to_url, latest_points
+        from blockferry.lifecycle import copy_to_url, points_to_copy
 
         name, url = key
         job = self.jobs[name]
@@ -310,8 +310,7 @@ class Scheduler(Actor[Any]):
             if repo is None or repo.store is None:
                 raise BlockferryError(f"repository {job.spec.repository} is not open")
             assert job.backup is not None
-            objects = {o.name for o in job.backup.objects}
-            points = latest_points(p for p in await repo.store.summaries() if p.object in objects)
+            points = await points_to_copy(repo.store, objects=[o.name for o in job.backup.objects], latest=True)
             report = await copy_to_url(repo.store, url, points, runtime=self.server.runtime,
                                        retention=target.retention)
             result.copied[url], result.pruned = report.points, report.pruned

@@ -322,14 +322,12 @@ class Repository:
         """Copy points (ids, prefixes or 'latest'; all of them by default, or with ``latest`` the
         newest of each object, as a periodic copy does) to the repository at ``target``, sending
         only the chunks it lacks; then apply the copy's own ``retention`` there."""
-        from .lifecycle import copy_to_url, latest_points
+        from .lifecycle import copy_to_url, points_to_copy
 
         if points is not None:
             ids = [await self.store.resolve_point(p) for p in points]
-        elif latest:
-            ids = latest_points(await self.store.summaries())
         else:
-            ids = [s.id for s in await self.store.summaries()]
+            ids = await points_to_copy(self.store, latest=latest)
         return await copy_to_url(self.store, target, ids, runtime=self.runtime, retention=retention,
                                  progress=progress)
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .cli import EXIT_OK, _json_out, human
+from .cli import EXIT_OK, _json_out
 
 
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -102,9 +102,7 @@ async def cmd_gc(a: argparse.Namespace) -> int:
     if report.state == "deferred":
         print(f"collection deferred: {report.reason}")
         return 1
-    print(f"{report.state}: {human(report.bytes_freed)} freed; {report.packs_deleted} pack(s) deleted, "
-          f"{report.packs_rewritten} rewritten into {report.packs_written}, {report.chunks_removed} chunk(s) removed, "
-          f"{report.orphan_packs_deleted} orphan pack(s); {report.packs_kept_immutable} pack(s) kept for immutable points")
+    print(report.summary())
     return EXIT_OK
 
 
@@ -131,9 +129,7 @@ async def cmd_copy(a: argparse.Namespace) -> int:
     if a.json:
         _json_out(report)
         return EXIT_OK
-    print(f"copied {len(report.points)} point(s) ({len(report.skipped)} already there): "
-          f"{report.chunks_copied} chunk(s) sent ({human(report.bytes_written)}), "
-          f"{report.chunks_present} already present, in {report.duration:.2f} s")
+    print(f"{report.summary()}, in {report.duration:.2f} s")
     if report.pruned:
         print(f"the target's retention removed {len(report.pruned)} point(s): {', '.join(report.pruned)}")
     return EXIT_OK

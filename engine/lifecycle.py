@@ -14,7 +14,7 @@ from .blocks import compressor, decode_chunk
 from .errors import ConfigError, CorruptionError, ImmutableError
 from .format import FLAG_ZSTD
 from .retention import Decision, RetentionPolicy, decide
-from .store import PointSummary, RepositoryStore
+from .store import RepositoryStore
 from .task import Runtime
 
 
@@ -68,6 +68,13 @@ class CopyReport(msgspec.Struct, kw_only=True):
     bytes_written: int = 0  #: stored bytes written to the target
     duration: float = 0.0
     pruned: list[str] = msgspec.field(default_factory=list)  #: removed from the target by its retention
+
+    def summary(self) -> str:
+        from .cli import human
+
+        return (f"copied {len(self.points)} point(s) ({len(self.skipped)} already there): "
+                f"{self.chunks_copied} chunk(s) sent ({human(self.bytes_written)}), "
+                f"{self.chunks_present} already present")
 
 
 def _reencode(stored: bytes, raw_len: int, flags: int, digest: bytes, level: int | None,
@@ -134,14 +141,16 @@ async def copy_points(
     return report
 
 
-def latest_points(summaries: Iterable[PointSummary]) -> list[str]:
-    """The newest point of each object: what a periodic copy sends each time."""
-    newest: dict[str, PointSummary] = {}
-    for s in summaries:
-        cur = newest.get(s.object)
-        if cur is None or (s.created, s.id) > (cur.created, cur.id):
-            newest[s.object] = s
-    return [s.id for s in sorted(newest.values(), key=lambda s: (s.created, s.id))]
+async def points_to_copy(store: RepositoryStore, *, objects: Iterable[str] | None = None,
+                         latest: bool = False) -> list[str]:
+    """The points a copy sends, oldest first: all of them, or with ``latest`` the newest of each
+    object (what a periodic copy sends each time); only ``objects``' if given."""
+    wanted = set(objects) if objects is not None else None
+    summaries = [s for s in await store.summaries() if wanted is None or s.object in wanted]  # oldest first
+    if latest:
+        newest = {s.object: s for s in summaries}  # the last one of each object wins
+        summaries = sorted(newest.values(), key=lambda s: (s.created, s.id))
+    return [s.id for s in summaries]
 
 
 async def copy_to_url(

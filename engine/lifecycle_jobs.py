@@ -47,12 +47,6 @@ class Outcome(msgspec.Struct, kw_only=True):
     note: str | None = None
 
 
-def _human(n: float) -> str:
-    from .cli import human
-
-    return human(n)
-
-
 async def run_lifecycle(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime, result: SessionResult,
                         *, say: Callable[[str], None] | None = None) -> Outcome:
     """Run ``spec``'s operation on ``store``; fill ``result`` (summary, report, pruned, copied,
@@ -112,11 +106,7 @@ async def _gc(spec: LifecycleSpec, store: RepositoryStore, result: SessionResult
             with anyio.CancelScope(shield=True):
                 await store.load_index(reload=True)
     result.report = _report(report)
-    result.summary = (f"{report.state}: {_human(report.bytes_freed)} freed; {report.packs_deleted} pack(s) deleted, "
-                      f"{report.packs_rewritten} rewritten into {report.packs_written}, {report.chunks_removed} "
-                      f"chunk(s) removed, {report.orphan_packs_deleted} orphan pack(s)")
-    if report.packs_kept_immutable:
-        result.summary += f"; {report.packs_kept_immutable} pack(s) kept for immutable points"
+    result.summary = report.summary()
     if report.state == "deferred":
         result.warnings.append(f"sweep deferred: {report.reason}")
         return Outcome(state="warning", note=f"sweep deferred to the next run: {report.reason}"[:1000])
@@ -125,13 +115,14 @@ async def _gc(spec: LifecycleSpec, store: RepositoryStore, result: SessionResult
 
 async def _verify(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime, result: SessionResult,
                   say: Callable[[str], None]) -> Outcome:
+    from .cli import human
     from .verify import verify
 
     report = await verify(store, runtime, sample=spec.sample,
                           progress=lambda done, total: say(f"checked {done} of {total} chunk(s)"))
     result.report = _report(report)
     what = "every chunk" if spec.sample is None else f"a {spec.sample:g}% sample"
-    result.summary = (f"checked {report.chunks_checked} chunk(s) ({_human(report.bytes_checked)}, {what}) of "
+    result.summary = (f"checked {report.chunks_checked} chunk(s) ({human(report.bytes_checked)}, {what}) of "
                       f"{report.points} point(s): "
                       + ("healthy" if report.healthy else f"{len(report.damaged)} damaged"))
     if report.healthy:
@@ -146,19 +137,15 @@ async def _verify(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime,
 
 async def _copy(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime, result: SessionResult,
                 say: Callable[[str], None]) -> Outcome:
-    from .lifecycle import copy_to_url, latest_points
+    from .lifecycle import copy_to_url, points_to_copy
 
     assert spec.to is not None
-    wanted = set(spec.objects) if spec.objects is not None else None
-    summaries = [s for s in await store.summaries() if wanted is None or s.object in wanted]
-    ids = latest_points(summaries) if spec.latest else [s.id for s in sorted(summaries, key=lambda s: (s.created, s.id))]
+    ids = await points_to_copy(store, objects=spec.objects, latest=spec.latest)
     report = await copy_to_url(store, spec.to, ids, runtime=runtime, retention=spec.retention,
                                progress=lambda done, total: say(f"copied {done} of {total} point(s)"))
     result.report = _report(report)
     result.copied[spec.to], result.pruned = list(report.points), list(report.pruned)
-    result.summary = (f"copied {len(report.points)} point(s) ({len(report.skipped)} already there): "
-                      f"{report.chunks_copied} chunk(s) sent ({_human(report.bytes_written)}), "
-                      f"{report.chunks_present} already present")
+    result.summary = report.summary()
     if report.pruned:
         result.summary += f"; the target's retention removed {len(report.pruned)}"
     return Outcome()
