@@ -23,10 +23,22 @@ MiB = 1 << 20
 NEEDED = ("qemu-system-x86_64", "qemu-img", "qemu-nbd", "qemu-io", "nbdinfo")
 
 
+#: Debian installs some of these (qemu-ga) in sbin, which a non-login PATH may lack
+_SEARCH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+
+
+def tool(name: str) -> str:
+    """The path of a QEMU tool. A missing one is a failure, not a skip: the project's setup
+    (scripts/system-packages) installs them, so missing means the setup was not run."""
+    path = shutil.which(name, path=_SEARCH)
+    if path is None:
+        pytest.fail(f"{name} is missing: run scripts/system-packages (make setup)")
+    return path
+
+
 def require_qemu() -> None:
-    missing = [b for b in NEEDED if shutil.which(b) is None]
-    if missing:
-        pytest.skip(f"missing {', '.join(missing)}: run scripts/system-packages")
+    for name in NEEDED:
+        tool(name)
 
 
 def short_dir() -> Path:

@@ -17,7 +17,7 @@ from blockferry.plugins.qemu import BITMAP_PREFIX, QemuSourcePlugin
 
 from tests.conformance import SourceConformance
 from tests.conftest import KiB, MiB
-from tests.qemu_vm import VM, qcow2, qemu_io, require_qemu, short_dir
+from tests.qemu_vm import VM, qcow2, qemu_io, require_qemu, short_dir, tool
 
 pytestmark = pytest.mark.anyio
 
@@ -233,10 +233,8 @@ async def test_offline_qcow2_with_bitmaps_and_raw(tmp_path: Path) -> None:
 def guest_agent(vmdir: Path) -> Iterator[Path]:
     """The real ``qemu-ga``, run on the host (no guest OS here) on a Unix socket, with the
     freeze/thaw commands disabled: a freeze here would freeze the host's own filesystems."""
-    if shutil.which("qemu-ga") is None:
-        pytest.skip("qemu-ga missing: run scripts/system-packages")
     sock = vmdir / "ga.sock"
-    proc = subprocess.Popen(["qemu-ga", "-m", "unix-listen", "-p", str(sock), "-t", str(vmdir),
+    proc = subprocess.Popen([tool("qemu-ga"), "-m", "unix-listen", "-p", str(sock), "-t", str(vmdir),
                              "-b", "guest-fsfreeze-freeze,guest-fsfreeze-freeze-list,guest-fsfreeze-thaw"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
