@@ -41,6 +41,7 @@ settings; they are never logged, and the settings' ``repr`` hides them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import hashlib
@@ -309,15 +310,20 @@ def _default_cache_root() -> Path:
 
 
 class S3Upload:
-    """A pack being written. Up to ``multipart_threshold`` bytes it is buffered and sent with one
+    """A pack being written. Up to ``multipart_threshold`` bytes it is held and sent with one
     PutObject at commit; past that it becomes a multipart upload whose full parts are sent
-    ``upload_parallel`` at a time (the buffer never holds more than that many parts). Nothing
-    is visible under the key before :meth:`commit`."""
+    ``upload_parallel`` at a time (it never holds more than that many parts). Nothing is visible
+    under the key before :meth:`commit`.
+
+    The pieces written are kept as they come (the engine's chunk payloads are immutable
+    ``bytes``): they are never joined into one buffer, but sent one after another as the
+    request's body (:class:`_Body`), with their MD5 computed in a worker thread."""
 
     def __init__(self, backend: S3Backend, key: str) -> None:
         self.key = key
         self._b = backend
-        self._buf = bytearray()
+        self._pieces: list[bytes] = []
+        self._held = 0  #: bytes in _pieces
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._next_part = 1
@@ -332,13 +338,16 @@ class S3Upload:
             raise RepositoryError(f"upload of {self.key} is closed")
         n = 0
         for p in parts:
-            self._buf += p
-            n += len(p)
+            if len(p):
+                # a view or a bytearray may change once this returns: keep a copy of those
+                self._pieces.append(p if type(p) is bytes else bytes(p))
+                n += len(p)
+        self._held += n
         self.size += n
         s = self._b.settings
-        if self._upload_id is None and len(self._buf) > s.multipart_threshold:
+        if self._upload_id is None and self._held > s.multipart_threshold:
             await self._start()
-        if self._upload_id is not None and len(self._buf) >= s.part_size * s.upload_parallel:
+        if self._upload_id is not None and self._held >= s.part_size * s.upload_parallel:
             await self._send_parts(final=False)
         return n
 
@@ -348,30 +357,43 @@ class S3Upload:
                              lambda c: c.create_multipart_upload(Bucket=b.bucket, Key=b._full(self.key)))
         self._upload_id = resp["UploadId"]
 
+    def _take(self, size: int) -> list[bytes]:
+        """The first ``size`` bytes of the held pieces (all of them if fewer), as pieces."""
+        out: list[bytes] = []
+        got = 0
+        while self._pieces and got < size:
+            p = self._pieces[0]
+            if got + len(p) <= size:
+                out.append(self._pieces.pop(0))
+                got += len(p)
+            else:
+                k = size - got
+                out.append(p[:k])
+                self._pieces[0] = p[k:]
+                got += k
+        self._held -= got
+        return out
+
     async def _send_parts(self, *, final: bool) -> None:
         size = self._b.settings.part_size
-        batch: list[tuple[int, bytes]] = []
-        view = memoryview(self._buf)
-        off = 0
-        while len(self._buf) - off >= size or (final and off < len(self._buf)):
-            batch.append((self._next_part, bytes(view[off:off + size])))
+        batch: list[tuple[int, list[bytes]]] = []
+        while self._held >= size or (final and self._held):
+            batch.append((self._next_part, self._take(size)))
             self._next_part += 1
-            off += size
-        view.release()
-        del self._buf[:off]
         b = self._b
         upload_id = self._upload_id
 
-        async def send(number: int, data: bytes) -> None:
+        async def send(number: int, pieces: list[bytes]) -> None:
+            body, md5 = await _body(pieces)
             resp = await b._call("UploadPart", f"uploading part {number} of {self.key}",
                                  lambda c: c.upload_part(Bucket=b.bucket, Key=b._full(self.key), UploadId=upload_id,
-                                                         PartNumber=number, Body=data))
+                                                         PartNumber=number, Body=body, ContentMD5=md5))
             self._parts.append({"PartNumber": number, "ETag": resp["ETag"]})
 
         with plain_errors():
             async with anyio.create_task_group() as tg:
-                for number, data in batch:
-                    tg.start_soon(send, number, data)
+                for number, pieces in batch:
+                    tg.start_soon(send, number, pieces)
 
     async def commit(self) -> None:
         if self._closed:
@@ -379,9 +401,8 @@ class S3Upload:
         b = self._b
         try:
             if self._upload_id is None:
-                data = bytes(self._buf)
-                self._buf = bytearray()
-                await b.put(self.key, data)
+                pieces, self._pieces, self._held = self._pieces, [], 0
+                await b.put(self.key, pieces)
             else:
                 await self._send_parts(final=True)
                 parts = sorted(self._parts, key=lambda p: p["PartNumber"])
@@ -398,10 +419,61 @@ class S3Upload:
 
     async def abort(self) -> None:
         self._closed = True
-        self._buf = bytearray()
+        self._pieces, self._held = [], 0
         upload_id, self._upload_id = self._upload_id, None
         if upload_id is not None:
             await self._b._abort_upload(self.key, upload_id)
+
+
+#: bodies up to this size are joined and hashed on the event loop (a thread hop costs more)
+_INLINE_BODY = 256 * 1024
+#: the slices a large body is handed to the connection in
+_SEND_SLICE = 256 * 1024
+
+
+class _Body:
+    """A large request body sent as its pieces, never joined: aiohttp takes it as an async
+    iterable (botocore has set Content-Length from ``len``), so the socket gets it a slice at a
+    time and no copy of the whole body is made anywhere. A ``bytes`` body would be wrapped by
+    botocore in a BytesIO whose buffer is then copied, and one large buffer would be copied
+    again into the transport's; both copies touch fresh memory, which is what costs here.
+    ``read`` exists for botocore's type check (and gives the joined body if ever called)."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+        self.size = sum(len(p) for p in pieces)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, n: int = -1) -> bytes:
+        return b"".join(self.pieces)
+
+    def __aiter__(self) -> AsyncIterator[memoryview]:
+        return self._slices()
+
+    async def _slices(self) -> AsyncIterator[memoryview]:
+        for p in self.pieces:
+            view = memoryview(p)
+            for off in range(0, len(view), _SEND_SLICE):
+                yield view[off:off + _SEND_SLICE]
+
+
+def _md5(pieces: Sequence[bytes]) -> str:
+    h = hashlib.md5()
+    for p in pieces:
+        h.update(p)  # releases the GIL for all but tiny pieces
+    return base64.b64encode(h.digest()).decode()
+
+
+async def _body(pieces: Sequence[bytes | bytearray | memoryview]) -> tuple[bytes | _Body, str]:
+    """A request body for ``pieces`` and its Content-MD5 (computed in a worker thread unless
+    the body is small)."""
+    if sum(len(p) for p in pieces) <= _INLINE_BODY:
+        small = b"".join(pieces)
+        return small, _md5([small])
+    frozen = [p if type(p) is bytes else bytes(p) for p in pieces]
+    return _Body(frozen), await anyio.to_thread.run_sync(_md5, frozen)
 
 
 # -- the backend ---------------------------------------------------------------------------------
@@ -466,7 +538,8 @@ class S3Backend:
             connect_timeout=s.connect_timeout,
             read_timeout=s.read_timeout,
             retries={"total_max_attempts": 1, "mode": "standard"},  # ours, in _call
-            s3={"addressing_style": style} if style else None,
+            # bodies carry a Content-MD5 computed off the event loop (see put)
+            s3={"payload_signing_enabled": False, **({"addressing_style": style} if style else {})},
             # S3-compatible servers (radosgw among them) do not all accept the new default
             # checksum headers; send them only where the API requires one
             request_checksum_calculation="when_required",
@@ -722,29 +795,34 @@ class S3Backend:
 
     # -- writes --------------------------------------------------------------------------------
 
-    async def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+    async def put(self, key: str, data: bytes | Sequence[bytes], *, exclusive: bool = False) -> None:
+        """Write one object (``data`` may be a list of pieces, joined into the body). Bodies
+        go with a Content-MD5 header, which the server checks, and an unsigned payload hash
+        (the client's ``payload_signing_enabled`` is off): the MD5 is computed in a worker
+        thread and is part of the signed headers, where botocore would otherwise SHA-256 the
+        whole body on the event loop of every request over plain HTTP."""
         full = self._full(key)
-        data = bytes(data)
+        body, md5 = await _body([data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
         attempts = 0
 
         async def send(c: Any) -> dict[str, Any]:
             nonlocal attempts
             attempts += 1
             kw = {"IfNoneMatch": "*"} if exclusive else {}
-            return await c.put_object(Bucket=self.bucket, Key=full, Body=data, **kw)
+            return await c.put_object(Bucket=self.bucket, Key=full, Body=body, ContentMD5=md5, **kw)
 
         try:
             resp = await self._call("PutObject", f"writing {key}", send)
         except KeyExistsError:
             # a retried exclusive put may find its own first attempt, which did land
-            if attempts > 1 and await self._same(key, data):
+            if attempts > 1 and await self._same(key, body if isinstance(body, bytes) else body.read()):
                 return
             raise KeyExistsError(f"{key} exists") from None
         self._wrote_at = anyio.current_time()
         if key.startswith(CACHED_PREFIXES) and (etag := resp.get("ETag")):
             self._etags[key] = etag
             if self._cache is not None:
-                await self._cache.write(key, etag, data)
+                await self._cache.write(key, etag, body if isinstance(body, bytes) else body.read())
 
     async def _same(self, key: str, data: bytes) -> bool:
         try:
