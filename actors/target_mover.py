@@ -88,7 +88,7 @@ class TargetMover(Actor[Any]):
             finally:
                 # chunks already written are good data other tasks may use: keep them
                 with anyio.CancelScope(shield=True):
-                    await writer.close()
+                    await writer.finish()
                 self.written, self.busy = writer.written, writer.busy
             lost = await self.store.index.wait_stored(self._foreign)
             if lost:

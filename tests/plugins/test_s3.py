@@ -27,6 +27,7 @@ import pytest
 
 import blockferry
 from blockferry.errors import BlockferryError, ConfigError, ImmutableError
+from blockferry.config import EngineSettings
 from blockferry.retention import RetentionPolicy
 from blockferry.plugins.s3 import S3Backend, S3BackendPlugin, load_settings, parse_url
 from tests.conformance import BackendConformance
@@ -196,6 +197,32 @@ async def test_api_multipart_packs_and_ranged_reads(s3_env: dict[str, str], tmp_
         packs = {k: n for k, n in (await keys(c, url)).items() if k.startswith("packs/")}
         assert len(packs) == 2 and max(packs.values()) > 24 * MiB
 
+
+
+async def test_tasks_share_packs_so_they_fill_and_go_out_while_reading(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """Four disks backed up at once into S3 fill one pack stream together (engine/store.py
+    WriterHandle): full packs, not one part-filled pack per disk, and each disk still counts
+    its own bytes."""
+    url = new_url()
+    await blockferry.init_repository(url, block_size=256 * KiB, compression="none", pack_size=4 * MiB,
+                                     backend_options={"create_bucket": True})
+    imgs = [write_disk(tmp_path / f"d{i}.img", 3 * MiB, [(0, "random", 3 * MiB)], seed=40 + i) for i in range(4)]
+    # batches of 512 KiB: each disk arrives in six, interleaved with the others'
+    async with blockferry.open_repository(url, engine=EngineSettings(batch_bytes=512 * KiB)) as r:
+        s = await r.backup([str(p) for p in imgs], name="vm")
+        await r.restore(s.points[0], tmp_path / "out")
+    for p in imgs:
+        assert same_file(tmp_path / "out" / p.name, p)
+    async with raw_client(s3_env) as c:
+        packs = sorted(n for k, n in (await keys(c, url)).items() if k.startswith("packs/"))
+    total = sum(packs)
+    # 12 MiB in 4 MiB packs: three or four packs (one per disk would have been four part-filled
+    # ones of 3 MiB each)
+    assert 12 * MiB < total < 13 * MiB and len(packs) <= 4 and max(packs) >= 4 * MiB
+    # every disk counts what it wrote (its chunks, and the framing of packs it opened or
+    # sealed); together that is every byte of every pack
+    written = [d.stats.written_bytes for d in s.objects[0].disks]
+    assert all(w >= 3 * MiB for w in written) and sum(written) == total
 
 
 async def test_delete_learns_the_versioning_without_asking(s3_env: dict[str, str]) -> None:
