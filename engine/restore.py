@@ -21,8 +21,10 @@ import errno
 import fcntl
 import mmap
 import os
+import shutil
 import stat
 import struct
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -187,14 +189,47 @@ class _StagePool:
 
 
 class _Held:
-    """A span being read or read: waiters share the one request."""
+    """A span being read or read: waiters share the one request. Its bytes are in memory
+    (``data``) or in the spool file at ``spooled``."""
 
-    __slots__ = ("ready", "data", "size")
+    __slots__ = ("ready", "data", "size", "spooled")
 
     def __init__(self, size: int) -> None:
         self.ready = anyio.Event()
         self.data: bytes | None = None
         self.size = size
+        self.spooled: int | None = None
+
+
+class _Spool:
+    """An unnamed temporary file that holds long-lived spans (append only, for one restore)."""
+
+    def __init__(self, directory: Path, budget: int) -> None:
+        self.directory = directory
+        self.budget = budget
+        self.used = 0
+        self._file: Any = None
+
+    def reserve(self, n: int) -> int | None:
+        """Room for ``n`` bytes: their offset, or None if over budget."""
+        if self.used + n > self.budget:
+            return None
+        off, self.used = self.used, self.used + n
+        return off
+
+    def write(self, off: int, data: bytes) -> None:
+        if self._file is None:
+            # beside the restored images: the restore needs that disk anyway, and not a tmpfs
+            self._file = tempfile.TemporaryFile(dir=self.directory, prefix=".blockferry-spool-")
+        _pwritev_all(self._file.fileno(), [memoryview(data)], off)
+
+    def read(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        return [os.pread(self._file.fileno(), n, off) for off, n in ranges]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class _SpanReader:
@@ -205,9 +240,15 @@ class _SpanReader:
     most ``budget`` bytes of spans are held; a batch that finds no room reads its own ranges as
     before. Requests are what object storage bills and what its latency makes slow: a dense pack
     (every chunk of a full point's pack is needed) is one GET, as restic reads whole packs. The
-    plan holds a few integers per span, flat in disk size."""
+    plan holds a few integers per span, flat in disk size.
 
-    def __init__(self, backend: Any, budget: int, gap: int, piece: int | None = None) -> None:
+    A span some batch needs long after its first use (a later point's pack: its chunks are
+    spread over the whole disk) would hold memory all that time and crowd out the rest, so
+    spans needed more than ``long`` batches apart go to the ``spool`` (a temporary file) when
+    one is given: still one request each, and memory stays with the short-lived spans."""
+
+    def __init__(self, backend: Any, budget: int, gap: int, piece: int | None = None, *,
+                 spool: _Spool | None = None, long: int = 16) -> None:
         self.backend = backend
         self.budget = budget
         self.gap = gap
@@ -220,6 +261,11 @@ class _SpanReader:
         self.held_bytes = 0
         self.peak_bytes = 0
         self.order: list[tuple[str, int]] = []  #: spans in the order the batches first need them
+        self.first: dict[tuple[str, int], int] = {}  #: span → first and last batch that needs it
+        self.last: dict[tuple[str, int], int] = {}
+        self.spool = spool
+        self.long = long
+        self.spooled_bytes = 0
         self._freed = anyio.Event()
 
     def add(self, key: str, off: int, end: int) -> None:
@@ -249,12 +295,18 @@ class _SpanReader:
             groups.setdefault(bisect.bisect_right(spans, [off, 1 << 62]) - 1, []).append(r)
         return groups
 
-    def count(self, key: str, ranges: list[tuple[int, int]]) -> None:
-        """A batch will read these ranges of ``key`` (after every :meth:`add`)."""
+    def count(self, key: str, ranges: list[tuple[int, int]], batch: int = 0) -> None:
+        """Batch number ``batch`` will read these ranges of ``key`` (after every :meth:`add`;
+        batches counted in the order they run)."""
         for i in self._groups(key, ranges):
             if (key, i) not in self.users:
                 self.order.append((key, i))
+                self.first[(key, i)] = batch
+            self.last[(key, i)] = batch
             self.users[(key, i)] = self.users.get((key, i), 0) + 1
+
+    def _to_spool(self, k: tuple[str, int]) -> bool:
+        return self.spool is not None and self.last[k] - self.first[k] > self.long
 
     async def prefetch(self, streams: int) -> None:
         """Read spans ahead of the batches, in the order they need them, ``streams`` at once, as
@@ -268,7 +320,7 @@ class _SpanReader:
         async def stream() -> None:
             for key, i in todo:
                 start, end = self.spans[key][i]
-                while self.held_bytes + (end - start) > room and self.held:
+                while not self._to_spool((key, i)) and self.held_bytes + (end - start) > room and self.held:
                     await self._freed.wait()
                 if (key, i) in self.users and (key, i) not in self.held and end - start <= self.budget:
                     await self._span(key, i)
@@ -281,7 +333,14 @@ class _SpanReader:
         out: list[Any] = [b""] * len(ranges)
         for i, idxs in self._groups(key, ranges).items():
             try:
-                data = await self._span(key, i)
+                held = await self._span(key, i)
+                if held is not None and held.spooled is not None and self.spool is not None:
+                    at = held.spooled - self.spans[key][i][0]
+                    got = await anyio.to_thread.run_sync(self.spool.read, [(at + ranges[r][0], ranges[r][1]) for r in idxs])
+                    for r, d in zip(idxs, got):
+                        out[r] = d
+                    continue
+                data = held.data if held is not None else None
                 if data is None:  # no room: this batch's own ranges, as without a plan
                     got = await self.backend.get_ranges(key, [ranges[r] for r in idxs])
                     for r, d in zip(idxs, got):
@@ -296,29 +355,37 @@ class _SpanReader:
                 self._done(key, i)
         return out
 
-    async def _span(self, key: str, i: int) -> bytes | None:
+    async def _span(self, key: str, i: int) -> _Held | None:
         held = self.held.get((key, i))
         if held is not None:
             await held.ready.wait()
-            return held.data
+            return held
         start, end = self.spans[key][i]
-        if self.held_bytes + (end - start) > self.budget:
+        spooled = self.spool.reserve(end - start) if self._to_spool((key, i)) and self.spool is not None else None
+        if spooled is None and self.held_bytes + (end - start) > self.budget:
             return None
         held = self.held[(key, i)] = _Held(end - start)
-        self.held_bytes += held.size
-        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        if spooled is None:
+            self.held_bytes += held.size
+            self.peak_bytes = max(self.peak_bytes, self.held_bytes)
         try:
-            held.data = await self.backend.get(key, start, end - start)
+            data = await self.backend.get(key, start, end - start)
+            if spooled is not None and self.spool is not None:
+                await anyio.to_thread.run_sync(self.spool.write, spooled, data)
+                held.spooled = spooled
+                self.spooled_bytes += held.size
+            else:
+                held.data = data
         finally:
             held.ready.set()  # a failed read: the waiters read their own ranges (and say why)
-        return held.data
+        return held
 
     def _done(self, key: str, i: int) -> None:
         left = self.users[(key, i)] = self.users[(key, i)] - 1
         if left <= 0:
             del self.users[(key, i)]
             held = self.held.pop((key, i), None)
-            if held is not None:
+            if held is not None and held.spooled is None:
                 self.held_bytes -= held.size
                 self._freed.set()
                 self._freed = anyio.Event()
@@ -342,6 +409,7 @@ class _PointRestorer:
         self.starts = [[r[0] for r in runs] for runs in self.runs]
         self.sync_map = getattr(store.backend, "map_sync", None)
         self.reader: _SpanReader | None = None
+        self.spool: _Spool | None = None
         settings = runtime.settings
         #: from a remote repository the planned spans, not the batches, decide the requests:
         #: smaller batches there hold less decoded data at once
@@ -541,14 +609,21 @@ class _PointRestorer:
         """The spans of every pack the point needs, and how many batches take from each (two
         passes over the batches' plans: spans first, then their users)."""
         settings = self.runtime.settings
-        reader = _SpanReader(self.store.backend, settings.restore_span_bytes, settings.restore_span_gap)
+        spool = None
+        if settings.restore_spool_bytes:
+            t = self.targets[0]
+            directory = Path(tempfile.gettempdir()) if t.device else t.path.parent
+            free = shutil.disk_usage(directory).free
+            spool = self.spool = _Spool(directory, min(settings.restore_spool_bytes, free // 2))
+        reader = _SpanReader(self.store.backend, settings.restore_span_bytes, settings.restore_span_gap,
+                             spool=spool, long=settings.restore_span_long)
         for work in self.batches():
             for key, ranges, _ in self._plan(work)[0]:
                 for off, n in ranges:
                     reader.add(key, off, off + n)
-        for work in self.batches():
+        for b, work in enumerate(self.batches()):
             for key, ranges, _ in self._plan(work)[0]:
-                reader.count(key, ranges)
+                reader.count(key, ranges, b)
         return reader
 
     async def run(self) -> None:
@@ -566,6 +641,8 @@ class _PointRestorer:
                 outer.cancel_scope.cancel()  # spans the batches no longer need
         finally:
             self.stages.close()
+            if self.spool is not None:
+                self.spool.close()
         for k, target in enumerate(self.targets):
             disk = self.disks[k]
             if not target.sparse:

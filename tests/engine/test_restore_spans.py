@@ -112,3 +112,54 @@ async def test_spans_stay_pieces_and_never_overlap() -> None:
     assert all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
     for off, end in [(0, 600 * 1024), (600 * 1024, 1200 * 1024), (1100 * 1024, 1300 * 1024), (500 * 1024, 700 * 1024)]:
         assert any(s <= off and end <= e for s, e in spans)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+async def test_a_span_needed_far_apart_waits_in_the_spool_not_in_memory(prefetch: bool, tmp_path) -> None:
+    from blockferry.restore import _Spool
+
+    # "late" (a later point's pack) is needed by the first batch and the last of 40; "near"
+    # spans are needed by neighbouring batches only
+    batches: list[dict[str, list[tuple[int, int]]]] = [{"late": [(0, 100)]}]
+    batches += [{f"near{b}": [(0, 200)]} for b in range(1, 39)]
+    batches += [{"late": [(150, 100)]}]
+    backend = CountingBackend()
+    spool = _Spool(tmp_path, budget=10 * MiB)
+    reader = _SpanReader(backend, budget=10 * MiB, gap=64, piece=MiB, spool=spool, long=8)
+    for batch in batches:
+        for key, ranges in batch.items():
+            for off, n in ranges:
+                reader.add(key, off, off + n)
+    for b, batch in enumerate(batches):
+        for key, ranges in batch.items():
+            reader.count(key, ranges, b)
+    try:
+        await read_all(reader, backend, batches, prefetch=prefetch)
+    finally:
+        spool.close()
+    assert ("late", 0, 250) in backend.gets and backend.ranged == []  # still one request
+    assert len(backend.gets) == 39
+    assert reader.spooled_bytes == 250  # the long-lived span went to disk...
+    # ...and memory held only short-lived spans: one at a time, or as many as the prefetch
+    # reads ahead within the budget
+    assert reader.peak_bytes % 200 == 0 and (prefetch or reader.peak_bytes == 200)
+    assert list(tmp_path.iterdir()) == []  # the spool file has no name
+
+
+async def test_a_full_spool_leaves_long_lived_spans_in_memory(tmp_path) -> None:
+    from blockferry.restore import _Spool
+
+    batches = [{"late": [(0, 100)]}, *({} for _ in range(20)), {"late": [(150, 100)]}]
+    backend = CountingBackend()
+    spool = _Spool(tmp_path, budget=100)  # no room for the 250-byte span
+    reader = _SpanReader(backend, budget=MiB, gap=64, piece=MiB, spool=spool, long=8)
+    for batch in batches:
+        for key, ranges in batch.items():
+            for off, n in ranges:
+                reader.add(key, off, off + n)
+    for b, batch in enumerate(batches):
+        for key, ranges in batch.items():
+            reader.count(key, ranges, b)
+    await read_all(reader, backend, batches, prefetch=False)
+    spool.close()
+    assert backend.gets == [("late", 0, 250)] and reader.spooled_bytes == 0 and reader.peak_bytes == 250
