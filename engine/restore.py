@@ -308,6 +308,10 @@ class _SpanReader:
     def _to_spool(self, k: tuple[str, int]) -> bool:
         return self.spool is not None and self.last[k] - self.first[k] > self.long
 
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+
     async def prefetch(self, streams: int) -> None:
         """Read spans ahead of the batches, in the order they need them, ``streams`` at once, as
         the budget allows: the next spans arrive while the batches decode the current ones (one
@@ -334,7 +338,8 @@ class _SpanReader:
         for i, idxs in self._groups(key, ranges).items():
             try:
                 held = await self._span(key, i)
-                if held is not None and held.spooled is not None and self.spool is not None:
+                if held is not None and held.spooled is not None:
+                    assert self.spool is not None
                     at = held.spooled - self.spans[key][i][0]
                     got = await anyio.to_thread.run_sync(self.spool.read, [(at + ranges[r][0], ranges[r][1]) for r in idxs])
                     for r, d in zip(idxs, got):
@@ -361,7 +366,8 @@ class _SpanReader:
             await held.ready.wait()
             return held
         start, end = self.spans[key][i]
-        spooled = self.spool.reserve(end - start) if self._to_spool((key, i)) and self.spool is not None else None
+        spool = self.spool if self._to_spool((key, i)) else None
+        spooled = spool.reserve(end - start) if spool is not None else None
         if spooled is None and self.held_bytes + (end - start) > self.budget:
             return None
         held = self.held[(key, i)] = _Held(end - start)
@@ -370,8 +376,8 @@ class _SpanReader:
             self.peak_bytes = max(self.peak_bytes, self.held_bytes)
         try:
             data = await self.backend.get(key, start, end - start)
-            if spooled is not None and self.spool is not None:
-                await anyio.to_thread.run_sync(self.spool.write, spooled, data)
+            if spool is not None and spooled is not None:
+                await anyio.to_thread.run_sync(spool.write, spooled, data)
                 held.spooled = spooled
                 self.spooled_bytes += held.size
             else:
@@ -409,7 +415,6 @@ class _PointRestorer:
         self.starts = [[r[0] for r in runs] for runs in self.runs]
         self.sync_map = getattr(store.backend, "map_sync", None)
         self.reader: _SpanReader | None = None
-        self.spool: _Spool | None = None
         settings = runtime.settings
         #: from a remote repository the planned spans, not the batches, decide the requests:
         #: smaller batches there hold less decoded data at once
@@ -614,7 +619,7 @@ class _PointRestorer:
             t = self.targets[0]
             directory = Path(tempfile.gettempdir()) if t.device else t.path.parent
             free = shutil.disk_usage(directory).free
-            spool = self.spool = _Spool(directory, min(settings.restore_spool_bytes, free // 2))
+            spool = _Spool(directory, min(settings.restore_spool_bytes, free // 2))
         reader = _SpanReader(self.store.backend, settings.restore_span_bytes, settings.restore_span_gap,
                              spool=spool, long=settings.restore_span_long)
         for work in self.batches():
@@ -641,8 +646,8 @@ class _PointRestorer:
                 outer.cancel_scope.cancel()  # spans the batches no longer need
         finally:
             self.stages.close()
-            if self.spool is not None:
-                self.spool.close()
+            if self.reader is not None:
+                self.reader.close()
         for k, target in enumerate(self.targets):
             disk = self.disks[k]
             if not target.sparse:

@@ -437,7 +437,8 @@ class _Body:
     time and no copy of the whole body is made anywhere. A ``bytes`` body would be wrapped by
     botocore in a BytesIO whose buffer is then copied, and one large buffer would be copied
     again into the transport's; both copies touch fresh memory, which is what costs here.
-    ``read`` exists for botocore's type check (and gives the joined body if ever called)."""
+    ``read`` exists for botocore's type check; it and ``bytes(body)`` give the joined body (for
+    the rare callers that need it whole: the cache, a retried exclusive put's comparison)."""
 
     def __init__(self, pieces: list[bytes]) -> None:
         self.pieces = pieces
@@ -446,8 +447,11 @@ class _Body:
     def __len__(self) -> int:
         return self.size
 
-    def read(self, n: int = -1) -> bytes:
+    def __bytes__(self) -> bytes:
         return b"".join(self.pieces)
+
+    def read(self, n: int = -1) -> bytes:
+        return bytes(self)
 
     def __aiter__(self) -> AsyncIterator[memoryview]:
         return self._slices()
@@ -815,14 +819,14 @@ class S3Backend:
             resp = await self._call("PutObject", f"writing {key}", send)
         except KeyExistsError:
             # a retried exclusive put may find its own first attempt, which did land
-            if attempts > 1 and await self._same(key, body if isinstance(body, bytes) else body.read()):
+            if attempts > 1 and await self._same(key, bytes(body)):
                 return
             raise KeyExistsError(f"{key} exists") from None
         self._wrote_at = anyio.current_time()
         if key.startswith(CACHED_PREFIXES) and (etag := resp.get("ETag")):
             self._etags[key] = etag
             if self._cache is not None:
-                await self._cache.write(key, etag, body if isinstance(body, bytes) else body.read())
+                await self._cache.write(key, etag, bytes(body))
 
     async def _same(self, key: str, data: bytes) -> bool:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import pytest
@@ -37,15 +38,15 @@ class CountingBackend:
 
 
 def planned(backend: CountingBackend, batches: list[dict[str, list[tuple[int, int]]]], budget: int,
-            gap: int) -> _SpanReader:
-    reader = _SpanReader(backend, budget, gap, piece=MiB)
+            gap: int, **kw: Any) -> _SpanReader:
+    reader = _SpanReader(backend, budget, gap, piece=MiB, **kw)
     for batch in batches:
         for key, ranges in batch.items():
             for off, n in ranges:
                 reader.add(key, off, off + n)
-    for batch in batches:
+    for b, batch in enumerate(batches):
         for key, ranges in batch.items():
-            reader.count(key, ranges)
+            reader.count(key, ranges, b)
     return reader
 
 
@@ -125,14 +126,7 @@ async def test_a_span_needed_far_apart_waits_in_the_spool_not_in_memory(prefetch
     batches += [{"late": [(150, 100)]}]
     backend = CountingBackend()
     spool = _Spool(tmp_path, budget=10 * MiB)
-    reader = _SpanReader(backend, budget=10 * MiB, gap=64, piece=MiB, spool=spool, long=8)
-    for batch in batches:
-        for key, ranges in batch.items():
-            for off, n in ranges:
-                reader.add(key, off, off + n)
-    for b, batch in enumerate(batches):
-        for key, ranges in batch.items():
-            reader.count(key, ranges, b)
+    reader = planned(backend, batches, budget=10 * MiB, gap=64, spool=spool, long=8)
     try:
         await read_all(reader, backend, batches, prefetch=prefetch)
     finally:
@@ -152,14 +146,7 @@ async def test_a_full_spool_leaves_long_lived_spans_in_memory(tmp_path) -> None:
     batches = [{"late": [(0, 100)]}, *({} for _ in range(20)), {"late": [(150, 100)]}]
     backend = CountingBackend()
     spool = _Spool(tmp_path, budget=100)  # no room for the 250-byte span
-    reader = _SpanReader(backend, budget=MiB, gap=64, piece=MiB, spool=spool, long=8)
-    for batch in batches:
-        for key, ranges in batch.items():
-            for off, n in ranges:
-                reader.add(key, off, off + n)
-    for b, batch in enumerate(batches):
-        for key, ranges in batch.items():
-            reader.count(key, ranges, b)
+    reader = planned(backend, batches, budget=MiB, gap=64, spool=spool, long=8)
     await read_all(reader, backend, batches, prefetch=False)
     spool.close()
     assert backend.gets == [("late", 0, 250)] and reader.spooled_bytes == 0 and reader.peak_bytes == 250
