@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -101,3 +103,57 @@ def test_locked_repository_exit_code(tmp_path: Path) -> None:
 def test_demo(tmp_path: Path) -> None:
     r = bf("demo", str(tmp_path / "demo"), "--size", "8MiB")
     assert "demo passed" in r.stdout and "bit-exact" in r.stdout
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_the_command_table_lists_what_each_module_adds() -> None:
+    """A command the table misses would be unknown when it is the one being run."""
+    from blockferry.cli import CORE_COMMANDS, COMMAND_MODULES, _Unbuilt, build_parser
+
+    for module, names in COMMAND_MODULES.items():
+        added: list[str] = []
+
+        def record(name: str, fn: object, help: str) -> _Unbuilt:
+            added.append(name)
+            return _Unbuilt()
+
+        importlib.import_module(module).register(record)
+        assert tuple(added) == names, module
+    every = set(CORE_COMMANDS).union(*COMMAND_MODULES.values())
+    assert set(_commands(build_parser())) == every
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["backup", "repo", "disk.img"], "backup"),
+    (["-v", "--async-backend", "trio", "gc", "repo"], "gc"),
+    (["--log-json", "-vv", "repo", "list"], "repo"),
+    (["--async-backend=trio", "restore-image", "r", "p"], "restore-image"),
+    (["nonsense", "x"], None),
+    (["--help"], None),
+    ([], None),
+])
+def test_only_the_command_being_run_is_built(argv: list[str], command: str | None) -> None:
+    from blockferry.cli import build_parser, command_in
+
+    assert command_in(argv) == command
+    if command is not None:
+        assert list(_commands(build_parser(command))) == [command]
+
+
+def test_a_command_parses_the_same_alone_as_in_the_whole_parser() -> None:
+    from blockferry.cli import build_parser
+
+    argv = ["-v", "backup", "repo", "a.img", "b.img", "--name", "vm", "--changed-extents", "a.img=h", "-q"]
+    whole = vars(build_parser().parse_args(argv))
+    alone = vars(build_parser("backup").parse_args(argv))
+    assert whole == alone and alone["changed_extents"] == ["a.img=h"]
+
+
+def test_an_unknown_command_still_lists_them_all(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "blockferry", "bogus"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "invalid choice: 'bogus'" in r.stderr and "restore-image" in r.stderr
