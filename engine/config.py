@@ -76,10 +76,9 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
     restore_span_bytes: Positive = 128 * MiB
     restore_span_gap: NonNegative = 8 * MiB
     restore_span_streams: Positive = 3
-    #: spans still needed more than restore_span_long batches after their first use (packs of
-    #: later points, whose chunks are spread over the whole disk) wait in a temporary spool file
-    #: beside the restored images rather than in memory, up to restore_spool_bytes (0: never)
-    restore_span_long: Positive = 16
+    #: spans that would not fit restore_span_bytes alongside the others needed at the same time
+    #: (those needed again furthest ahead) wait in a temporary spool file beside the restored
+    #: images rather than in memory, up to restore_spool_bytes (0: never)
     restore_spool_bytes: NonNegative = 4096 * MiB
     restore_remote_batch_bytes: Positive = 4 * MiB
     #: worker threads hashing and compressing (0: one per core)

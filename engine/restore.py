@@ -17,6 +17,7 @@ an image through an ordinary descriptor.
 from __future__ import annotations
 
 import bisect
+import heapq
 import errno
 import fcntl
 import mmap
@@ -192,13 +193,14 @@ class _Held:
     """A span being read or read: waiters share the one request. Its bytes are in memory
     (``data``) or in the spool file at ``spooled``."""
 
-    __slots__ = ("ready", "data", "size", "spooled")
+    __slots__ = ("ready", "data", "size", "spooled", "buffer")
 
     def __init__(self, size: int) -> None:
         self.ready = anyio.Event()
         self.data: bytes | None = None
         self.size = size
         self.spooled: int | None = None
+        self.buffer: bytearray | None = None  #: the recycled buffer ``data`` lies in
 
 
 class _Spool:
@@ -242,13 +244,13 @@ class _SpanReader:
     (every chunk of a full point's pack is needed) is one GET, as restic reads whole packs. The
     plan holds a few integers per span, flat in disk size.
 
-    A span some batch needs long after its first use (a later point's pack: its chunks are
-    spread over the whole disk) would hold memory all that time and crowd out the rest, so
-    spans needed more than ``long`` batches apart go to the ``spool`` (a temporary file) when
-    one is given: still one request each, and memory stays with the short-lived spans."""
+    When the spans needed at once would not fit the budget (a later point's pack is needed from
+    the first batch to the last; a full point's packs each cover a stretch of batches), those
+    needed furthest ahead go to the ``spool`` (a temporary file), when one is given: still one
+    request each. :meth:`plan_spool` decides which, before the reads start."""
 
     def __init__(self, backend: Any, budget: int, gap: int, piece: int | None = None, *,
-                 spool: _Spool | None = None, long: int = 16) -> None:
+                 spool: _Spool | None = None) -> None:
         self.backend = backend
         self.budget = budget
         self.gap = gap
@@ -264,9 +266,14 @@ class _SpanReader:
         self.first: dict[tuple[str, int], int] = {}  #: span → first and last batch that needs it
         self.last: dict[tuple[str, int], int] = {}
         self.spool = spool
-        self.long = long
+        self._spooled: set[tuple[str, int]] = set()  #: spans planned to wait in the spool
         self.spooled_bytes = 0
         self._freed = anyio.Event()
+        #: buffers of spans let go, for the next ones (when the backend reads into a buffer):
+        #: a new one is zeroed and faulted in on the event loop. Kept while they and the held
+        #: spans stay within the budget and one more span.
+        self._buffers: list[bytearray] = []
+        self._get_into = getattr(backend, "get_into", None)
 
     def add(self, key: str, off: int, end: int) -> None:
         """The point needs ``[off, end)`` of pack ``key``. Spans never overlap (each range
@@ -306,9 +313,47 @@ class _SpanReader:
             self.users[(key, i)] = self.users.get((key, i), 0) + 1
 
     def _to_spool(self, k: tuple[str, int]) -> bool:
-        return self.spool is not None and self.last[k] - self.first[k] > self.long
+        return k in self._spooled
+
+    def _room(self) -> int:
+        """Bytes of spans the read-ahead may hold: room for the largest span is kept for the
+        batches, so those under way never wait behind spans that only later batches need."""
+        return self.budget - max((e - s for spans in self.spans.values() for s, e in spans), default=0)
+
+    def plan_spool(self) -> None:
+        """Choose the spans that wait in the spool (after every :meth:`count`): going through the
+        spans in the order the batches first need them, while those needed at once would not fit
+        the read-ahead's room, the one needed again furthest ahead goes to the spool (the choice
+        that spools the fewest spans when they are of a size). Spans needed by neighbouring
+        batches, however long the stretch, stay in memory."""
+        self._spooled = set()
+        if self.spool is None:
+            return
+        room = self._room()
+        size = {k: self.spans[k[0]][k[1]][1] - self.spans[k[0]][k[1]][0] for k in self.order}
+        ending: list[tuple[int, int, tuple[str, int]]] = []  # (last batch, n, span): to let go
+        farthest: list[tuple[int, int, tuple[str, int]]] = []  # (-last batch, n, span): to spool
+        in_memory: set[tuple[str, int]] = set()
+        held = 0
+        for n, k in enumerate(self.order):  # in the order of first use
+            while ending and ending[0][0] < self.first[k]:
+                _, _, gone = heapq.heappop(ending)
+                if gone in in_memory:
+                    in_memory.discard(gone)
+                    held -= size[gone]
+            in_memory.add(k)
+            held += size[k]
+            heapq.heappush(ending, (self.last[k], n, k))
+            heapq.heappush(farthest, (-self.last[k], n, k))
+            while held > room:
+                _, _, victim = heapq.heappop(farthest)
+                if victim in in_memory:
+                    in_memory.discard(victim)
+                    held -= size[victim]
+                    self._spooled.add(victim)
 
     def close(self) -> None:
+        self._buffers.clear()
         if self.spool is not None:
             self.spool.close()
 
@@ -317,9 +362,7 @@ class _SpanReader:
         the budget allows: the next spans arrive while the batches decode the current ones (one
         stream alone is slower than the store can send)."""
         todo = iter(self.order)
-        # room for one span is kept for the batches: those under way never wait for it behind
-        # spans that only later batches need
-        room = self.budget - max((e - s for spans in self.spans.values() for s, e in spans), default=0)
+        room = self._room()
 
         async def stream() -> None:
             for key, i in todo:
@@ -333,7 +376,10 @@ class _SpanReader:
             for _ in range(streams):
                 tg.start_soon(stream)
 
-    async def read(self, key: str, ranges: list[tuple[int, int]]) -> list[Any]:
+    async def read(self, key: str, ranges: list[tuple[int, int]],
+                   taken: list[tuple[str, int]] | None = None) -> list[Any]:
+        """The ranges' bytes (views of held spans). With ``taken``, the spans read from are
+        added to it and stay held until :meth:`release` (their buffers are reused after)."""
         out: list[Any] = [b""] * len(ranges)
         for i, idxs in self._groups(key, ranges).items():
             try:
@@ -357,8 +403,17 @@ class _SpanReader:
                     off, n = ranges[r]
                     out[r] = view[off - start:off - start + n]
             finally:
-                self._done(key, i)
+                if taken is not None:
+                    taken.append((key, i))
+                else:
+                    self._done(key, i)
         return out
+
+    def release(self, taken: list[tuple[str, int]]) -> None:
+        """The batch is done with what it read (see :meth:`read`)."""
+        for key, i in taken:
+            self._done(key, i)
+        taken.clear()
 
     async def _span(self, key: str, i: int) -> _Held | None:
         held = self.held.get((key, i))
@@ -374,17 +429,44 @@ class _SpanReader:
         if spooled is None:
             self.held_bytes += held.size
             self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        buf = self._buffer(end - start) if self._get_into is not None else None
         try:
-            data = await self.backend.get(key, start, end - start)
+            if buf is not None:
+                data = await self._get_into(key, start, end - start, buf)
+            else:
+                data = await self.backend.get(key, start, end - start)
             if spool is not None and spooled is not None:
                 await anyio.to_thread.run_sync(spool.write, spooled, data)
                 held.spooled = spooled
                 self.spooled_bytes += held.size
+                self._recycle(buf)
             else:
-                held.data = data
+                held.data, held.buffer = data, buf
+            buf = None
         finally:
+            self._recycle(buf)
             held.ready.set()  # a failed read: the waiters read their own ranges (and say why)
         return held
+
+    def _buffer(self, n: int) -> bytearray:
+        """The smallest recycled buffer that holds ``n`` bytes, or a new one."""
+        fits = [b for b in self._buffers if len(b) >= n]
+        if not fits:
+            # let go of kept buffers (too small for this span) as far as the bound asks
+            self._buffers.sort(key=len)
+            while self._buffers and self.held_bytes + sum(map(len, self._buffers)) + n > self.budget + self.piece:
+                self._buffers.pop(0)
+            return bytearray(n)
+        b = min(fits, key=len)
+        self._buffers.remove(b)
+        return b
+
+    def _recycle(self, buf: bytearray | None) -> None:
+        if buf is None:
+            return
+        kept = sum(len(b) for b in self._buffers)
+        if self.held_bytes + kept + len(buf) <= self.budget + self.piece:
+            self._buffers.append(buf)
 
     def _done(self, key: str, i: int) -> None:
         left = self.users[(key, i)] = self.users[(key, i)] - 1
@@ -393,6 +475,8 @@ class _SpanReader:
             held = self.held.pop((key, i), None)
             if held is not None and held.spooled is None:
                 self.held_bytes -= held.size
+                buf, held.data, held.buffer = held.buffer, None, None
+                self._recycle(buf)
                 self._freed.set()
                 self._freed = anyio.Event()
 
@@ -584,12 +668,17 @@ class _PointRestorer:
                 layout = await anyio.to_thread.run_sync(self._read_decode, work, item[1], limiter=cpu)
             else:
                 plan, first_use = self._plan(work)
-                if self.reader is not None:
-                    fetched = [await self.reader.read(key, ranges) for key, ranges, _ in plan]
-                else:
-                    fetched = [await self.store.backend.get_ranges(key, ranges) for key, ranges, _ in plan]
-                layout = await anyio.to_thread.run_sync(self._decode, work, plan, first_use, fetched, item[1],
-                                                        limiter=cpu)
+                taken: list[tuple[str, int]] = []  # spans held until decoded (their buffers are reused)
+                try:
+                    if self.reader is not None:
+                        fetched = [await self.reader.read(key, ranges, taken) for key, ranges, _ in plan]
+                    else:
+                        fetched = [await self.store.backend.get_ranges(key, ranges) for key, ranges, _ in plan]
+                    layout = await anyio.to_thread.run_sync(self._decode, work, plan, first_use, fetched, item[1],
+                                                            limiter=cpu)
+                finally:
+                    if self.reader is not None:
+                        self.reader.release(taken)
             return await anyio.to_thread.run_sync(self._write, work, layout, item[1], limiter=io)
         finally:
             self.stages.put(item)
@@ -621,7 +710,7 @@ class _PointRestorer:
             free = shutil.disk_usage(directory).free
             spool = _Spool(directory, min(settings.restore_spool_bytes, free // 2))
         reader = _SpanReader(self.store.backend, settings.restore_span_bytes, settings.restore_span_gap,
-                             spool=spool, long=settings.restore_span_long)
+                             spool=spool)
         for work in self.batches():
             for key, ranges, _ in self._plan(work)[0]:
                 for off, n in ranges:
@@ -629,6 +718,7 @@ class _PointRestorer:
         for b, work in enumerate(self.batches()):
             for key, ranges, _ in self._plan(work)[0]:
                 reader.count(key, ranges, b)
+        reader.plan_spool()
         return reader
 
     async def run(self) -> None:

@@ -112,7 +112,7 @@ osd op num threads per shard = 1
 admin socket = {self.run}/$cluster-$name.$pid.asok
 
 [client.rgw.test]
-rgw frontends = beast endpoint=127.0.0.1:{self.port}
+rgw frontends = beast endpoint=127.0.0.1:{self.port} tcp_nodelay=1
 rgw gc obj min wait = 0
 rgw gc processor period = 10
 rgw dns name = 127.0.0.1
