@@ -17,9 +17,9 @@ an image through an ordinary descriptor.
 from __future__ import annotations
 
 import bisect
-import heapq
 import errno
 import fcntl
+import heapq
 import mmap
 import os
 import shutil
@@ -439,12 +439,10 @@ class _SpanReader:
                 await anyio.to_thread.run_sync(spool.write, spooled, data)
                 held.spooled = spooled
                 self.spooled_bytes += held.size
-                self._recycle(buf)
             else:
-                held.data, held.buffer = data, buf
-            buf = None
+                held.data, held.buffer, buf = data, buf, None
         finally:
-            self._recycle(buf)
+            self._recycle(buf)  # a spooled span's buffer, or a failed read's
             held.ready.set()  # a failed read: the waiters read their own ranges (and say why)
         return held
 
@@ -454,18 +452,20 @@ class _SpanReader:
         if not fits:
             # let go of kept buffers (too small for this span) as far as the bound asks
             self._buffers.sort(key=len)
-            while self._buffers and self.held_bytes + sum(map(len, self._buffers)) + n > self.budget + self.piece:
+            while self._buffers and not self._may_keep(n):
                 self._buffers.pop(0)
             return bytearray(n)
         b = min(fits, key=len)
         self._buffers.remove(b)
         return b
 
+    def _may_keep(self, n: int) -> bool:
+        """Whether ``n`` more bytes of buffers keep the held spans and the kept buffers within
+        the budget and one more span."""
+        return self.held_bytes + sum(map(len, self._buffers)) + n <= self.budget + self.piece
+
     def _recycle(self, buf: bytearray | None) -> None:
-        if buf is None:
-            return
-        kept = sum(len(b) for b in self._buffers)
-        if self.held_bytes + kept + len(buf) <= self.budget + self.piece:
+        if buf is not None and self._may_keep(len(buf)):
             self._buffers.append(buf)
 
     def _done(self, key: str, i: int) -> None:

@@ -116,6 +116,13 @@ async def test_spans_stay_pieces_and_never_overlap() -> None:
         assert any(s <= off and end <= e for s, e in spans)
 
 
+def late_around_near(near: int) -> list[dict[str, list[tuple[int, int]]]]:
+    """A 250-byte span "late" (a later point's pack) needed by the first batch and the last,
+    and ``near`` 200-byte spans between, each needed by its own batch."""
+    return [{"late": [(0, 100)]}, *({f"near{b}": [(0, 200)]} for b in range(1, near + 1)),
+            {"late": [(150, 100)]}]
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 async def test_a_span_needed_far_apart_waits_in_the_spool_not_in_memory(prefetch: bool, tmp_path) -> None:
     from blockferry.restore import _Spool
@@ -123,9 +130,7 @@ async def test_a_span_needed_far_apart_waits_in_the_spool_not_in_memory(prefetch
     # "late" (a later point's pack) is needed by the first batch and the last of 40; "near"
     # spans are needed by neighbouring batches only. The read-ahead's room (the budget less the
     # largest span: 350 bytes) cannot hold "late" and a "near" at once.
-    batches: list[dict[str, list[tuple[int, int]]]] = [{"late": [(0, 100)]}]
-    batches += [{f"near{b}": [(0, 200)]} for b in range(1, 39)]
-    batches += [{"late": [(150, 100)]}]
+    batches = late_around_near(38)
     backend = CountingBackend()
     spool = _Spool(tmp_path, budget=10 * MiB)
     reader = planned(backend, batches, budget=600, gap=64, spool=spool)
@@ -166,9 +171,7 @@ async def test_spans_needed_by_a_stretch_of_batches_stay_in_memory(tmp_path) -> 
 async def test_a_full_spool_leaves_the_span_in_memory(tmp_path) -> None:
     from blockferry.restore import _Spool
 
-    batches: list[dict[str, list[tuple[int, int]]]] = [{"late": [(0, 100)]}]
-    batches += [{f"near{b}": [(0, 200)]} for b in range(1, 21)]
-    batches += [{"late": [(150, 100)]}]
+    batches = late_around_near(20)
     backend = CountingBackend()
     spool = _Spool(tmp_path, budget=100)  # no room for the 250-byte span
     reader = planned(backend, batches, budget=600, gap=64, spool=spool)
