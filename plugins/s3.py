@@ -75,6 +75,25 @@ log = get_logger(component="s3")
 MiB = 1 << 20
 T = TypeVar("T")
 
+
+def _new_session() -> Any:
+    """An aiobotocore session with S3's service model, endpoint rules and the list of services
+    already loaded: the imports and the synchronous file loading of ``create_client``, about
+    half a second here. :meth:`S3Backend._connect` runs this in a worker thread, so the event
+    loop (a daemon's other jobs) is not blocked meanwhile. (Starting it in a thread at process
+    start, to overlap the rest of the start, was measured slower: both halves hold the GIL.)"""
+    from aiobotocore.session import get_session
+
+    session = get_session()
+    with contextlib.suppress(Exception):  # warm-ups only: create_client loads whatever is missing
+        loader = session.get_component("data_loader")
+        session.get_available_services()
+        loader.load_service_model("s3", "service-2")
+        loader.load_service_model("s3", "endpoint-rule-set-1")
+        session._get_internal_component("endpoint_resolver")  # partitions and endpoints (botocore-internal)
+    return session
+
+
 #: key prefixes whose objects are cached locally (written once under a fresh name)
 CACHED_PREFIXES = ("index/", "points/")
 _ENV_PREFIX = "BLOCKFERRY_S3_"
@@ -528,11 +547,14 @@ class S3Backend:
         return self.prefix + key
 
     async def _connect(self) -> None:
+        # imports and service-model loading off the event loop (other jobs keep running)
+        try:
+            session = await anyio.to_thread.run_sync(_new_session)
+        except Exception as exc:
+            raise _translate(exc, f"connecting to S3 for {self.url}", self.bucket) from exc
         from aiobotocore.config import AioConfig
-        from aiobotocore.session import get_session
 
         s = self.settings
-        session = get_session()
         if s.profile:
             session.set_config_variable("profile", s.profile)
         endpoint = s.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

@@ -393,6 +393,43 @@ async def test_copy_between_local_and_s3_sends_only_missing_chunks(
     assert same_file(tmp_path / "out" / "d.img", img)
 
 
+_LOOP_GAP_SCRIPT = """
+import asyncio, sys, time
+from blockferry.plugins.s3 import S3BackendPlugin
+
+async def main():
+    gaps, done = [], False
+    async def tick():
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.05)
+    backend = await S3BackendPlugin().open(sys.argv[1], {"create_bucket": True})
+    await backend.aclose()
+    done = True
+    await ticker
+    print(max(gaps), "aiobotocore" in sys.modules)
+
+asyncio.run(main())
+"""
+
+
+def test_connecting_loads_aiobotocore_without_blocking_the_event_loop(s3_env: dict[str, str]) -> None:
+    # a fresh process, so that aiobotocore is imported (and S3's service model loaded) by the
+    # connect itself: about half a second of work that must not stall a daemon's other jobs
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+    p = subprocess.run([sys.executable, "-c", _LOOP_GAP_SCRIPT, new_url()], capture_output=True, text=True,
+                       env=base | s3_env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    gap, imported = p.stdout.split()
+    assert imported == "True"
+    assert float(gap) < 0.2, f"the event loop stood still for {float(gap):.3f} s while connecting"
+
+
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_refuses_to_run_on_trio_with_a_clear_error(anyio_backend: str) -> None:
     with pytest.raises(ConfigError, match="asyncio only"):
