@@ -194,6 +194,10 @@ rgw usage log flush threshold = 1
                     cats[c["category"]] = cats.get(c["category"], 0) + c["ops"]
         return out
 
+    def remove_bucket(self, bucket: str) -> None:
+        """Delete a bucket and every object in it (the benchmark's cleanup between runs)."""
+        self._ceph("radosgw-admin", "bucket", "rm", "--bucket", bucket, "--purge-objects", timeout=300)
+
     def _http_ok(self) -> bool:
         try:
             with urllib.request.urlopen(self.endpoint, timeout=2) as r:
