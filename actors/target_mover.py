@@ -15,7 +15,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from blockferry.actor import Actor, Completion, Decision, SupervisionPolicy
 from blockferry.blocks import CLAIMED, Batch
-from blockferry.errors import BlockferryError, ChunkLostError, SourceError
+from blockferry.errors import BlockferryError, ChunkLostError, SourceError, plain_errors
 from blockferry.format import DIGEST_SIZE, DiskRecord
 from blockferry.messages import DiskEnd, DiskHeader, RepositoryStatusQuery
 from blockferry.store import RepositoryStore
@@ -82,14 +82,17 @@ class TargetMover(Actor[Any]):
 
     async def _write(self) -> None:
         with anyio.CancelScope() as self._scope:
-            writer = self.store.writer()
-            try:
-                record = await self._receive(writer)
-            finally:
-                # chunks already written are good data other tasks may use: keep them
-                with anyio.CancelScope(shield=True):
-                    await writer.finish()
-                self.written, self.busy = writer.written, writer.busy
+            # packs this task fills are sealed (uploaded) in this group while it goes on
+            with plain_errors():
+                async with anyio.create_task_group() as seals:
+                    writer = self.store.writer(seals.start_soon)
+                    try:
+                        record = await self._receive(writer)
+                    finally:
+                        # chunks already written are good data other tasks may use: keep them
+                        with anyio.CancelScope(shield=True):
+                            await writer.finish()
+            self.written, self.busy = writer.written, writer.busy
             lost = await self.store.index.wait_stored(self._foreign)
             if lost:
                 raise ChunkLostError(f"{self.task.id}: {len(lost)} block(s) another task was storing were not stored")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -233,6 +233,13 @@ def _holder_alive(info: LockInfo) -> bool:
     return not info.pid_start or _process_start(info.pid) in ("", info.pid_start)
 
 
+#: packs of one writer sealed at once in callers' task groups while adds go on (an add that
+#: fills one more waits, holding the writer, for a slot): an S3 pack is held in memory until
+#: its upload is done, so the packs in memory are the open one and at most these
+MAX_SEALING = 2
+Spawn = Callable[..., None]
+
+
 class _Sealing:
     """A full pack taken out of its writer, being finished (trailer, commit) by the task that
     filled it, while the writer takes new chunks into a fresh pack."""
@@ -261,8 +268,11 @@ class PackWriter:
     that are still in it.
     """
 
-    def __init__(self, store: RepositoryStore) -> None:
+    def __init__(self, store: RepositoryStore, spawn: Spawn | None = None) -> None:
         self._store = store
+        #: where a pack that an add filled is sealed while the adder goes on (a task group's
+        #: ``start_soon``, owned by the caller); None: the add seals it before returning
+        self.spawn = spawn
         self.lock = anyio.Lock()
         self._upload: Upload | None = None
         self._pack_no = -1
@@ -270,6 +280,7 @@ class PackWriter:
         self._records = bytearray()
         self._digests: list[bytes] = []
         self._sealing: dict[int, _Sealing] = {}
+        self._slots = anyio.Semaphore(MAX_SEALING)  #: seals running in callers' task groups
         self.written = 0  #: bytes written to the backend, framing included
         self.busy = 0.0  #: seconds spent writing
         self.packs: set[int] = set()  #: packs written into (what close must see sealed)
@@ -321,9 +332,17 @@ class PackWriter:
                 self._offset = off
             index.resolve(c[0] for c in chunks)
             if self._offset >= self._store.config.pack_size:
+                if acct.spawn is not None:
+                    # under the lock: with every slot taken, all adders wait (the memory bound)
+                    await self._slots.acquire()
                 sealing = self._detach()
+                if sealing is None and acct.spawn is not None:
+                    self._slots.release()
         if sealing is not None:
-            await self._finish(sealing, acct)
+            if acct.spawn is None:
+                await self._finish(sealing, acct)
+            else:
+                acct.spawn(self._finish_in_slot, sealing, acct)  # the caller goes on filling the next pack
         return skipped
 
     async def _open(self) -> int:
@@ -359,17 +378,33 @@ class PackWriter:
             self._store._pack_sealed(s.pack_no, s.records)
             ok = True
         finally:
-            if not ok:
-                s.failed = True
+            if ok:
+                self._sealing.pop(s.pack_no, None)
+                s.done.set()
+            else:
                 with anyio.CancelScope(shield=True):
-                    await s.upload.abort()
-                for d in s.digests:
-                    self._store.index.pending.pop(d, None)
-                self._store._open_packs.pop(s.pack_no, None)
-            self._sealing.pop(s.pack_no, None)
-            s.done.set()
+                    await self._forget(s)
         acct.written += len(trailer)
         acct.busy += anyio.current_time() - t0
+
+    async def _finish_in_slot(self, s: _Sealing, acct: PackWriter | WriterHandle) -> None:
+        try:
+            await self._finish(s, acct)
+        finally:
+            self._slots.release()
+
+    async def _forget(self, s: _Sealing) -> None:
+        """A detached pack that will not be sealed: abort its upload and forget its chunks (so
+        nothing will reference them); whoever waits for it sees it failed."""
+        s.failed = True
+        try:
+            await s.upload.abort()
+        finally:
+            for d in s.digests:
+                self._store.index.pending.pop(d, None)
+            self._store._open_packs.pop(s.pack_no, None)
+            self._sealing.pop(s.pack_no, None)
+            s.done.set()
 
     async def _abort(self) -> None:
         """The open pack cannot be finished: forget its chunks so nothing will reference them."""
@@ -421,8 +456,9 @@ class WriterHandle:
     the shared pack; the figures are this task's own; :meth:`close` returns once every pack
     this task wrote into is sealed (or raises if one could not be)."""
 
-    def __init__(self, writer: PackWriter) -> None:
+    def __init__(self, writer: PackWriter, spawn: Spawn | None = None) -> None:
         self._w = writer
+        self.spawn = spawn  #: as PackWriter.spawn, for the packs this task's adds fill
         self.written = 0
         self.busy = 0.0
         self.packs: set[int] = set()
@@ -734,14 +770,17 @@ class RepositoryStore:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def writer(self) -> PackWriter | WriterHandle:
+    def writer(self, spawn: Spawn | None = None) -> PackWriter | WriterHandle:
         """A pack writer for one task: its own on a local repository, a handle on the store's
-        shared one on a remote repository (see :class:`PackWriter`)."""
+        shared one on a remote repository (see :class:`PackWriter`). With ``spawn`` (the
+        ``start_soon`` of a task group the caller leaves only after :meth:`PackWriter.finish`)
+        a pack that one of the task's adds fills is sealed in that group while the task goes on
+        (at most :data:`MAX_SEALING` packs at once, the memory bound); without it, in the add."""
         if self.backend.capabilities.local:
-            return PackWriter(self)
+            return PackWriter(self, spawn)
         if self._shared_writer is None:
             self._shared_writer = PackWriter(self)
-        return WriterHandle(self._shared_writer)
+        return WriterHandle(self._shared_writer, spawn)
 
     def _pack_sealed(self, pack_no: int, records: bytes) -> None:
         self._open_packs.pop(pack_no, None)
