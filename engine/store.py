@@ -241,8 +241,8 @@ Spawn = Callable[..., None]
 
 
 class _Sealing:
-    """A full pack taken out of its writer, being finished (trailer, commit) by the task that
-    filled it, while the writer takes new chunks into a fresh pack."""
+    """A pack taken out of its writer to be finished (trailer, commit) or forgotten, while the
+    writer takes new chunks into a fresh pack."""
 
     __slots__ = ("pack_no", "upload", "records", "digests", "done", "failed")
 
@@ -371,19 +371,16 @@ class PackWriter:
         (so nothing will reference them) and the error raised."""
         t0 = anyio.current_time()
         trailer = pack_trailer(s.records)
-        ok = False
         try:
             await s.upload.write([trailer])
             await s.upload.commit()
-            self._store._pack_sealed(s.pack_no, s.records)
-            ok = True
-        finally:
-            if ok:
-                self._sealing.pop(s.pack_no, None)
-                s.done.set()
-            else:
-                with anyio.CancelScope(shield=True):
-                    await self._forget(s)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._forget(s)
+            raise
+        self._store._pack_sealed(s.pack_no, s.records)
+        self._sealing.pop(s.pack_no, None)
+        s.done.set()
         acct.written += len(trailer)
         acct.busy += anyio.current_time() - t0
 
@@ -408,16 +405,10 @@ class PackWriter:
 
     async def _abort(self) -> None:
         """The open pack cannot be finished: forget its chunks so nothing will reference them."""
-        upload, self._upload = self._upload, None
-        if upload is not None:
+        s = self._detach()
+        if s is not None:
             with anyio.CancelScope(shield=True):
-                await upload.abort()
-        for d in self._digests:
-            self._store.index.pending.pop(d, None)
-        self._store._open_packs.pop(self._pack_no, None)
-        self._records = bytearray()
-        self._digests = []
-        self._offset = 0
+                await self._forget(s)
 
     async def seal(self, pack_no: int | None = None) -> None:
         """Seal the open pack and wait for packs being sealed (only pack ``pack_no``, when

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from blockferry.restore import _SpanReader
+from blockferry.restore import _SpanReader, _Spool
 
 pytestmark = pytest.mark.anyio
 
@@ -123,21 +124,26 @@ def late_around_near(near: int) -> list[dict[str, list[tuple[int, int]]]]:
             {"late": [(150, 100)]}]
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-async def test_a_span_needed_far_apart_waits_in_the_spool_not_in_memory(prefetch: bool, tmp_path) -> None:
-    from blockferry.restore import _Spool
-
-    # "late" (a later point's pack) is needed by the first batch and the last of 40; "near"
-    # spans are needed by neighbouring batches only. The read-ahead's room (the budget less the
-    # largest span: 350 bytes) cannot hold "late" and a "near" at once.
-    batches = late_around_near(38)
+async def read_with_spool(tmp_path: Path, batches: list[dict[str, list[tuple[int, int]]]], *, budget: int,
+                          spool_budget: int, prefetch: bool) -> tuple[CountingBackend, _SpanReader]:
+    """Plan and read ``batches`` with a spool file of ``spool_budget`` bytes in ``tmp_path``."""
     backend = CountingBackend()
-    spool = _Spool(tmp_path, budget=10 * MiB)
-    reader = planned(backend, batches, budget=600, gap=64, spool=spool)
+    spool = _Spool(tmp_path, budget=spool_budget)
+    reader = planned(backend, batches, budget=budget, gap=64, spool=spool)
     try:
         await read_all(reader, backend, batches, prefetch=prefetch)
     finally:
         spool.close()
+    return backend, reader
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+async def test_a_span_needed_far_apart_waits_in_the_spool_not_in_memory(prefetch: bool, tmp_path) -> None:
+    # "late" (a later point's pack) is needed by the first batch and the last of 40; "near"
+    # spans are needed by neighbouring batches only. The read-ahead's room (the budget less the
+    # largest span: 350 bytes) cannot hold "late" and a "near" at once.
+    batches = late_around_near(38)
+    backend, reader = await read_with_spool(tmp_path, batches, budget=600, spool_budget=10 * MiB, prefetch=prefetch)
     assert ("late", 0, 250) in backend.gets and backend.ranged == []  # still one request
     assert len(backend.gets) == 39
     assert reader.spooled_bytes == 250  # the span needed furthest ahead went to disk...
@@ -148,8 +154,6 @@ async def test_a_span_needed_far_apart_waits_in_the_spool_not_in_memory(prefetch
 async def test_spans_needed_by_a_stretch_of_batches_stay_in_memory(tmp_path) -> None:
     """A full point's packs: each needed by many consecutive batches, few at once. However
     long each one's stretch, they fit the budget together and none goes to the spool."""
-    from blockferry.restore import _Spool
-
     batches: list[dict[str, list[tuple[int, int]]]] = []
     for b in range(100):
         pack = b // 20  # packs p0..p4, each taken from by 20 batches, the next starting as one ends
@@ -157,26 +161,15 @@ async def test_spans_needed_by_a_stretch_of_batches_stay_in_memory(tmp_path) -> 
         if b % 20 == 19 and pack < 4:
             batch[f"p{pack + 1}"] = [(300, 15)]  # the next pack's tail, needed early: an overlap
         batches.append(batch)
-    backend = CountingBackend()
-    spool = _Spool(tmp_path, budget=10 * MiB)
-    reader = planned(backend, batches, budget=1000, gap=64, spool=spool)
-    try:
-        await read_all(reader, backend, batches, prefetch=True)
-    finally:
-        spool.close()
+    backend, reader = await read_with_spool(tmp_path, batches, budget=1000, spool_budget=10 * MiB, prefetch=True)
     assert len(backend.gets) == 5 and backend.ranged == []  # one request per pack
     assert reader.spooled_bytes == 0 and reader.peak_bytes <= 1000
 
 
 async def test_a_full_spool_leaves_the_span_in_memory(tmp_path) -> None:
-    from blockferry.restore import _Spool
-
     batches = late_around_near(20)
-    backend = CountingBackend()
-    spool = _Spool(tmp_path, budget=100)  # no room for the 250-byte span
-    reader = planned(backend, batches, budget=600, gap=64, spool=spool)
-    await read_all(reader, backend, batches, prefetch=False)
-    spool.close()
+    # the spool has no room for the 250-byte span
+    backend, reader = await read_with_spool(tmp_path, batches, budget=600, spool_budget=100, prefetch=False)
     # planned for the spool, but it is full: held in memory, within the budget, still one GET
     assert backend.gets.count(("late", 0, 250)) == 1 and backend.ranged == []
     assert reader.spooled_bytes == 0 and reader.peak_bytes == 450
