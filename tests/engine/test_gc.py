@@ -77,7 +77,8 @@ async def test_collection_frees_exactly_the_unreferenced_data(tmp_path: Path, th
     repo = await make_repo(tmp_path / "repo")
     a = disk_with(tmp_path / "a.img", range(0, 12))
     b = disk_with(tmp_path / "b.img", list(range(8, 16)))  # shares 4 blocks with a
-    engine = blockferry.EngineSettings(batch_bytes=BS)  # one block per write: several packs
+    # one block per write: several packs; one lane, so the blocks reach the packs in disk order
+    engine = blockferry.EngineSettings(batch_bytes=BS, lanes=1)
     async with blockferry.open_repository(str(repo), engine=engine) as r:
         sa = await r.backup([str(a)], name="a")
         sb = await r.backup([str(b)], name="b")
