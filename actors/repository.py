@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
+
 from blockferry.actor import Completion
 from blockferry.config import RepositorySettings
 from blockferry.errors import BlockferryError, NotFoundError, RepositoryError, RepositoryUnavailableError
@@ -43,12 +45,21 @@ class Repository(MoverHost):
         if self.store is None:
             backend = await backend_plugin(self.settings.url).open(
                 self.settings.url, {**self.settings.options, "limiter": self.runtime.io})
-            self.store = await RepositoryStore.open(backend)
+            try:
+                self.store = await RepositoryStore.open(backend)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await backend.aclose()
+                raise
         await self.store.load_index()
 
     async def on_stop(self) -> None:
         if self.store is not None and self._own_store:
-            await self.store.close()
+            # the backend this actor opened goes with it (an S3 client's connections, say)
+            try:
+                await self.store.close()
+            finally:
+                await self.store.backend.aclose()
         elif self.store is not None:
             await self.store.unlock()
 

@@ -1,0 +1,76 @@
+"""The repository actor: the backend it opens for a repository is closed when it stops, and when
+the repository cannot be opened after all (a daemon adding and removing repositories must not
+keep their connections)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import blockferry
+from blockferry import registry
+from blockferry.actors.server import running_server
+from blockferry.config import DiskSpec, JobSpec, ObjectSpec, RepositorySettings
+from blockferry.errors import BlockferryError
+from blockferry.plugins.local import LocalBackendPlugin
+from tests.conftest import KiB, MiB, mixed_disk
+
+pytestmark = pytest.mark.anyio
+
+
+class CountingLocal:
+    """The local backend plugin, counting the backends it opened that are not closed yet."""
+
+    scheme = "file"
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.open_now = 0
+
+    async def open(self, url: str, options: Mapping[str, Any]) -> Any:
+        backend = await LocalBackendPlugin().open(url, options)
+        self.opened += 1
+        self.open_now += 1
+        close = backend.aclose
+
+        async def aclose() -> None:
+            self.open_now -= 1
+            await close()
+
+        backend.aclose = aclose
+        return backend
+
+
+@pytest.fixture
+def counting() -> Iterator[CountingLocal]:
+    plugin = CountingLocal()
+    registry.register(registry.BACKENDS, "file", plugin)
+    yield plugin
+    registry.register(registry.BACKENDS, "file", None)
+
+
+async def test_the_backend_is_closed_when_the_server_stops(tmp_path: Path, counting: CountingLocal) -> None:
+    repo = str(tmp_path / "repo")
+    await blockferry.init_repository(repo, block_size=256 * KiB)
+    img = mixed_disk(tmp_path / "d.img", 2 * MiB, seed=3)
+    spec = JobSpec(name="j", repository="main", objects=[ObjectSpec(name="vm", disks=[DiskSpec(source=str(img))])])
+    before = counting.opened
+    async with running_server() as server:
+        await server.add_repository(RepositorySettings(name="main", url=repo))
+        session = await (await server.run_job(spec)).result()
+        assert session.state == "success"
+        assert counting.opened > before and counting.open_now == 1  # the actor's own, still open
+    assert counting.open_now == 0
+
+
+async def test_the_backend_is_closed_when_the_repository_cannot_be_opened(
+        tmp_path: Path, counting: CountingLocal) -> None:
+    empty = tmp_path / "not-a-repository"
+    empty.mkdir()
+    async with running_server() as server:
+        with pytest.raises(BlockferryError):
+            await server.add_repository(RepositorySettings(name="main", url=str(empty)))
+    assert counting.opened == 1 and counting.open_now == 0
