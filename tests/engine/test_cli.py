@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,35 @@ def test_an_unknown_command_still_lists_them_all(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "blockferry", "bogus"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "invalid choice: 'bogus'" in r.stderr and "restore-image" in r.stderr
+
+
+ARENAS = r"""
+import ctypes, os, sys, threading
+from blockferry.cli import one_malloc_arena
+if sys.argv[1] == "cli":
+    assert one_malloc_arena() is ("MALLOC_ARENA_MAX" not in os.environ)
+barrier = threading.Barrier(4)
+kept = []
+def work():
+    barrier.wait()  # all alive at once: each would get an arena of its own
+    kept.append([bytes(2000) for _ in range(200)])  # beyond pymalloc: glibc's malloc
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" paragraph per arena, on stderr
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_stats")
+@pytest.mark.parametrize("how", ["cli", "library"])
+def test_the_command_keeps_one_malloc_arena_and_the_library_leaves_the_allocator_alone(how: str) -> None:
+    def arenas(env: dict[str, str] | None = None) -> int:
+        r = subprocess.run([sys.executable, "-c", ARENAS, how], capture_output=True, text=True, check=True, env=env)
+        return r.stderr.count("Arena ")
+
+    if how == "cli":
+        assert arenas() == 1
+        # a MALLOC_ARENA_MAX of the user's stands
+        assert arenas({**os.environ, "MALLOC_ARENA_MAX": "3"}) == 3
+    else:
+        assert arenas() >= 3
