@@ -146,9 +146,10 @@ class ResourceScheduler:
             task = ticket.task
             reachable = [p for p in self.proxies if p.config.can_reach(task.url, task.scheme)]
             if not reachable:
-                if not self.proxies:
-                    continue  # none configured yet
-                ticket.error = ConfigError(f"no proxy can reach {task.url} (transport {task.scheme})")
+                # (with none at all, waiting would hang the job with nothing to say why)
+                ticket.error = ConfigError(
+                    f"no proxy can reach {task.url} (transport {task.scheme})" if self.proxies else
+                    f"no proxy is configured to read {task.url} (add one: blockferry proxy add NAME)")
                 self._queue.remove(ticket)
                 ticket.granted.set()
                 continue

@@ -201,6 +201,24 @@ async def test_failed_objects_are_retried_in_the_same_session(tmp_path: Path) ->
 
 
 @pytest.mark.anyio
+async def test_a_job_with_no_proxy_configured_fails_saying_so(tmp_path: Path) -> None:
+    """Not a run that waits for ever at 0 B: the session fails, naming what is missing."""
+    a = mixed_disk(tmp_path / "a.img", size=MiB)
+    async with running_daemon(tmp_path) as (daemon, c):
+        await c.call("repo.add", name="main", url=str(tmp_path / "repo"))
+        await c.call("job.add", **job("j", "main", a, retries=0))
+        sid = (await c.call("job.run", name="j"))["session"]
+        with anyio.fail_after(20):
+            rec = await wait_session(c, sid)
+        assert rec["state"] == "failed"
+        assert "no proxy is configured" in rec["result"]["objects"][0]["error"]
+        # with one, the same job runs
+        await c.call("proxy.add", name="p")
+        rec = await wait_session(c, (await c.call("job.run", name="j"))["session"])
+        assert rec["state"] == "success"
+
+
+@pytest.mark.anyio
 async def test_a_socket_path_too_long_is_a_clear_error(tmp_path: Path) -> None:
     from blockferry.errors import ConfigError
 

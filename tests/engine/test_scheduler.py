@@ -207,17 +207,20 @@ async def test_unreachable_source_gets_config_error_through_hold() -> None:
     assert ok.proxy == "dc1"
 
 
-async def test_request_waits_until_a_proxy_is_configured() -> None:
+async def test_request_with_no_proxy_configured_fails_at_once() -> None:
+    """Waiting for a proxy nobody is going to add would hang the job with nothing to show why
+    (a daemon starts with none); the task fails naming what is missing."""
     s = ResourceScheduler()
     s.add_repository("repo", 2)
-    t = make_task()
-    ticket = s.request(t, "repo")
-    assert not ticket.granted.is_set() and t.state == "waiting"
-    s.add_proxy(ProxyConfig(name="late"), actor="the-actor")
-    assert granted(ticket)
-    assert t.proxy == "late" and t.state == "running"
-    async with s.hold(ticket) as entry:
-        assert entry.actor == "the-actor"
+    ticket = s.request(make_task(), "repo")
+    assert ticket.granted.is_set() and ticket.proxy is None  # answered at once, with the error
+    with pytest.raises(ConfigError, match="no proxy is configured"):
+        async with s.hold(ticket):
+            pass
+    assert s.waiting == 0 and s.repositories["repo"].load == 0
+    s.add_proxy(ProxyConfig(name="late"), actor="the-actor")  # with one, requests are served
+    later = s.request(make_task(), "repo")
+    assert granted(later) and later.proxy is not None and later.proxy.actor == "the-actor"
 
 
 # -- state and hold ------------------------------------------------------------------------------------
