@@ -13,7 +13,7 @@ no slower than restic, fewer requests per GiB, the incremental at least 10x fast
 As in the local benchmark, every step runs ``--repeat`` times (new buckets and caches each time)
 and the median run is reported; before each backup the page cache is emptied (as root) and
 refilled with the images, and each tool's own code is loaded and its points listed once, untimed
-(which also brings the server's code back into memory). A restore's
+(so its cache files are read back, and the server has answered it once). A restore's
 ``durable_wall`` adds the ``sync`` right after it (blockferry's restore returns with the data on
 disk, restic's with it in the page cache).
 """
@@ -125,9 +125,8 @@ def _start_daemon(tool: dict[str, Any], sock: Path) -> subprocess.Popen[bytes]:
 
 
 def ready(tool: dict[str, Any]) -> None:
-    """Untimed, after the page cache was emptied: load the tool's own code, then list its points,
-    which also brings radosgw's and the OSD's code back into memory (a server that runs all day
-    has it there; without this, the first requests of the timed step waited on the disk)."""
+    """Untimed, after the page cache was emptied: load the tool's own code, then list its points
+    (its cache files are read back; the server answers the tool once before the timed step)."""
     for cmd in (tool["warm"], tool["ready"]):
         subprocess.run(cmd, env=tool["env"], capture_output=True, check=True)
 
