@@ -5,8 +5,8 @@ Steps, for every tool: a full backup of generation 0 of the fleet, an incrementa
 the images), then a restore of the generation-1 point, checked bit for bit. Each step is timed as
 a whole process (wall time, CPU time and peak RSS from ``wait4``), and the repository is measured
 after each backup. Before every step the page cache is emptied (when the runner may: as root),
-then warmed with what the step reads (the images before backups, the repository before
-restores), and ``sync`` runs, so the figures measure the engines, not the disk, and every tool
+then warmed with what the step reads (the tool's repository and its cache directory, and before
+backups also the images and the hint files), and ``sync`` runs, so the figures measure the engines, not the disk, and every tool
 meets the same machine state.
 
 Then: the machine ceiling (bench/ceiling.py), blockferry's peak RSS for a 2 GiB and a 16 GiB
@@ -205,6 +205,12 @@ class Tool:
 
     def init(self) -> None: ...
     def warm_cmd(self) -> list[str]: ...
+
+    def state(self) -> list[Path]:
+        """What the tool keeps between runs: its repository and its cache directory (restic's
+        cache, borg's base directory), which every step reads."""
+        return [p for p in (self.repo, Path(f"{self.repo}.cache"), Path(f"{self.repo}.base")) if p.exists()]
+
     def backup_cmd(self, data: Path, gen: int, hints: dict[str, Path]) -> list[str]: ...
     def restore_cmd(self, out: Path) -> list[str]: ...
 
@@ -345,7 +351,7 @@ def run_steps(work: Path, fleet: Path, tools: list[Tool], repeat: int) -> dict[s
         for step, gen in (("full", 0), ("incremental", 1)):
             link_generation(fleet / f"gen{gen}", data)
             for t in tools:
-                warm([data])
+                warm([data, *hints.values(), *t.state()])
                 subprocess.run(t.warm_cmd(), env=t.env, capture_output=True, check=True)  # the tool's own code
                 log(f"{step} ({rep + 1}/{repeat}): {t.name}")
                 r = run_measured(t.backup_cmd(data, gen, hints), cwd=data, env=t.env)
@@ -359,7 +365,7 @@ def run_steps(work: Path, fleet: Path, tools: list[Tool], repeat: int) -> dict[s
         for rep in range(repeat):
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir()
-            warm([t.repo])
+            warm(t.state())
             subprocess.run(t.warm_cmd(), env=t.env, capture_output=True, check=True)
             log(f"restore ({rep + 1}/{repeat}): {t.name}")
             r = run_measured(t.restore_cmd(out), cwd=out, env=t.env)
@@ -503,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     versions = {"blockferry": version_of(Blockferry.exe + ["--version"])}
     for t in tools[1:]:
         versions[t.name] = version_of([exes[t.name], "version" if t.name == "restic" else "--version"])
-    log("the page cache is warmed before every step (images before backups, the repository before "
-        "restores); figures measure the engines, not the disk")
+    log("the page cache is warmed before every step (the tool's repository and cache; before backups "
+        "also the images and hints); figures measure the engines, not the disk")
     res: dict[str, Any] = {"machine": machine(), "fleet": desc, "versions": versions,
                            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     res["page_cache_dropped"] = drop_caches()
