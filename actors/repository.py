@@ -54,14 +54,23 @@ class Repository(MoverHost):
         await self.store.load_index()
 
     async def on_stop(self) -> None:
-        if self.store is not None and self._own_store:
+        await self._release_store()
+
+    async def on_failed(self, error: BaseException) -> None:
+        # failed for good (its index would not load, say): nothing will use the store again
+        await self._release_store()
+
+    async def _release_store(self) -> None:
+        store = self.store
+        if store is not None and self._own_store:
             # the backend this actor opened goes with it (an S3 client's connections, say)
+            self.store = None
             try:
-                await self.store.close()
+                await store.close()
             finally:
-                await self.store.backend.aclose()
-        elif self.store is not None:
-            await self.store.unlock()
+                await store.backend.aclose()
+        elif store is not None:
+            await store.unlock()
 
     async def handle(self, msg: Any) -> Any:
         store = self.store

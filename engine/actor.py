@@ -173,6 +173,23 @@ class Actor(Generic[M]):
     async def on_stop(self) -> None:
         """Release resources; runs after the mailbox is drained and the children stopped."""
 
+    async def on_failed(self, error: BaseException) -> None:
+        """Release resources after a failure that ends the actor for good: it failed (in
+        :meth:`on_start` or later) and nobody restarts it, or it was cancelled. :meth:`on_stop`
+        does not run then. A restart keeps what the actor holds (its next :meth:`on_start` may
+        reuse it), so this is not called before one. Runs shielded, for at most
+        :attr:`release_timeout` seconds."""
+
+    #: how long :meth:`on_failed` may take
+    release_timeout = 10.0
+
+    async def _release(self, error: BaseException) -> None:
+        with anyio.move_on_after(self.release_timeout, shield=True):
+            try:
+                await self.on_failed(error)
+            except Exception as exc:  # the failure being handled is the one to report
+                self.log.warning("release_failed", error=repr(exc), after=repr(unwrap_group(error)))
+
     async def on_child_failed(self, child: Actor[Any], error: BaseException, decision: Decision) -> Decision:
         """Called when a supervised child fails; returns the decision to apply (by default the
         one the child's policy proposes). Override to choose otherwise."""
@@ -248,6 +265,9 @@ class Actor(Generic[M]):
                 self._current.reply.set_error(err)
             if not self._supervised:  # nobody will restart it: fail what is queued, refuse the rest
                 self._reject_queued(ActorStoppedError(f"actor {self.name} failed: {unwrap_group(exc)!r}"))
+            if not self._supervised or not isinstance(exc, Exception):
+                # a supervisor restarts only after an Exception, and releases itself when it will not
+                await self._release(exc)
             raise
         finally:
             self._current = None
@@ -343,8 +363,9 @@ class Actor(Generic[M]):
                     await child.run(task_status=status)
                     return
                 except Exception as exc:  # cancellation is a BaseException and passes
-                    if not child._started_once:
-                        raise  # failed before its start handshake: spawn() raises it
+                    if not child._started_once:  # failed before its start handshake: spawn() raises it
+                        await child._release(exc)
+                        raise
                     error = unwrap_group(exc)
                     decision = await self.on_child_failed(child, error, policy.decide(restarts))
                     self.child_failures.append(ChildFailure(child.name, error, decision, restarts))
@@ -353,6 +374,7 @@ class Actor(Generic[M]):
                         status = anyio.TASK_STATUS_IGNORED
                         continue
                     child._reject_queued(ActorStoppedError(f"actor {child.name} failed: {error!r}"))
+                    await child._release(error)
                     if decision is not Decision.ESCALATE:
                         return
                     raise ChildFailedError(child.name, error) from error

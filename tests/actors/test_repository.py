@@ -74,3 +74,20 @@ async def test_the_backend_is_closed_when_the_repository_cannot_be_opened(
         with pytest.raises(BlockferryError):
             await server.add_repository(RepositorySettings(name="main", url=str(empty)))
     assert counting.opened == 1 and counting.open_now == 0
+
+
+async def test_the_backend_is_closed_when_the_index_cannot_be_loaded(tmp_path: Path, counting: CountingLocal) -> None:
+    """The store opens, then its index turns out damaged: the actor fails for good and closes
+    the store and the backend it had opened."""
+    repo = tmp_path / "repo"
+    await blockferry.init_repository(str(repo), block_size=256 * KiB)
+    img = mixed_disk(tmp_path / "d.img", 2 * MiB, seed=4)
+    async with blockferry.open_repository(str(repo)) as r:
+        assert (await r.backup([str(img)], name="vm")).state == "success"
+    (index,) = (repo / "index").iterdir()
+    index.write_bytes(b"not an index")
+    async with running_server() as server:
+        with pytest.raises(BlockferryError, match="index"):
+            await server.add_repository(RepositorySettings(name="main", url=str(repo)))
+        assert counting.opened >= 1 and counting.open_now == 0
+    assert counting.open_now == 0

@@ -86,6 +86,7 @@ class Probe(Actor[Any]):
         self.starts = 0
         self.stops = 0
         self.count = -1  # on_start sets it to 0: shows that a restart re-initialises state
+        self.released: list[BaseException] = []  #: the errors on_failed was called with
 
     async def on_start(self) -> None:
         self.starts += 1
@@ -95,6 +96,9 @@ class Probe(Actor[Any]):
     async def on_stop(self) -> None:
         self.stops += 1
         self.journal.append(f"{self.name}:stop")
+
+    async def on_failed(self, error: BaseException) -> None:
+        self.released.append(unwrap_group(error))
 
     async def handle(self, msg: Any) -> Any:
         match msg:
@@ -358,6 +362,39 @@ async def test_other_exception_fails_the_actor_and_the_asker_gets_actor_failed()
     assert isinstance(outcome["error"], ActorFailedError)
     assert unwrap_group(outcome["error"].__cause__) is boom
     assert actor.state == "failed"
+    assert actor.released == [boom] and actor.stops == 0  # nobody restarts it: it let go of what it held
+
+
+async def test_a_cancelled_actor_lets_go_of_what_it_holds() -> None:
+    """Cancelled (its task group was), the actor never reaches on_stop: on_failed runs, shielded,
+    even for a supervised child (no restart follows a cancellation)."""
+    actor = Probe("a")
+    with anyio.fail_after(LIMIT):
+        async with anyio.create_task_group() as tg:
+            parent = await tg.start(Parent("parent").run)
+            child = await parent.ask(("spawn", Probe("child"), SupervisionPolicy(max_restarts=3, then=STOP)))
+            await tg.start(actor.run)
+            await block(actor)
+            tg.cancel_scope.cancel()
+    cancelled = anyio.get_cancelled_exc_class()
+    assert [type(e) for e in actor.released] == [cancelled] and actor.stops == 0
+    assert [type(e) for e in child.released] == [cancelled] and child.starts == 1
+    assert [type(e) for e in parent.released] == [cancelled]
+
+
+async def test_a_failing_release_does_not_hide_the_failure() -> None:
+    class BadRelease(Probe):
+        async def on_failed(self, error: BaseException) -> None:
+            await super().on_failed(error)
+            raise RuntimeError("cannot release")
+
+    boom = Boom("handler bug")
+    actor = BadRelease("a")
+    with anyio.fail_after(LIMIT), raises_leaf(Boom) as caught:
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            await actor.tell(("raise", boom))
+    assert caught.error is boom and actor.released == [boom]
 
 
 async def test_engine_error_while_handling_a_tell_fails_the_actor() -> None:
@@ -572,6 +609,7 @@ async def test_after_stop_tell_and_ask_raise_and_stopping_twice_is_fine() -> Non
             await actor.stop(drain=False)
     assert actor.state == "stopped"
     assert actor.stops == 1  # on_stop ran exactly once
+    assert actor.released == []  # a stop is not a failure
     assert actor.handled == []
 
 
@@ -645,9 +683,12 @@ async def test_child_restarted_on_the_same_mailbox_then_left_stopped() -> None:
                 assert child.state == "running"
                 assert await child.ask(("record", f"after {i}")) == 1
 
+            assert child.released == []  # a restart keeps what the child holds
             with pytest.raises(ActorFailedError):
                 await child.ask(("raise", errors[2]))
-            # restarts used up: the child stays stopped, the parent keeps working
+            # restarts used up: the child stays stopped (having let go of what it held), the
+            # parent keeps working
+            assert child.released == [errors[2]]
             with pytest.raises(ActorStoppedError):
                 await child.ask(("echo", "anyone?"))
             with pytest.raises(ActorStoppedError):
@@ -845,6 +886,7 @@ async def test_spawn_raises_the_childs_start_error() -> None:
             assert parent.children == ()
             assert parent.child_failures == [] and parent.seen == []
             assert child.state == "failed"
+            assert child.released == [boom]  # what on_start had taken is let go
             assert parent.state == "running"
             assert await parent.ask(("echo", "alive")) == "alive"
             await parent.stop()
