@@ -331,13 +331,11 @@ class PackWriter:
                 acct.written += off - self._offset
                 self._offset = off
             index.resolve(c[0] for c in chunks)
-            if self._offset >= self._store.config.pack_size:
+            if self._upload is not None and self._offset >= self._store.config.pack_size:
                 if acct.spawn is not None:
                     # under the lock: with every slot taken, all adders wait (the memory bound)
                     await self._slots.acquire()
                 sealing = self._detach()
-                if sealing is None and acct.spawn is not None:
-                    self._slots.release()
         if sealing is not None:
             if acct.spawn is None:
                 await self._finish(sealing, acct)

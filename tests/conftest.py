@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+from blockferry import registry
+
+P = TypeVar("P")
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -16,6 +22,16 @@ KiB = 1 << 10
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@contextmanager
+def registered(group: str, scheme: str, plugin: P) -> Iterator[P]:
+    """``plugin`` serves ``scheme`` in ``group`` (registry.SOURCES or BACKENDS) inside the block."""
+    registry.register(group, scheme, plugin)
+    try:
+        yield plugin
+    finally:
+        registry.register(group, scheme, None)
 
 
 def write_disk(path: Path, size: int, segments: Sequence[tuple[int, str, int]] = (), *, seed: int = 0) -> Path:

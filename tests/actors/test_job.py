@@ -29,7 +29,7 @@ from blockferry.config import (
 from blockferry.plugins.file_source import FileSourcePlugin
 from blockferry.plugins.local import LocalBackendPlugin
 from blockferry.store import LOCK_KEY, LockInfo, _process_start
-from tests.conftest import KiB, MiB, mixed_disk, same_file, write_disk
+from tests.conftest import KiB, MiB, mixed_disk, registered, same_file, write_disk
 
 pytestmark = pytest.mark.anyio
 
@@ -128,10 +128,8 @@ class SlowBackend:
 
 @pytest.fixture
 def probe() -> Any:
-    p = ProbeSource()
-    registry.register(registry.SOURCES, "probe", p)
-    yield p
-    registry.register(registry.SOURCES, "probe", None)
+    with registered(registry.SOURCES, "probe", ProbeSource()) as p:
+        yield p
 
 
 async def make_repo(tmp_path: Path) -> str:

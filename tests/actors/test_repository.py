@@ -16,7 +16,7 @@ from blockferry.actors.server import running_server
 from blockferry.config import DiskSpec, JobSpec, ObjectSpec, RepositorySettings
 from blockferry.errors import BlockferryError
 from blockferry.plugins.local import LocalBackendPlugin
-from tests.conftest import KiB, MiB, mixed_disk
+from tests.conftest import KiB, MiB, mixed_disk, registered
 
 pytestmark = pytest.mark.anyio
 
@@ -46,10 +46,8 @@ class CountingLocal:
 
 @pytest.fixture
 def counting() -> Iterator[CountingLocal]:
-    plugin = CountingLocal()
-    registry.register(registry.BACKENDS, "file", plugin)
-    yield plugin
-    registry.register(registry.BACKENDS, "file", None)
+    with registered(registry.BACKENDS, "file", CountingLocal()) as plugin:
+        yield plugin
 
 
 async def test_the_backend_is_closed_when_the_server_stops(tmp_path: Path, counting: CountingLocal) -> None:

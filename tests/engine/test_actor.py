@@ -161,6 +161,15 @@ class Parent(Probe):
         return self.override if self.override is not None else proposed
 
 
+async def crash_by_tell(actor: Actor[Any], error: BaseException) -> BaseException:
+    """Run ``actor`` and tell it to raise ``error``; returns the leaf error its run ended with."""
+    with anyio.fail_after(LIMIT), raises_leaf(type(error)) as caught:
+        async with anyio.create_task_group() as tg:
+            await tg.start(actor.run)
+            await actor.tell(("raise", error))
+    return caught.error
+
+
 async def block(actor: Actor[Any]) -> anyio.Event:
     """Make ``actor`` busy in a handler; returns the event that lets the handler finish."""
     entered, release = anyio.Event(), anyio.Event()
@@ -390,21 +399,14 @@ async def test_a_failing_release_does_not_hide_the_failure() -> None:
 
     boom = Boom("handler bug")
     actor = BadRelease("a")
-    with anyio.fail_after(LIMIT), raises_leaf(Boom) as caught:
-        async with anyio.create_task_group() as tg:
-            await tg.start(actor.run)
-            await actor.tell(("raise", boom))
-    assert caught.error is boom and actor.released == [boom]
+    assert await crash_by_tell(actor, boom) is boom
+    assert actor.released == [boom]
 
 
 async def test_engine_error_while_handling_a_tell_fails_the_actor() -> None:
     error = NotFoundError("nobody to answer to")
     actor = Probe("a")
-    with anyio.fail_after(LIMIT), raises_leaf(NotFoundError) as caught:
-        async with anyio.create_task_group() as tg:
-            await tg.start(actor.run)
-            await actor.tell(("raise", error))
-    assert caught.error is error
+    assert await crash_by_tell(actor, error) is error
     assert actor.state == "failed"
 
 

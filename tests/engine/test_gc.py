@@ -20,7 +20,7 @@ from blockferry.format import INDEX_RECORD, decode_index
 from blockferry.plugins.local import LocalBackendPlugin
 from blockferry.retention import RetentionPolicy
 from blockferry.store import GC_LOCK_KEY, GC_PLAN_KEY, RepositoryStore
-from tests.conftest import KiB, MiB, same_file, write_disk
+from tests.conftest import KiB, MiB, registered, same_file, write_disk
 
 pytestmark = pytest.mark.anyio
 
@@ -154,10 +154,8 @@ class HeldSource:
 
 @pytest.fixture
 def held() -> AsyncIterator[HeldSource]:
-    h = HeldSource()
-    registry.register(registry.SOURCES, "held", h)
-    yield h
-    registry.register(registry.SOURCES, "held", None)
+    with registered(registry.SOURCES, "held", HeldSource()) as h:
+        yield h
 
 
 async def test_backup_started_before_the_collection_keeps_its_chunks(tmp_path: Path, held: HeldSource) -> None:
