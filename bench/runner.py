@@ -161,6 +161,24 @@ def same_content(a: Path, b: Path) -> bool:
 # -- the tools ------------------------------------------------------------------------------------
 
 
+def make_venv(venv: Path) -> bool:
+    """A virtualenv at ``venv`` made from the interpreter running the benchmark; True if it was
+    made now. One made from another interpreter is made anew: borg and blockferry run Python, and
+    the interpreter's build moves their figures (an unoptimized CPython ran blockferry's
+    incremental 8 % slower than Debian's)."""
+    py = venv / "bin" / "python"
+    if py.exists():
+        here = f"{sys.base_prefix} {sys.version}"
+        there = subprocess.run([str(py), "-c", "import sys; print(sys.base_prefix, sys.version)"],
+                               capture_output=True, text=True)
+        if there.returncode == 0 and there.stdout.strip() == here:
+            return False
+        log(f"{venv} was made from another Python; making it anew")
+        shutil.rmtree(venv)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    return True
+
+
 def ensure_peers(work: Path) -> dict[str, str]:
     """restic from Debian; borg from Debian or PyPI, whichever is newer (built in a venv)."""
     subprocess.run([str(ROOT / "scripts" / "system-packages"), "bench"], check=True)
@@ -179,10 +197,10 @@ def ensure_peers(work: Path) -> dict[str, str]:
     if key(pypi_version) > key(deb_version):
         venv = work / "borg-venv"
         borg = venv / "bin" / "borg"
-        if not borg.exists() or pypi_version not in subprocess.run([str(borg), "--version"], capture_output=True,
-                                                                   text=True).stdout:
+        fresh = make_venv(venv)
+        if fresh or not borg.exists() or pypi_version not in subprocess.run([str(borg), "--version"],
+                                                                            capture_output=True, text=True).stdout:
             log(f"installing borg {pypi_version} from PyPI (newer than Debian's {deb_version}); this builds it")
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
             subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"borgbackup=={pypi_version}"], check=True)
         tools["borg"] = str(borg)
     else:
@@ -220,8 +238,7 @@ def install_blockferry(work: Path) -> Path:
     into the benchmark's own virtualenv. Returns its python."""
     venv = work / "venv"
     py = venv / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    make_venv(venv)
     log("installing blockferry from this work tree into the benchmark's virtualenv")
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", str(ROOT)], check=True,
                    env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
@@ -325,7 +342,7 @@ def machine() -> dict[str, Any]:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"cpu": model, "cores": os.cpu_count(), "memory_bytes": mem, "kernel": platform.release(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "python_prefix": sys.base_prefix}
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
