@@ -6,8 +6,8 @@ the images), then a restore of the generation-1 point, checked bit for bit. Each
 a whole process (wall time, CPU time and peak RSS from ``wait4``), and the repository is measured
 after each backup. Before every step the page cache is emptied (when the runner may: as root),
 then warmed with what the step reads (the tool's repository and its cache directory, and before
-backups also the images and the hint files), and ``sync`` runs, so the figures measure the engines, not the disk, and every tool
-meets the same machine state.
+backups also the images and the hint files), and ``sync`` runs, so the figures measure the
+engines, not the disk, and every tool meets the same machine state.
 
 Then: the machine ceiling (bench/ceiling.py), blockferry's peak RSS for a 2 GiB and a 16 GiB
 (sparse) disk, and many small disks through two proxies (bench/scale.py).
@@ -197,9 +197,9 @@ def ensure_peers(work: Path) -> dict[str, str]:
     if key(pypi_version) > key(deb_version):
         venv = work / "borg-venv"
         borg = venv / "bin" / "borg"
-        fresh = make_venv(venv)
-        if fresh or not borg.exists() or pypi_version not in subprocess.run([str(borg), "--version"],
-                                                                            capture_output=True, text=True).stdout:
+        make_venv(venv)  # a venv made now has no borg yet
+        if not borg.exists() or pypi_version not in subprocess.run([str(borg), "--version"], capture_output=True,
+                                                                   text=True).stdout:
             log(f"installing borg {pypi_version} from PyPI (newer than Debian's {deb_version}); this builds it")
             subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"borgbackup=={pypi_version}"], check=True)
         tools["borg"] = str(borg)
