@@ -336,7 +336,10 @@ class S3Upload:
 
     The pieces written are kept as they come (the engine's chunk payloads are immutable
     ``bytes``): they are never joined into one buffer, but sent one after another as the
-    request's body (:class:`_Body`), with their MD5 computed in a worker thread."""
+    request's body (:class:`_Body`). Their MD5 (the Content-MD5 the server checks) is
+    computed as they are written, in a worker thread, so a sealed pack goes out at once: at
+    the end of an incremental, hashing a 32 MiB pack at commit kept its PUT waiting 0.1–0.16 s
+    while the other cores compressed."""
 
     def __init__(self, backend: S3Backend, key: str) -> None:
         self.key = key
@@ -348,6 +351,8 @@ class S3Upload:
         self._next_part = 1
         self._closed = False
         self.size = 0
+        #: MD5 of everything written, while it may still go as one PutObject (None once multipart)
+        self._md5: Any = hashlib.md5()
 
     def __repr__(self) -> str:
         return f"<S3Upload {self.key} bytes={self.size} parts={len(self._parts)} multipart={self._upload_id is not None}>"
@@ -356,16 +361,24 @@ class S3Upload:
         if self._closed:
             raise RepositoryError(f"upload of {self.key} is closed")
         n = 0
+        new: list[bytes] = []
         for p in parts:
             if len(p):
                 # a view or a bytearray may change once this returns: keep a copy of those
-                self._pieces.append(p if type(p) is bytes else bytes(p))
+                new.append(p if type(p) is bytes else bytes(p))
                 n += len(p)
+        self._pieces += new
         self._held += n
         self.size += n
         s = self._b.settings
         if self._upload_id is None and self._held > s.multipart_threshold:
+            self._md5 = None  # parts carry their own
             await self._start()
+        elif self._md5 is not None:
+            if n <= _INLINE_BODY:
+                _update(self._md5, new)
+            else:
+                await anyio.to_thread.run_sync(_update, self._md5, new)
         if self._upload_id is not None and self._held >= s.part_size * s.upload_parallel:
             await self._send_parts(final=False)
         return n
@@ -421,7 +434,7 @@ class S3Upload:
         try:
             if self._upload_id is None:
                 pieces, self._pieces, self._held = self._pieces, [], 0
-                await b.put(self.key, pieces)
+                await b.put(self.key, pieces, content_md5=base64.b64encode(self._md5.digest()).decode())
             else:
                 await self._send_parts(final=True)
                 parts = sorted(self._parts, key=lambda p: p["PartNumber"])
@@ -482,21 +495,25 @@ class _Body:
                 yield view[off:off + _SEND_SLICE]
 
 
-def _md5(pieces: Sequence[bytes]) -> str:
-    h = hashlib.md5()
+def _update(h: Any, pieces: Sequence[bytes]) -> None:
     for p in pieces:
         h.update(p)  # releases the GIL for all but tiny pieces
+
+
+def _md5(pieces: Sequence[bytes]) -> str:
+    h = hashlib.md5()
+    _update(h, pieces)
     return base64.b64encode(h.digest()).decode()
 
 
-async def _body(pieces: Sequence[bytes | bytearray | memoryview]) -> tuple[bytes | _Body, str]:
-    """A request body for ``pieces`` and its Content-MD5 (computed in a worker thread unless
-    the body is small)."""
+async def _body(pieces: Sequence[bytes | bytearray | memoryview], md5: str | None = None) -> tuple[bytes | _Body, str]:
+    """A request body for ``pieces`` and its Content-MD5: ``md5`` when the caller has it,
+    else computed (in a worker thread unless the body is small)."""
     if sum(len(p) for p in pieces) <= _INLINE_BODY:
         small = b"".join(pieces)
-        return small, _md5([small])
+        return small, md5 or _md5([small])
     frozen = [p if type(p) is bytes else bytes(p) for p in pieces]
-    return _Body(frozen), await anyio.to_thread.run_sync(_md5, frozen)
+    return _Body(frozen), md5 or await anyio.to_thread.run_sync(_md5, frozen)
 
 
 # -- the backend ---------------------------------------------------------------------------------
@@ -839,14 +856,16 @@ class S3Backend:
 
     # -- writes --------------------------------------------------------------------------------
 
-    async def put(self, key: str, data: bytes | Sequence[bytes], *, exclusive: bool = False) -> None:
+    async def put(self, key: str, data: bytes | Sequence[bytes], *, exclusive: bool = False,
+                  content_md5: str | None = None) -> None:
         """Write one object (``data`` may be a list of pieces, joined into the body). Bodies
         go with a Content-MD5 header, which the server checks, and an unsigned payload hash
-        (the client's ``payload_signing_enabled`` is off): the MD5 is computed in a worker
-        thread and is part of the signed headers, where botocore would otherwise SHA-256 the
-        whole body on the event loop of every request over plain HTTP."""
+        (the client's ``payload_signing_enabled`` is off): the MD5 (``content_md5``, base64,
+        when the caller has it) is computed in a worker thread and is part of the signed
+        headers, where botocore would otherwise SHA-256 the whole body on the event loop of
+        every request over plain HTTP."""
         full = self._full(key)
-        body, md5 = await _body([data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
+        body, md5 = await _body([data] if isinstance(data, (bytes, bytearray, memoryview)) else data, content_md5)
         attempts = 0
 
         async def send(c: Any) -> dict[str, Any]:

@@ -199,6 +199,37 @@ async def test_api_multipart_packs_and_ranged_reads(s3_env: dict[str, str], tmp_
 
 
 
+async def test_a_pack_is_hashed_as_it_is_written_so_its_put_goes_out_at_once(
+        s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Content-MD5 of a pack sent as one PutObject is computed while the pack fills, not
+    at commit; the server checks it, so a wrong running hash would fail the put."""
+    import blockferry.plugins.s3 as s3mod
+
+    hashed_at_commit: list[int] = []
+    whole = s3mod._md5
+    monkeypatch.setattr(s3mod, "_md5", lambda pieces: hashed_at_commit.append(sum(map(len, pieces))) or whole(pieces))
+    b = await open_s3(new_url())
+    try:
+        rng = random.Random(3)
+        pieces = [rng.randbytes(MiB), rng.randbytes(1000), rng.randbytes(3 * MiB), bytearray(rng.randbytes(700 * KiB))]
+        up = await b.open_upload("packs/aa/hashed")
+        for p in pieces:
+            await up.write([p])
+        await up.commit()
+        assert hashed_at_commit == []
+        assert await b.get("packs/aa/hashed") == b"".join(pieces)
+        # past the multipart threshold the running hash is dropped: each part carries its own
+        b.settings.multipart_threshold, b.settings.part_size = 5 * MiB, 5 * MiB
+        up = await b.open_upload("packs/aa/parts")
+        for p in pieces * 2:
+            await up.write([p])
+        await up.commit()
+        assert hashed_at_commit and sum(hashed_at_commit) == 2 * sum(map(len, pieces))
+        assert await b.get("packs/aa/parts") == b"".join(pieces * 2)
+    finally:
+        await b.aclose()
+
+
 async def test_tasks_share_packs_so_they_fill_and_go_out_while_reading(s3_env: dict[str, str], tmp_path: Path) -> None:
     """Four disks backed up at once into S3 fill one pack stream together (engine/store.py
     WriterHandle): full packs, not one part-filled pack per disk, and each disk still counts
