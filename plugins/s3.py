@@ -99,6 +99,8 @@ CACHED_PREFIXES = ("index/", "points/")
 _ENV_PREFIX = "BLOCKFERRY_S3_"
 #: bodies this large (bytes) are read into one buffer as they arrive
 _READ_INTO_AT = 1 * MiB
+#: retries of one request from this one on are logged as warnings (the earlier ones as info)
+_WARN_FROM_RETRY = 3
 #: a successful write this recent proves the repository writable (check_writable)
 WRITE_PROOF_SECONDS = 60.0
 _SECRET_FIELDS = ("secret_access_key", "session_token")
@@ -622,8 +624,12 @@ class S3Backend:
                     attempt += 1
                     self.retries[op] += 1
                     code, status = _code(exc)
-                    self.log.info("s3_retry", op=op, attempt=attempt, delay=round(delay, 3),
-                                  error=code or type(exc).__name__, status=status or None)
+                    # the first retries are routine (throttling); from the third on a user
+                    # sees why the run stalls (a full cluster holds writes until the read
+                    # timeout, so the retries of one request can take several minutes)
+                    emit = self.log.warning if attempt >= _WARN_FROM_RETRY else self.log.info
+                    emit("s3_retry", op=op, attempt=attempt, of=s.retries, delay=round(delay, 3),
+                         error=code or type(exc).__name__, status=status or None)
                     await anyio.sleep(delay)
                     continue
                 err = _translate(exc, what, self.bucket)

@@ -354,6 +354,24 @@ async def test_throttling_errors_and_dropped_connections_are_retried(
             await r.restore(s.points[0], tmp_path / "again")
 
 
+async def test_a_request_that_keeps_failing_is_shown_to_the_user_before_it_gives_up(
+        s3_env: dict[str, str], fault: FaultProxy, tmp_path: Path) -> None:
+    """Routine retries stay quiet on the command line; from the third retry of one request on,
+    each is a warning naming the request and the error, so a stalled run says why."""
+    url = new_url()
+    await blockferry.init_repository(url, block_size=256 * KiB, backend_options={"create_bucket": True})
+    img = mixed_disk(tmp_path / "d.img", 2 * MiB, seed=22)
+    env = s3_env | {"AWS_ENDPOINT_URL": fault.endpoint, "BLOCKFERRY_S3_BACKOFF_BASE": "0.01"}
+    fault.add(Rule(lambda op, path: op == "PutObject" and "/packs/" in path, "slowdown", times=2))
+    quiet = cli("backup", url, str(img), "--name", "vm", "-q", env=env)
+    assert "s3_retry" not in quiet.stderr
+    fault.add(Rule(lambda op, path: op == "PutObject" and "/packs/" in path, "slowdown", times=4))
+    loud = cli("backup", url, str(mixed_disk(tmp_path / "e.img", 2 * MiB, seed=23)), "--name", "vm", "-q", env=env)
+    warned = [line for line in loud.stderr.splitlines() if "s3_retry" in line]
+    assert len(warned) == 2 and all("PutObject" in w and "SlowDown" in w for w in warned), loud.stderr
+    assert "attempt=3" in warned[0] and "attempt=4" in warned[1] and "of=8" in warned[0]
+
+
 async def test_cache_serves_unchanged_objects_and_is_rebuilt_when_another_writer_changes_the_bucket(
         s3_env: dict[str, str], tmp_path: Path) -> None:
     url = new_url()
