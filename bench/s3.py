@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             daemon.wait(90)
             for t in tools.values():  # the next run starts from empty buckets; the memstore stays small
                 rgw.remove_bucket(t["bucket"])
+            rgw.collect_garbage()  # and on a server that is not still deleting this run's objects
     finally:
         if daemon is not None and daemon.poll() is None:
             daemon.kill()

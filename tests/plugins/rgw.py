@@ -198,6 +198,13 @@ rgw usage log flush threshold = 1
         """Delete a bucket and every object in it (the benchmark's cleanup between runs)."""
         self._ceph("radosgw-admin", "bucket", "rm", "--bucket", bucket, "--purge-objects", timeout=300)
 
+    def collect_garbage(self) -> None:
+        """Free the data of deleted objects now. radosgw deletes the tails of large objects
+        later, in its garbage collection: a minute after a full backup's bucket was removed, 175
+        tails were still waiting, and in two benchmark runs the third repetition's full backup
+        took 15 s against 8-11 s in the first two."""
+        self._ceph("radosgw-admin", "gc", "process", "--include-all", timeout=300)
+
     def _http_ok(self) -> bool:
         try:
             with urllib.request.urlopen(self.endpoint, timeout=2) as r:
