@@ -110,8 +110,10 @@ class SourceMover(Actor[Any]):
             processor = BlockProcessor(
                 url=task.url, size=disk.size, block_size=bs, level=task.level, index=task.index,
                 owner=task, claimed=task.claimed, read=disk.read_blocking, pool=self.runtime.pool(bs),
-                map=getattr(disk, "map_blocking", None),
+                map=getattr(disk, "map_blocking", None), prepared=getattr(task.index, "prepared", None),
             )
+            if processor.prepared is not None:
+                processor.prepared.stopped = True  # the lanes take the cores from here
             todo = batches(plan.read, max(1, settings.batch_bytes // bs))
             async with anyio.create_task_group() as tg:
                 for _ in range(settings.lanes):

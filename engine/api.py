@@ -30,7 +30,8 @@ import anyio
 from .retention import RetentionPolicy
 from .config import DiskSpec, EngineSettings, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
 from .errors import ConfigError, NotFoundError, plain_errors
-from .format import DEFAULT_BLOCK_SIZE, DiskRecord, Manifest, RepositoryConfig
+from .blocks import PreparedChunks
+from .format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, DiskRecord, Manifest, RepositoryConfig
 from .hints import check_within, load_hints
 from .messages import JobStatus, SessionResult
 from .registry import backend_plugin, scheme_of, source_plugin
@@ -93,17 +94,48 @@ async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, com
 @asynccontextmanager
 async def open_repository(url: str, *, engine: EngineSettings | None = None,
                           proxies: Sequence[ProxyConfig] | None = None, max_tasks: int = 4,
-                          backend_options: Mapping[str, Any] | None = None) -> AsyncIterator[Repository]:
+                          backend_options: Mapping[str, Any] | None = None,
+                          prepare: Mapping[str, str | os.PathLike[str]] | None = None) -> AsyncIterator[Repository]:
     """Open an existing repository (NotARepositoryError, UnsupportedFormatError otherwise).
 
     ``proxies`` and ``max_tasks`` shape backups made through this handle: by default one local
     proxy of 4 tasks and a repository limit of 4 tasks. ``backend_options`` go to the backend
-    plugin (for ``s3``, the settings of docs/s3.md).
+    plugin (for ``s3``, the settings of docs/s3.md). ``prepare`` announces the changed-extent
+    hints (source → file) of the backup about to be made: a remote repository compresses their
+    blocks on the idle core while it opens (engine/prepare.py), for that backup only.
     """
+    from .prepare import prepare_chunks, wants_preparing
+
     runtime = Runtime(engine)
+    budget = runtime.settings.prepare_bytes
+    level = COMPRESSION_LEVELS["default"]
+    if not prepare or not wants_preparing(url, prepare, budget) or level is None:
+        async with _opened(url, runtime, proxies, max_tasks, backend_options, None) as repo:
+            yield repo
+        return
+    chunks = PreparedChunks(level, budget)
+    with plain_errors():  # the task group must not change which error a caller sees
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(prepare_chunks, chunks, {str(k): str(v) for k, v in prepare.items()}, DEFAULT_BLOCK_SIZE)
+            try:
+                async with _opened(url, runtime, proxies, max_tasks, backend_options, chunks) as repo:
+                    yield repo
+            finally:
+                chunks.clear()
+                tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _opened(url: str, runtime: Runtime, proxies: Sequence[ProxyConfig] | None, max_tasks: int,
+                  backend_options: Mapping[str, Any] | None, chunks: PreparedChunks | None) -> AsyncIterator[Repository]:
     backend = await backend_plugin(url).open(url, {**(backend_options or {}), "limiter": runtime.io})
     try:
         store = await RepositoryStore.open(backend)
+        if chunks is not None:
+            if (store.config.block_size, store.config.zstd_level) == (DEFAULT_BLOCK_SIZE, chunks.level):
+                store.index.prepared = chunks
+            else:  # prepared for the default settings, which this repository does not use
+                chunks.clear()
         repo = Repository(url, store, runtime, list(proxies) if proxies else None, max_tasks)
         try:
             yield repo
@@ -177,6 +209,9 @@ class Repository:
         try:
             return await self.run_job(spec, progress=progress, progress_interval=progress_interval)
         finally:
+            if self.store.index.prepared is not None:  # prepared for this backup only
+                self.store.index.prepared.clear()
+                self.store.index.prepared = None
             with anyio.CancelScope(shield=True):
                 await self.store.unlock()  # the writer lock is held only while backing up
 

@@ -115,6 +115,63 @@ class BufferPool:
         self._free.append(bufs)
 
 
+#: what :meth:`PreparedChunks.take` returns for a chunk it does not hold
+NOT_PREPARED: Any = object()
+
+
+class PreparedChunks:
+    """Chunks compressed ahead of a backup (see engine/prepare.py), by hash: the compressed
+    payload, or None for a block that did not shrink and is stored raw.
+
+    A chunk's compressed form depends only on its bytes and the zstd ``level``, and the hash
+    names the bytes, so a prepared chunk is right whatever the repository turns out to hold.
+    At most ``budget`` bytes of payload are held; :meth:`take` hands each chunk out once.
+    Thread-safe: single dict operations are atomic under the GIL, and the byte count is only a
+    bound for the preparing side."""
+
+    def __init__(self, level: int, budget: int) -> None:
+        self.level = level
+        self.budget = budget
+        self.held = 0
+        self.prepared = 0
+        self.used = 0
+        #: set once the backup's own lanes start: preparing stops after its current batch
+        self.stopped = False
+        self._chunks: dict[bytes, bytes | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def full(self) -> bool:
+        return self.held >= self.budget
+
+    def add(self, digest: bytes, payload: bytes | None) -> None:
+        if digest not in self._chunks:
+            self._chunks[digest] = payload
+            self.held += len(payload) if payload is not None else 0
+            self.prepared += 1
+
+    def take(self, digest: bytes) -> bytes | None:
+        """The payload of ``digest`` (None: store it raw), or NOT_PREPARED."""
+        p = self._chunks.pop(digest, NOT_PREPARED)
+        if p is not NOT_PREPARED:
+            self.used += 1
+            if p is not None:
+                self.held -= len(p)
+        return p
+
+    def discard(self, digest: bytes) -> None:
+        p = self._chunks.pop(digest, None)
+        if p is not None:
+            self.held -= len(p)
+
+    def clear(self) -> None:
+        self.stopped = True
+        self._chunks.clear()
+        self.held = 0
+
+
 class BlockProcessor:
     """Turns runs of a disk's blocks into batches. One per task; ``process`` is thread-safe."""
 
@@ -131,6 +188,7 @@ class BlockProcessor:
         read: Callable[[int, Sequence[Any]], int] | None,
         pool: BufferPool,
         map: Callable[[int, int], Any] | None = None,
+        prepared: PreparedChunks | None = None,
     ) -> None:
         self.url = url
         self.size = size
@@ -143,6 +201,8 @@ class BlockProcessor:
         self.map = map
         self.pool = pool
         self.zero = bytes(block_size)
+        #: chunks compressed ahead at this processor's level (others are no use to it)
+        self.prepared = prepared if prepared is not None and prepared.level == level else None
 
     def views(self, first: int, count: int, bufs: list[bytearray]) -> list[Any]:
         """The buffers sized to the blocks (the disk's last block may be short)."""
@@ -204,6 +264,7 @@ class BlockProcessor:
         t1 = perf_counter()
         classify, claimed, level = self.index.classify, self.claimed, self.level
         cctx = compressor(level) if level is not None else None
+        prepared = self.prepared if self.prepared else None  # empty: skip the lookups
         zero = self.zero
         out: list[Block] = []
         zero_bytes = new_bytes = dedup_bytes = compressed = 0
@@ -224,9 +285,13 @@ class BlockProcessor:
                 claimed.add(d)
                 payload = None
                 if cctx is not None:
-                    c = cctx.compress(v)
-                    if len(c) < n:
-                        payload = c
+                    ahead = prepared.take(d) if prepared is not None else NOT_PREPARED
+                    if ahead is NOT_PREPARED:
+                        c = cctx.compress(v)
+                        if len(c) < n:
+                            payload = c
+                    else:
+                        payload = ahead
                 if payload is None:
                     out.append(Block(first + i, d, NEW, n, bytes(v), 0))
                     compressed += n
@@ -235,6 +300,8 @@ class BlockProcessor:
                     compressed += len(payload)
                 new_bytes += n
             else:
+                if prepared is not None and cls != FOREIGN:  # stored already: nobody will take it
+                    prepared.discard(d)
                 out.append(Block(first + i, d, _KIND_OF_CLASS.get(cls, KNOWN), n))
                 dedup_bytes += n
         return Batch(

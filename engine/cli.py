@@ -143,8 +143,9 @@ async def cmd_backup(a: argparse.Namespace) -> int:
         waiting = sum(t.state == "waiting" for t in st.tasks)
         progress.line(progress.bar(done, total, f"disks: {running} running, {waiting} waiting"))
 
-    async with open_repository(a.repo, max_tasks=a.max_tasks) as repo:
-        session = await repo.backup(a.sources, name=a.name, hints=_parse_hints(a.changed_extents),
+    hints = _parse_hints(a.changed_extents)
+    async with open_repository(a.repo, max_tasks=a.max_tasks, prepare=hints) as repo:
+        session = await repo.backup(a.sources, name=a.name, hints=hints,
                                     retries=a.retries, immutable_days=a.immutable_days, progress=show)
     progress.done()
     if a.json:

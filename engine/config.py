@@ -81,6 +81,10 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
     #: images rather than in memory, up to restore_spool_bytes (0: never)
     restore_spool_bytes: NonNegative = 4096 * MiB
     restore_remote_batch_bytes: Positive = 4 * MiB
+    #: a backup with changed-extent hints into a remote repository compresses the hinted blocks
+    #: while the repository opens, holding at most this many bytes of them (0: never; see
+    #: engine/prepare.py)
+    prepare_bytes: NonNegative = 64 * MiB
     #: worker threads hashing and compressing (0: one per core)
     cpu_threads: NonNegative = 0
     #: worker threads doing repository I/O

@@ -106,6 +106,8 @@ class ChunkIndex:
         self.pending: dict[bytes, int] = {}
         self.claims: dict[bytes, Claim] = {}
         self._changed: anyio.Event | None = None
+        #: chunks compressed ahead for the next backup (a blocks.PreparedChunks), if any
+        self.prepared: Any = None
 
     def __len__(self) -> int:
         return len(self.committed) + len(self.pending)

@@ -230,6 +230,41 @@ async def test_a_pack_is_hashed_as_it_is_written_so_its_put_goes_out_at_once(
         await b.aclose()
 
 
+async def test_an_incremental_with_hints_compresses_while_the_repository_opens(s3_env: dict[str, str], tmp_path: Path) -> None:
+    """engine/prepare.py: the hinted blocks are compressed while the S3 repository opens, and
+    the backup stores those chunks instead of compressing again: same point, bit-exact."""
+    url = new_url()
+    await blockferry.init_repository(url, backend_options={"create_bucket": True})  # default settings
+    img = mixed_disk(tmp_path / "d.img", 16 * MiB, seed=21)
+    async with blockferry.open_repository(url) as r:
+        await r.backup([str(img)], name="vm")
+    modify(img, 0, 3 * MiB, seed=22)  # random over text: three changed blocks
+    with open(img, "r+b") as f:  # and two of new text
+        f.seek(9 * MiB)
+        f.write(b"a changed line of text that compresses\n" * (2 * MiB // 40))
+    hints = tmp_path / "d.hints"
+    hints.write_text(f"0 {3 * MiB}\n{9 * MiB} {2 * MiB}\n")
+    saved = tmp_path / "v1.img"
+    shutil.copy(img, saved)
+    async with blockferry.open_repository(url, prepare={str(img): str(hints)}) as r:
+        prepared = r.store.index.prepared
+        assert prepared is not None
+        with anyio.fail_after(30):  # preparing overlaps the opening; here it may still be running
+            while prepared.prepared < 5:
+                await anyio.sleep(0.01)
+        assert len(prepared) == 5 and prepared.held > 0
+        s = await r.backup([str(img)], name="vm", hints={str(img): str(hints)})
+        assert prepared.used == 5 and prepared.stopped and r.store.index.prepared is None
+        assert s.objects[0].disks[0].stats.new_bytes == 5 * MiB
+        await r.restore(s.points[0], tmp_path / "out")
+    assert same_file(tmp_path / "out" / "d.img", saved)
+    # a repository with other settings than the defaults prepares for nothing
+    other = new_url()
+    await blockferry.init_repository(other, compression="fast", backend_options={"create_bucket": True})
+    async with blockferry.open_repository(other, prepare={str(img): str(hints)}) as r:
+        assert r.store.index.prepared is None
+
+
 async def test_tasks_share_packs_so_they_fill_and_go_out_while_reading(s3_env: dict[str, str], tmp_path: Path) -> None:
     """Four disks backed up at once into S3 fill one pack stream together (engine/store.py
     WriterHandle): full packs, not one part-filled pack per disk, and each disk still counts

@@ -1,0 +1,104 @@
+"""Compressing an incremental's hinted blocks while a remote repository opens.
+
+A fresh process needs about half a second to open an S3 repository before it can classify a
+single block: aiobotocore's imports and service models (on one core), then a handful of requests.
+The other core has nothing to do meanwhile. With changed-extent hints the blocks to read are known
+before the repository is, so :func:`prepare_chunks` compresses them on that core into a
+:class:`~blockferry.blocks.PreparedChunks`, and the backup's lanes take the compressed chunks by
+hash instead of compressing again (they still read and hash every block).
+
+Nothing here can make a backup wrong: a chunk's compressed form depends only on its bytes (named
+by the hash) and the zstd level. The repository's settings are not known yet, so the default
+block size and compression are assumed; a repository with other settings finds no prepared chunk
+and has lost only the idle core's time. Preparing stops when the lanes start, when the memory
+budget (``EngineSettings.prepare_bytes``) is full, or when every hinted block is done, and it
+never fails a backup: a source it cannot open or a hint file it cannot read is left to the
+backup's own checks, which report them properly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from .blocks import NEW, BlockProcessor, BufferPool, PreparedChunks
+from .format import FLAG_ZSTD
+from .hints import load_hints
+from .log import get_logger
+from .plan import Run, batches, intersect, runs_of
+from .registry import scheme_of, source_plugin
+from .store import ChunkIndex
+
+log = get_logger()
+
+#: blocks per worker-thread hop: small, so that the lanes, once started, wait little for the core
+_PREPARE_BATCH_BYTES = 2 << 20
+
+
+async def prepare_chunks(chunks: PreparedChunks, hints: Mapping[str, str], block_size: int) -> None:
+    """Compress the blocks that ``hints`` (source → changed-extent file) name into ``chunks``,
+    one worker thread at a time, round-robin over the sources, until ``chunks.stopped``, the
+    budget is full, or all are done."""
+    try:
+        async with AsyncExitStack() as stack:
+            work: list[tuple[BlockProcessor, Iterator[Run]]] = []
+            index = ChunkIndex()  # private: a block seen twice is compressed once
+            owner = object()
+            for source, hint_file in hints.items():
+                if scheme_of(source) != "file":  # a VM's disks are reached another way
+                    continue
+                try:
+                    item = await _setup(stack, source, hint_file, block_size, chunks.level, index, owner)
+                except Exception as exc:  # the backup's own checks report it properly
+                    log.debug("prepare_skipped", source=source, error=str(exc))
+                    continue
+                if item is not None:
+                    work.append(item)
+            while work:
+                for item in list(work):
+                    if chunks.stopped or chunks.full:
+                        return
+                    processor, todo = item
+                    run = next(todo, None)
+                    if run is None:
+                        work.remove(item)
+                        continue
+                    batch = await anyio.to_thread.run_sync(processor.process, *run)
+                    for b in batch.blocks:
+                        if b.kind == NEW:
+                            chunks.add(b.digest, b.payload if b.flags & FLAG_ZSTD else None)
+    except Exception as exc:  # a source that fails now fails the backup properly; this was a head start
+        log.debug("prepare_stopped", error=str(exc))
+    finally:
+        log.debug("prepared", chunks=chunks.prepared, held_bytes=chunks.held, stopped=chunks.stopped)
+
+
+async def _setup(stack: AsyncExitStack, source: str, hint_file: str, block_size: int, level: int,
+                 index: ChunkIndex, owner: object) -> tuple[BlockProcessor, Iterator[Run]] | None:
+    """The source opened (closed with ``stack``) and its hinted blocks that hold data, in batches."""
+    extents = load_hints(hint_file)
+    disk = await source_plugin(source).open(source, {})
+    stack.push_async_callback(disk.aclose)
+    nblocks = -(-disk.size // block_size)
+    runs = runs_of(extents, block_size, nblocks)
+    data = await disk.data_extents()
+    if data is not None:
+        runs = intersect(runs, runs_of(data, block_size, nblocks))
+    read = getattr(disk, "read_blocking", None)
+    mapped = getattr(disk, "map_blocking", None)
+    if not runs or (read is None and mapped is None):
+        return None
+    per = max(1, _PREPARE_BATCH_BYTES // block_size)
+    processor = BlockProcessor(url=source, size=disk.size, block_size=block_size, level=level, index=index,
+                               owner=owner, claimed=set(), read=read, map=mapped, pool=BufferPool(block_size, per))
+    return processor, batches(runs, per)
+
+
+def wants_preparing(url: str, hints: Mapping[str, Any] | None, budget: int) -> bool:
+    """Worth it only where opening the repository leaves a core idle: not a local directory,
+    which opens in a few milliseconds."""
+    return bool(hints) and budget > 0 and scheme_of(url) != "file"
