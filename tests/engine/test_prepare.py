@@ -14,7 +14,8 @@ import zstandard
 from blockferry.api import init_repository, open_repository
 from blockferry.blocks import KNOWN, NEW, NOT_PREPARED, BlockProcessor, BufferPool, PreparedChunks, decode_chunk, digest
 from blockferry.format import FLAG_ZSTD
-from blockferry.prepare import prepare_chunks, wants_preparing
+from blockferry import prepare
+from blockferry.prepare import _hops, prepare_chunks, wants_preparing
 from blockferry.store import ChunkIndex
 from tests.conftest import KiB, MiB, write_disk
 
@@ -75,7 +76,8 @@ def test_chunks_prepared_at_another_level_are_not_used() -> None:
 
 
 @pytest.mark.anyio
-async def test_preparing_covers_the_hinted_non_zero_blocks_and_keeps_to_its_budget(tmp_path: Path) -> None:
+async def test_preparing_covers_the_hinted_non_zero_blocks_and_keeps_to_its_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a = write_disk(tmp_path / "a.img", 8 * BS, [(0, "text", 3 * BS), (5 * BS, "random", 3 * BS)], seed=1)
     b = write_disk(tmp_path / "b.img", 8 * BS, [(0, "random", 8 * BS)], seed=2)
     (tmp_path / "a.hints").write_text(f"{BS // 2} {BS}\n{3 * BS} {3 * BS}\n")  # blocks 0, 1 (text), 3-5
@@ -96,7 +98,8 @@ async def test_preparing_covers_the_hinted_non_zero_blocks_and_keeps_to_its_budg
         p = chunks._chunks[d]
         assert p is not None and decode_chunk(p, BS, FLAG_ZSTD, d) == raw
     assert all(chunks._chunks[d] is None for d in [*blocks_b, random_a])
-    # a budget of one compressed block: preparing stops once it is spent
+    # a budget of one compressed block, hops of two blocks: preparing stops once it is spent
+    monkeypatch.setattr(prepare, "_PREPARE_HOP_BYTES", 2 * BS)
     small = PreparedChunks(3, 1)
     await prepare_chunks(small, {str(a): str(tmp_path / "a.hints")}, BS)
     assert 1 <= small.prepared < 3 and small.full
@@ -104,6 +107,11 @@ async def test_preparing_covers_the_hinted_non_zero_blocks_and_keeps_to_its_budg
     stopped.stopped = True
     await prepare_chunks(stopped, {str(a): str(tmp_path / "a.hints")}, BS)
     assert stopped.prepared == 0
+
+
+def test_hops_group_short_runs_and_cut_long_ones() -> None:
+    assert list(_hops([(0, 3), (10, 2), (20, 9), (40, 1)], 8)) == [[(0, 3), (10, 2)], [(20, 8)], [(28, 1), (40, 1)]]
+    assert list(_hops([], 8)) == [] and list(_hops([(5, 8)], 8)) == [[(5, 8)]]
 
 
 @pytest.mark.anyio
