@@ -9,8 +9,10 @@ then warmed with what the step reads (the tool's repository and its cache direct
 backups also the images and the hint files), and ``sync`` runs, so the figures measure the
 engines, not the disk, and every tool meets the same machine state.
 
-Then: the machine ceiling (bench/ceiling.py), blockferry's peak RSS for a 2 GiB and a 16 GiB
-(sparse) disk, and many small disks through two proxies (bench/scale.py).
+The machine ceiling (bench/ceiling.py) is measured right before each of blockferry's full
+backups; the full-backup efficiency is the median of those pairs' ratios. Then: blockferry's
+peak RSS for a 2 GiB and a 16 GiB (sparse) disk, and many small disks through two proxies
+(bench/scale.py).
 
 ``python -m bench --help`` lists the options; ``make bench`` runs the default.
 """
@@ -23,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -350,12 +353,24 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: r["wall"])
     out = dict(ordered[len(ordered) // 2])
     out["rss"] = max(r["rss"] for r in runs)
-    out["walls"] = [r["wall"] for r in runs]
+    out["walls"] = [r["wall"] for r in runs]  # in the order they ran
     return out
 
 
-def run_steps(work: Path, fleet: Path, tools: list[Tool], repeat: int) -> dict[str, Any]:
+def measure_ceiling(images: list[str]) -> dict[str, Any]:
+    """One run of bench/ceiling.py (its blocks are loaded before its clock starts)."""
+    c = subprocess.run([sys.executable, "-m", "bench.ceiling", *images], check=True, capture_output=True,
+                       text=True, cwd=ROOT)
+    return json.loads(c.stdout)
+
+
+def run_steps(work: Path, fleet: Path, tools: list[Tool], repeat: int,
+              ceilings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every step ``repeat`` times. With ``ceilings`` (a list to fill), the machine ceiling is
+    measured right before each of blockferry's full backups, so that each efficiency figure
+    compares two runs a few seconds apart: this machine's speed drifts by ±20 % over minutes."""
     data = work / "data"
+    images = sorted(str(p) for p in (fleet / "gen0").glob("*.img"))
     hints = {p.name.removesuffix(".hints"): p for p in (fleet / "gen1").glob("*.hints")}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {t.name: [] for t in tools}
                                                         for s in ("full", "incremental", "restore")}
@@ -368,6 +383,9 @@ def run_steps(work: Path, fleet: Path, tools: list[Tool], repeat: int) -> dict[s
         for step, gen in (("full", 0), ("incremental", 1)):
             link_generation(fleet / f"gen{gen}", data)
             for t in tools:
+                if ceilings is not None and step == "full" and t.name == "blockferry":
+                    log(f"ceiling ({rep + 1}/{repeat})")
+                    ceilings.append(measure_ceiling(images))  # before the warming, which drops its memory
                 warm([data, *hints.values(), *t.state()])
                 subprocess.run(t.warm_cmd(), env=t.env, capture_output=True, check=True)  # the tool's own code
                 log(f"{step} ({rep + 1}/{repeat}): {t.name}")
@@ -458,7 +476,8 @@ def table(res: dict[str, Any]) -> str:
     c = res.get("ceiling")
     if c:
         lines.append(f"ceiling: {c['seconds']:.2f} s (hash {c['data_blocks']} blocks, compress {c['unique_blocks']}, "
-                     f"{c['threads']} threads); blockferry full-backup efficiency {res['efficiency']:.2f}")
+                     f"{c['threads']} threads); blockferry full-backup efficiency {res['efficiency']:.2f} "
+                     f"(median of the pairs {', '.join(f'{e:.2f}' for e in res.get('efficiency_pairs', []))})")
     s = res.get("scale")
     if s:
         lines.append(f"peak RSS: 2 GiB disk {s['disk_2GiB']['rss'] / MiB:.0f} MiB, 16 GiB disk "
@@ -531,18 +550,14 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"machine": machine(), "fleet": desc, "versions": versions,
                            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     res["page_cache_dropped"] = drop_caches()
-    res["steps"] = run_steps(work, fleet, tools, a.repeat)
-    images = sorted(str(p) for p in (fleet / "gen0").glob("*.img"))
-    ceilings = []
-    for rep in range(a.repeat):
-        log(f"ceiling ({rep + 1}/{a.repeat})")
-        warm([fleet / "gen0"])
-        c = subprocess.run([sys.executable, "-m", "bench.ceiling", *images], check=True, capture_output=True,
-                           text=True, cwd=ROOT)
-        ceilings.append(json.loads(c.stdout))
+    ceilings: list[dict[str, Any]] = []
+    res["steps"] = run_steps(work, fleet, tools, a.repeat, ceilings)
     res["ceiling"] = sorted(ceilings, key=lambda c: c["seconds"])[len(ceilings) // 2]
     res["ceiling"]["all_seconds"] = [c["seconds"] for c in ceilings]
-    res["efficiency"] = res["ceiling"]["seconds"] / res["steps"]["full"]["blockferry"]["wall"]
+    pairs = zip((c["seconds"] for c in ceilings), res["steps"]["full"]["blockferry"]["walls"])
+    res["efficiency_pairs"] = [c / w for c, w in pairs]
+    res["efficiency"] = statistics.median(res["efficiency_pairs"])
+    res["efficiency_of_medians"] = res["ceiling"]["seconds"] / res["steps"]["full"]["blockferry"]["wall"]
     if not a.no_scale:
         log("scale figures")
         res["scale"] = scale_figures(work, fleet, a.small_disks)
