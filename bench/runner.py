@@ -364,6 +364,19 @@ def measure_ceiling(images: list[str]) -> dict[str, Any]:
     return json.loads(c.stdout)
 
 
+def efficiency(ceilings: list[dict[str, Any]], full: dict[str, Any]) -> dict[str, Any]:
+    """The full-backup efficiency: the median over the pairs (the ceiling measured right before
+    each full backup) of ceiling time / backup time; also the median ceiling run, and the ratio of
+    the two medians as earlier runs reported it."""
+    if len(ceilings) != len(full["walls"]):
+        raise ValueError(f"{len(ceilings)} ceilings for {len(full['walls'])} full backups")
+    pairs = [c["seconds"] / w for c, w in zip(ceilings, full["walls"])]
+    median = dict(sorted(ceilings, key=lambda c: c["seconds"])[len(ceilings) // 2])
+    median["all_seconds"] = [c["seconds"] for c in ceilings]
+    return {"ceiling": median, "efficiency_pairs": pairs, "efficiency": statistics.median(pairs),
+            "efficiency_of_medians": median["seconds"] / full["wall"]}
+
+
 def run_steps(work: Path, fleet: Path, tools: list[Tool], repeat: int,
               ceilings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Every step ``repeat`` times. With ``ceilings`` (a list to fill), the machine ceiling is
@@ -552,12 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     res["page_cache_dropped"] = drop_caches()
     ceilings: list[dict[str, Any]] = []
     res["steps"] = run_steps(work, fleet, tools, a.repeat, ceilings)
-    res["ceiling"] = sorted(ceilings, key=lambda c: c["seconds"])[len(ceilings) // 2]
-    res["ceiling"]["all_seconds"] = [c["seconds"] for c in ceilings]
-    pairs = zip((c["seconds"] for c in ceilings), res["steps"]["full"]["blockferry"]["walls"])
-    res["efficiency_pairs"] = [c / w for c, w in pairs]
-    res["efficiency"] = statistics.median(res["efficiency_pairs"])
-    res["efficiency_of_medians"] = res["ceiling"]["seconds"] / res["steps"]["full"]["blockferry"]["wall"]
+    res.update(efficiency(ceilings, res["steps"]["full"]["blockferry"]))
     if not a.no_scale:
         log("scale figures")
         res["scale"] = scale_figures(work, fleet, a.small_disks)
