@@ -1,3 +1,3 @@
-from blockferry.cli import main
+from blockferry.cli import run
 
-raise SystemExit(main())
+run()

@@ -5,7 +5,7 @@ Embedded commands (no daemon needed): ``init``, ``backup``, ``points``, ``restor
 goes to stderr: a redrawn line on a terminal, plain lines otherwise.
 
 Exit codes: 0 success; 1 the operation failed (a backup session failed, an I/O error, a
-collection deferred); 2 bad input (arguments, configuration, missing source or point);
+collection deferred, the output's reader went away); 2 bad input (arguments, configuration, missing source or point);
 3 damaged data found; 4 the repository is locked by another process; 5 a removal was refused
 because the point is immutable.
 """
@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import msgspec
@@ -449,11 +449,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(err, BlockferryError):
             print(f"blockferry: error: {err}", file=sys.stderr)
             return err.exit_code
+        if isinstance(err, BrokenPipeError):  # stdout's reader went away (``| head``)
+            return output_closed()
         if isinstance(err, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130
         raise
 
 
+def output_closed() -> int:
+    """The command's output could not be written because its reader is gone: say so on stderr
+    (no traceback) and point stdout at /dev/null, so that nothing tries to write it again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    print("blockferry: error: the output was closed before it was all written", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def run() -> NoReturn:
+    """The ``blockferry`` executable: :func:`main`, then :func:`leave` with its exit code.
+
+    Usage errors and unexpected exceptions take the interpreter's usual way out."""
+    leave(main())
+
+
+def leave(code: int) -> NoReturn:
+    """Exit the process as the interpreter would, minus tearing it down.
+
+    Python waits for the threads that are not daemons, runs the ``atexit`` handlers and flushes
+    the standard streams, then frees every object and module one by one. That last part took
+    30 ms at the end of a 0.7 s incremental backup on the benchmark machine (where giving memory
+    back is costly): 3 % of the command, measured on interleaved pairs, for memory the kernel
+    frees at once on exit. Everything :func:`main` opened is closed by the time it returns; this
+    does the first three steps and then ``os._exit``. No library offers it, and
+    the standard library runs atexit handlers only through ``atexit._run_exitfuncs``.
+
+    Output that cannot be flushed (its reader is gone) ends with exit status 1, as when a command
+    meets that while running; the interpreter would say 120, which is not one of ours."""
+    import atexit
+    import threading
+
+    main_thread = threading.main_thread()
+    for t in threading.enumerate():
+        if t is not main_thread and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        code = output_closed()
+    except (OSError, ValueError):
+        code = EXIT_FAILED
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -190,3 +190,60 @@ def test_the_command_keeps_one_malloc_arena_and_the_library_leaves_the_allocator
         assert arenas({**os.environ, "MALLOC_ARENA_MAX": "3"}) == 3
     else:
         assert arenas() >= 3
+
+
+LEAVE = r"""
+import atexit, sys, threading, time
+from blockferry.cli import leave
+def late():
+    time.sleep(0.2)
+    print("thread done")
+threading.Thread(target=late).start()  # not a daemon: waited for
+atexit.register(lambda: print("atexit ran"))
+print("buffered")  # a pipe: block-buffered, written only by the flush
+leave(int(sys.argv[1]))
+"""
+
+
+def buffered_env(buffered: bool = True) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return env if buffered else {**env, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_leaving_waits_for_threads_runs_atexit_flushes_and_keeps_the_exit_code(code: int) -> None:
+    r = subprocess.run([sys.executable, "-c", LEAVE, str(code)], capture_output=True, text=True, timeout=60,
+                       env=buffered_env())
+    assert r.returncode == code, r.stderr
+    assert r.stdout.splitlines() == ["buffered", "thread done", "atexit ran"]
+
+
+def test_leaving_with_nobody_reading_the_output_says_so_without_a_traceback() -> None:
+    rd, wr = os.pipe()
+    os.close(rd)  # the reader is gone before anything is written
+    try:
+        r = subprocess.run([sys.executable, "-c", LEAVE, "0"], stdout=wr, stderr=subprocess.PIPE, text=True, timeout=60,
+                           env=buffered_env())
+    finally:
+        os.close(wr)
+    assert r.returncode == 1
+    assert "the output was closed" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["at-exit", "while-running"])
+def test_a_listing_cut_short_by_its_reader_ends_quietly(tmp_path: Path, buffered: bool) -> None:
+    repo = tmp_path / "repo"
+    bf("init", str(repo))
+    img = mixed_disk(tmp_path / "a.img", MiB, seed=3)
+    for _ in range(3):
+        bf("backup", str(repo), str(img), "--name", "vm", "-q")
+    rd, wr = os.pipe()
+    os.close(rd)
+    try:
+        # buffered, the lines fill no buffer and the flush at exit meets the closed pipe;
+        # unbuffered, the command's first line does
+        r = subprocess.run([sys.executable, "-m", "blockferry", "points", str(repo)], stdout=wr,
+                           stderr=subprocess.PIPE, text=True, timeout=120, env=buffered_env(buffered))
+    finally:
+        os.close(wr)
+    assert r.returncode == 1 and "the output was closed" in r.stderr and "Traceback" not in r.stderr
