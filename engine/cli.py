@@ -449,12 +449,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(err, BlockferryError):
             print(f"blockferry: error: {err}", file=sys.stderr)
             return err.exit_code
-        if isinstance(err, BrokenPipeError):  # stdout's reader went away (``| head``)
+        if isinstance(err, BrokenPipeError) and stdout_unread():  # ``| head`` went away
             return output_closed()
         if isinstance(err, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130
         raise
+
+
+def stdout_unread() -> bool:
+    """True when nobody reads stdout any more (a pipe whose reader is gone reports an error to
+    ``poll``): a broken pipe elsewhere is not the output's and stays an error of its own."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def output_closed() -> int:
@@ -464,7 +477,10 @@ def output_closed() -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError):
         pass
-    print("blockferry: error: the output was closed before it was all written", file=sys.stderr)
+    try:
+        print("blockferry: error: the output was closed before it was all written", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
     return EXIT_FAILED
 
 

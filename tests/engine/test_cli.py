@@ -247,3 +247,32 @@ def test_a_listing_cut_short_by_its_reader_ends_quietly(tmp_path: Path, buffered
     finally:
         os.close(wr)
     assert r.returncode == 1 and "the output was closed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_only_an_unread_stdout_counts_as_the_output_closed() -> None:
+    from blockferry.cli import stdout_unread
+
+    code = "import sys; from blockferry.cli import stdout_unread; sys.exit(3 if stdout_unread() else 4)"
+    rd, wr = os.pipe()
+    try:
+        read = subprocess.run([sys.executable, "-c", code], stdout=wr, timeout=60)
+        os.close(rd)
+        rd = -1
+        gone = subprocess.run([sys.executable, "-c", code], stdout=wr, timeout=60)
+    finally:
+        os.close(wr)
+        if rd >= 0:
+            os.close(rd)
+    assert (read.returncode, gone.returncode) == (4, 3)
+    assert stdout_unread() is False  # pytest's captured stdout: not a pipe with a reader gone
+
+
+def test_a_broken_pipe_that_is_not_the_output_stays_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import blockferry.cli as cli
+
+    def broken(*args: object, **kwargs: object) -> int:
+        raise BrokenPipeError(32, "a socket of the command's own")
+
+    monkeypatch.setattr(cli.anyio, "run", broken)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["points", str(tmp_path)])
