@@ -226,9 +226,8 @@ class _ThreadLane:
         self.slots = anyio.Semaphore(self.AHEAD)
         self.stop = threading.Event()
         self.queued = anyio.Event()
-        #: tokens the thread took (it alone counts up); batches forwarded (the loop alone)
-        self.taken = self.forwarded = 0
-        self.fed = self.lost = 0
+        #: tokens the thread took (it alone counts up); batches queued and forwarded (the loop)
+        self.taken = self.fed = self.forwarded = 0
 
     async def run(self) -> None:
         post = call_soon_from_thread()
@@ -243,8 +242,7 @@ class _ThreadLane:
             # the thread is done: tokens of batches it processed that were never sent on
             for _ in range(self.taken - self.forwarded):
                 self.budget.release()
-            self.taken = self.forwarded
-        if self.lost or self.forwarded != self.fed:
+        if self.forwarded != self.fed:
             raise BlockferryError(f"{self.mover.task.id}: a lane lost {self.fed - self.forwarded} batch(es)")
 
     async def _watch(self) -> None:
@@ -304,10 +302,10 @@ class _ThreadLane:
         """On the loop, from the thread. Never raises (a trio callback must not)."""
         try:
             self.send.send_nowait((batch, n))
-        except anyio.WouldBlock:  # cannot happen (AHEAD bounds it); counted, and the lane fails
-            self.lost += 1
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass  # the lane stopped: run() gives the token back
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            # the lane stopped (WouldBlock cannot happen: AHEAD bounds it); the batch is never
+            # forwarded, so run() gives its token back and fails the lane if it had not stopped
+            pass
 
     async def _forward(self) -> None:
         async with self.recv:

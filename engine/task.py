@@ -28,7 +28,6 @@ class InflightBudget:
     condition with an event to wake the tasks waiting on the loop."""
 
     def __init__(self, n: int) -> None:
-        self.total = n
         self._free = n
         self._cond = threading.Condition(threading.Lock())
         self._freed: anyio.Event | None = None

@@ -90,7 +90,7 @@ async def test_a_held_lane_gives_its_cpu_slot_to_other_tasks(tmp_path: Path, mon
             assert server.runtime.inflight.value == engine.inflight_batches
     assert False in bursts  # a burst did end for want of batches
     async with blockferry.open_repository(repo) as r:
-        await r.restore("latest", tmp_path / "out", )
+        await r.restore("latest", tmp_path / "out")
     assert same_file(tmp_path / "out" / "held.img", held_img)
 
 
