@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from blockferry.actor import Actor, Completion, Decision
 from blockferry.errors import BlockferryError
+from blockferry.runtime.actor import Actor, Completion, Decision
 
 
 class CapacityExceededError(BlockferryError):

@@ -15,13 +15,10 @@ from typing import Any
 
 import anyio
 import msgspec
-
-from blockferry.actor import Actor, Completion, Decision, SupervisionPolicy
-from blockferry.config import DiskSpec, JobSpec, ObjectSpec
+from blockferry.datapath.hints import load_hints
 from blockferry.errors import BlockferryError, unwrap_group
-from blockferry.format import DiskRecord, Manifest, TaskStats, new_point_id, utc_now
-from blockferry.hints import load_hints
-from blockferry.messages import (
+from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, expand_disks
+from blockferry.jobs.messages import (
     CancelJob,
     CheckAvailable,
     CommitPoint,
@@ -35,10 +32,12 @@ from blockferry.messages import (
     SessionResult,
     TaskStatus,
 )
+from blockferry.jobs.slots import ResourceScheduler, Slots, Ticket
+from blockferry.jobs.task import TaskContext
 from blockferry.registry import source_plugin
-from blockferry.scheduler import ResourceScheduler, Slots, Ticket
-from blockferry.source import expand_disks
-from blockferry.task import Runtime, TaskContext
+from blockferry.repo.format import DiskRecord, Manifest, TaskStats, new_point_id, utc_now
+from blockferry.runtime.actor import Actor, Completion, Decision, SupervisionPolicy
+from blockferry.runtime.resources import Runtime
 
 
 def immutable_until(created: str, *days: int | None) -> str | None:
@@ -52,8 +51,8 @@ def immutable_until(created: str, *days: int | None) -> str | None:
 def primary_error(exc: BaseException) -> BaseException:
     """The error worth reporting for a task: a mover that only saw its peer go away is not the
     cause."""
-    from .source_mover import DownstreamClosedError
-    from .target_mover import UpstreamEndedError
+    from blockferry.actors.source_mover import DownstreamClosedError
+    from blockferry.actors.target_mover import UpstreamEndedError
 
     if isinstance(exc, (DownstreamClosedError, UpstreamEndedError)) or isinstance(exc, BaseExceptionGroup):
         return unwrap_group(BaseExceptionGroup("task", [exc]), secondary=(DownstreamClosedError, UpstreamEndedError))
@@ -142,7 +141,7 @@ class JobManager(Actor[Any]):
     async def _after_run(self) -> None:
         """The job's retention on its objects, then its immediate backup copies (and their
         retention). Failures here are warnings: the new points are committed already."""
-        from blockferry.lifecycle import copy_to_url, prune
+        from blockferry.repo.lifecycle import copy_to_url, prune
 
         s, spec = self.session, self.spec
         done = [o.name for o in s.objects if o.state == "done"]

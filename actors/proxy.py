@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from blockferry.actor import Completion
-from blockferry.config import ProxyConfig
+from blockferry.actors._host import MoverHost
+from blockferry.actors.source_mover import SourceMover
 from blockferry.errors import BlockferryError
-from blockferry.format import TaskStats
-from blockferry.messages import ProxyStatus, ProxyStatusQuery, RunSource
-from blockferry.task import Runtime
-
-from ._host import MoverHost
-from .source_mover import SourceMover
+from blockferry.jobs.config import ProxyConfig
+from blockferry.jobs.messages import ProxyStatus, ProxyStatusQuery, RunSource
+from blockferry.repo.format import TaskStats
+from blockferry.runtime.actor import Completion
+from blockferry.runtime.resources import Runtime
 
 
 class Proxy(MoverHost):

@@ -6,12 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-
-from blockferry.actor import Completion
-from blockferry.config import RepositorySettings
+from blockferry.actors._host import MoverHost
+from blockferry.actors.target_mover import TargetMover
 from blockferry.errors import BlockferryError, NotFoundError, RepositoryError, RepositoryUnavailableError
-from blockferry.format import DiskRecord
-from blockferry.messages import (
+from blockferry.jobs.config import RepositorySettings
+from blockferry.jobs.messages import (
     Availability,
     CheckAvailable,
     CommitPoint,
@@ -22,11 +21,10 @@ from blockferry.messages import (
     RepositoryStatusQuery,
 )
 from blockferry.registry import backend_plugin
-from blockferry.store import CONFIG_KEY, RepositoryStore
-from blockferry.task import Runtime
-
-from ._host import MoverHost
-from .target_mover import TargetMover
+from blockferry.repo.format import DiskRecord
+from blockferry.repo.store import CONFIG_KEY, RepositoryStore
+from blockferry.runtime.actor import Completion
+from blockferry.runtime.resources import Runtime
 
 
 class Repository(MoverHost):

@@ -5,7 +5,7 @@ snapshotted while it runs (so a daemon that dies leaves the objects already comm
 and given its final state, results and statistics when it ends. While a run goes, its progress is
 published to subscribers every ``progress_interval`` seconds.
 
-Time comes from an injected :class:`~blockferry.schedule.Clock`. A helper task sleeps until the
+Time comes from an injected :class:`~blockferry.jobs.calendars.Clock`. A helper task sleeps until the
 next due run and then asks the actor to ``Tick``; everything else happens in ``handle``, one
 message at a time. When a tick finds that several runs of a job fell due (the daemon was down,
 or the wall clock jumped), it reports them as missed and runs one. A run due while the previous
@@ -20,7 +20,7 @@ once if there was none).
 
 Lifecycle jobs (type ``prune``, ``gc``, ``verify``, ``copy``) take the same schedules, windows,
 chains, manual runs and stops as backup jobs; each run is a session of that kind, done by
-:func:`blockferry.lifecycle_jobs.run_lifecycle` in a helper task on the store of the job's
+:func:`blockferry.jobs.maintenance.run_lifecycle` in a helper task on the store of the job's
 repository, and stopped by cancelling that task (every lifecycle operation is safe to interrupt).
 """
 
@@ -33,15 +33,14 @@ from typing import Any
 
 import anyio
 import msgspec
-
-from blockferry.actor import Actor, Completion
-from blockferry.catalog import JobConfig, LifecycleSpec, SourceConfig, chained_to, resolve
 from blockferry.errors import ActorStoppedError, BlockferryError, ConflictError, NotFoundError
-from blockferry.events import EventBus
-from blockferry.messages import CancelJob, Message, SessionResult
-from blockferry.schedule import Clock, Schedule, parse_schedule, parse_window
-from blockferry.statedb import StateDB
-from blockferry.throttle import Throttle
+from blockferry.jobs.calendars import Clock, Schedule, parse_schedule, parse_window
+from blockferry.jobs.catalog import JobConfig, LifecycleSpec, SourceConfig, chained_to, resolve
+from blockferry.jobs.messages import CancelJob, Message, SessionResult
+from blockferry.jobs.statedb import StateDB
+from blockferry.runtime.actor import Actor, Completion
+from blockferry.runtime.events import EventBus
+from blockferry.runtime.throttle import Throttle
 
 
 class SetJobs(Message, frozen=True):
@@ -300,7 +299,7 @@ class Scheduler(Actor[Any]):
 
     async def _copy(self, key: tuple[str, str], target: Any, sid: int) -> None:
         """Copy the latest point of each of the job's objects to the target (a helper task)."""
-        from blockferry.lifecycle import copy_to_url, points_to_copy
+        from blockferry.repo.lifecycle import copy_to_url, points_to_copy
 
         name, url = key
         job = self.jobs[name]
@@ -459,7 +458,7 @@ class Scheduler(Actor[Any]):
 
     async def _lifecycle(self, run: _Run) -> None:
         """Run a lifecycle job (a helper task); hand its outcome to the actor."""
-        from blockferry.lifecycle_jobs import run_lifecycle
+        from blockferry.jobs.maintenance import run_lifecycle
 
         job, spec = run.job, run.job.spec
         assert isinstance(spec, LifecycleSpec)

@@ -17,11 +17,12 @@ from typing import Any
 
 import anyio
 import msgspec
-
-from blockferry.actor import Actor, Completion
-from blockferry.config import JobSpec, ProxyConfig, RepositorySettings, ServerConfig
+from blockferry.actors.job import JobManager
+from blockferry.actors.proxy import Proxy
+from blockferry.actors.repository import Repository
 from blockferry.errors import BlockferryError, ConfigError, ConflictError, NotFoundError, plain_errors
-from blockferry.messages import (
+from blockferry.jobs.config import JobSpec, ProxyConfig, RepositorySettings, ServerConfig
+from blockferry.jobs.messages import (
     AddProxy,
     AddRepository,
     ProxyStatusQuery,
@@ -36,12 +37,9 @@ from blockferry.messages import (
     UpdateProxy,
     UpdateRepository,
 )
-from blockferry.scheduler import ResourceScheduler
-from blockferry.task import Runtime
-
-from .job import JobManager
-from .proxy import Proxy
-from .repository import Repository
+from blockferry.jobs.slots import ResourceScheduler
+from blockferry.runtime.actor import Actor, Completion
+from blockferry.runtime.resources import Runtime
 
 
 class JobHandle(msgspec.Struct):

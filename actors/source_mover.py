@@ -23,16 +23,16 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectSendStream
-
-from blockferry.actor import Actor, Completion, Decision, SupervisionPolicy
-from blockferry.blocks import Batch, BlockProcessor
+from blockferry.datapath.blocks import Batch, BlockProcessor
+from blockferry.datapath.hints import check_within
+from blockferry.datapath.plan import batches, count, make_plan
 from blockferry.errors import BlockferryError, SourceError
-from blockferry.format import TaskStats
-from blockferry.hints import check_within
-from blockferry.messages import DiskEnd, DiskHeader, ProxyStatusQuery
-from blockferry.plan import batches, count, make_plan
+from blockferry.jobs.messages import DiskEnd, DiskHeader, ProxyStatusQuery
+from blockferry.jobs.task import TaskContext
 from blockferry.registry import source_plugin
-from blockferry.task import Runtime, TaskContext
+from blockferry.repo.format import TaskStats
+from blockferry.runtime.actor import Actor, Completion, Decision, SupervisionPolicy
+from blockferry.runtime.resources import Runtime
 
 
 class DownstreamClosedError(BlockferryError):

@@ -12,14 +12,14 @@ from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
-
-from blockferry.actor import Actor, Completion, Decision, SupervisionPolicy
-from blockferry.blocks import CLAIMED, Batch
+from blockferry.datapath.blocks import CLAIMED, Batch
 from blockferry.errors import BlockferryError, ChunkLostError, SourceError, plain_errors
-from blockferry.format import DIGEST_SIZE, DiskRecord
-from blockferry.messages import DiskEnd, DiskHeader, RepositoryStatusQuery
-from blockferry.store import RepositoryStore
-from blockferry.task import Runtime, TaskContext
+from blockferry.jobs.messages import DiskEnd, DiskHeader, RepositoryStatusQuery
+from blockferry.jobs.task import TaskContext
+from blockferry.repo.format import DIGEST_SIZE, DiskRecord
+from blockferry.repo.store import RepositoryStore
+from blockferry.runtime.actor import Actor, Completion, Decision, SupervisionPolicy
+from blockferry.runtime.resources import Runtime
 
 
 class UpstreamEndedError(BlockferryError):

@@ -257,8 +257,8 @@ class Blockferry(Tool):
     exe = [sys.executable, "-m", "blockferry"]
 
     def warm_cmd(self) -> list[str]:
-        return [self.exe[0], "-c", "import blockferry.cli, blockferry.actors.server, blockferry.restore, "
-                "blockferry.verify, blockferry.plugins.local, blockferry.plugins.file_source"]
+        return [self.exe[0], "-c", "import blockferry.cli, blockferry.actors.server, blockferry.restore.files, "
+                "blockferry.repo.verify, blockferry.plugins.local, blockferry.plugins.file_source"]
 
     def init(self) -> None:
         subprocess.run(self.exe + ["init", str(self.repo)], check=True, stdout=subprocess.DEVNULL, env=self.env)

@@ -32,8 +32,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.fleet import FleetSpec, parse_size
-from bench.runner import HERE, ROOT, drop_caches, fleet_for, install_blockferry, link_generation, log, machine, \
-    median_of, run_measured, same_content, version_of, warm
+from bench.runner import (
+    HERE,
+    ROOT,
+    drop_caches,
+    fleet_for,
+    install_blockferry,
+    link_generation,
+    log,
+    machine,
+    median_of,
+    run_measured,
+    same_content,
+    version_of,
+    warm,
+)
 
 GiB = 1 << 30
 PUT_KINDS = ("put_obj", "init_multipart", "complete_multipart", "post_obj", "copy_obj")
@@ -74,7 +87,7 @@ def _tools(py: Path, restic: str, endpoint: str, env: dict[str, str], work: Path
             "bucket": bf_bucket, "cache": work / "bf-cache",
             "env": env | {"BLOCKFERRY_CACHE_DIR": str(work / "bf-cache")},
             "init": [*bf, "init", bf_url, "--create-bucket"],
-            "warm": [str(py), "-c", "import blockferry.cli, blockferry.actors.server, blockferry.restore, "
+            "warm": [str(py), "-c", "import blockferry.cli, blockferry.actors.server, blockferry.restore.files, "
                      "blockferry.plugins.s3, blockferry.plugins.file_source, aiobotocore.session"],
             "ready": [*bf, "points", bf_url],
             "backup": bf_backup,
@@ -93,7 +106,7 @@ def _tools(py: Path, restic: str, endpoint: str, env: dict[str, str], work: Path
         DAEMON: {
             "bucket": d_bucket, "cache": work / "bfd-cache", "env": d_env,
             "init": [*bf, "init", d_url, "--create-bucket"],
-            "warm": [str(py), "-c", "import blockferry.cli, blockferry.client"],
+            "warm": [str(py), "-c", "import blockferry.cli, blockferry.daemon.client"],
             "ready": [*bf, "status"],
             "daemon": [*bf, "daemon", "--state-dir", str(work / f"bfd-state-{rep}"), "-q"],
             "prepare": d_prepare,

@@ -45,7 +45,7 @@ def make_small_disks(d: Path, count: int, size: int) -> list[Path]:
 
 async def many(d: Path, count: int, size: int) -> dict[str, float | int | str]:
     import blockferry
-    from blockferry.config import DiskSpec, JobSpec, ObjectSpec, ProxyConfig
+    from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, ProxyConfig
 
     paths = make_small_disks(d / "disks", count, size)
     repo = d / "repo"

@@ -5,15 +5,14 @@ The embedded API (no daemon needed)::
     async with blockferry.open_repository("/srv/repo") as repo:
         session = await repo.backup(["disk0.img", "disk1.img"], name="vm1")
 
-See docs/api.md. The actor runtime is :mod:`blockferry.actor`, the roles are in
+See docs/api.md. The actor runtime is :mod:`blockferry.runtime.actor`, the roles are in
 :mod:`blockferry.actors`, the plugins in :mod:`blockferry.plugins`.
 """
 
 from __future__ import annotations
 
-from .api import Repository, init_repository, open_repository
-from .config import DiskSpec, EngineSettings, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
-from .errors import (
+from blockferry.api import Repository, init_repository, open_repository
+from blockferry.errors import (
     BlockferryError,
     ConfigError,
     CorruptionError,
@@ -26,9 +25,11 @@ from .errors import (
     SourceError,
     UnsupportedFormatError,
 )
-from .format import Manifest, RepositoryConfig, TaskStats
-from .messages import SessionResult
-from .retention import RetentionPolicy
+from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
+from blockferry.jobs.messages import SessionResult
+from blockferry.repo.format import Manifest, RepositoryConfig, TaskStats
+from blockferry.repo.retention import RetentionPolicy
+from blockferry.runtime.settings import EngineSettings
 
 __version__ = "0.1.0"
 
@@ -36,11 +37,11 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> object:
     # restore and verify load on first use: a backup does not pay for importing them
     if name == "RestoreResult":
-        from .restore import RestoreResult
+        from blockferry.restore.files import RestoreResult
 
         return RestoreResult
     if name == "VerifyReport":
-        from .verify import VerifyReport
+        from blockferry.repo.verify import VerifyReport
 
         return VerifyReport
     raise AttributeError(name)
@@ -49,6 +50,7 @@ __all__ = [
     "BlockferryError", "ConfigError", "CorruptionError", "DiskSpec", "EngineSettings", "HintError", "JobSpec",
     "Manifest", "NotARepositoryError", "NotFoundError", "ObjectSpec", "ProxyConfig", "Repository",
     "RepositoryConfig", "RepositoryError", "RepositoryLockedError", "RepositorySettings",
-    "RepositoryUnavailableError", "RestoreResult", "ServerConfig", "SessionResult", "SourceError", "TaskStats",
+    "RepositoryUnavailableError", "RestoreResult", "RetentionPolicy", "ServerConfig", "SessionResult", "SourceError",
+    "TaskStats",
     "UnsupportedFormatError", "VerifyReport", "init_repository", "open_repository", "__version__",
 ]

@@ -1,3 +1,3 @@
-from blockferry.cli import run
+from blockferry.cli.core import run
 
 run()

@@ -26,25 +26,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-
-from .retention import RetentionPolicy
-from .config import DiskSpec, EngineSettings, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
-from .errors import ConfigError, NotFoundError, plain_errors
-from .blocks import PreparedChunks
-from .format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, DiskRecord, Manifest, RepositoryConfig
-from .hints import check_within, load_hints
-from .messages import JobStatus, SessionResult
-from .registry import backend_plugin, scheme_of, source_plugin
-from .source import expand_disks
-from .store import PointSummary, RepositoryStore
-from .task import Runtime
+from blockferry.datapath.blocks import PreparedChunks
+from blockferry.datapath.hints import check_within, load_hints
+from blockferry.errors import ConfigError, NotFoundError, plain_errors
+from blockferry.jobs.config import (
+    DiskSpec,
+    JobSpec,
+    ObjectSpec,
+    ProxyConfig,
+    RepositorySettings,
+    ServerConfig,
+    expand_disks,
+)
+from blockferry.jobs.messages import JobStatus, SessionResult
+from blockferry.registry import backend_plugin, path_from_url, scheme_of, source_plugin
+from blockferry.repo.format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, DiskRecord, Manifest, RepositoryConfig
+from blockferry.repo.retention import RetentionPolicy
+from blockferry.repo.store import PointSummary, RepositoryStore
+from blockferry.runtime.resources import Runtime
+from blockferry.runtime.settings import EngineSettings
 
 if TYPE_CHECKING:
-    from .archive import ArchiveReport
-    from .gc import GcReport
-    from .lifecycle import CopyReport, PruneReport
-    from .restore import RestoreResult
-    from .verify import RepairReport, VerifyReport
+    from blockferry.repo.archive import ArchiveReport
+    from blockferry.repo.gc import GcReport
+    from blockferry.repo.lifecycle import CopyReport, PruneReport
+    from blockferry.repo.verify import RepairReport, VerifyReport
+    from blockferry.restore.files import RestoreResult
 
 ProgressCallback = Callable[[JobStatus], None]
 
@@ -71,8 +78,6 @@ async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, com
     to the backend plugin (for ``s3``: ``create_bucket``, ``object_lock``, endpoint and the
     other settings of docs/s3.md)."""
     if scheme_of(url) == "file":
-        from blockferry.plugins.local import path_from_url
-
         path = path_from_url(url)
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{path} exists and is not a directory")
@@ -102,9 +107,9 @@ async def open_repository(url: str, *, engine: EngineSettings | None = None,
     proxy of 4 tasks and a repository limit of 4 tasks. ``backend_options`` go to the backend
     plugin (for ``s3``, the settings of docs/s3.md). ``prepare`` announces the changed-extent
     hints (source → file) of the backup about to be made: a remote repository compresses their
-    blocks on the idle core while it opens (engine/prepare.py), for that backup only.
+    blocks on the idle core while it opens (engine/datapath/prepare.py), for that backup only.
     """
-    from .prepare import prepare_chunks, wants_preparing
+    from blockferry.datapath.prepare import prepare_chunks, wants_preparing
 
     runtime = Runtime(engine)
     budget = runtime.settings.prepare_bytes
@@ -276,7 +281,7 @@ class Repository:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create {out}: {exc.strerror}") from exc
-        from .restore import restore_disks
+        from blockferry.restore.files import restore_disks
 
         async with self.store.reading("restore"):
             await self.store.load_index()
@@ -298,7 +303,7 @@ class Repository:
                            progress: Callable[[int], None] | None = None) -> RestoreResult:
         """Restore one disk onto an existing image file or block device, overwriting it."""
         m, record = await self.point_disk(point, disk)
-        from .restore import restore_disk
+        from blockferry.restore.files import restore_disk
 
         async with self.store.reading("restore"):
             await self.store.load_index()
@@ -314,8 +319,8 @@ class Repository:
                       storage_class: str | None = None, back: bool = False,
                       progress: Callable[[str], None] | None = None) -> ArchiveReport:
         """Move the packs of old points (created more than ``older_than_days`` days ago, or
-        ``points``) to an archive storage class, or ``back`` to STANDARD; see engine/archive.py."""
-        from .archive import archive_points
+        ``points``) to an archive storage class, or ``back`` to STANDARD; see engine/repo/archive.py."""
+        from blockferry.repo.archive import archive_points
 
         await self.store.lock("archive")
         try:
@@ -330,7 +335,7 @@ class Repository:
         """Remove the points ``policy`` does not keep (only ``object``'s if given); immutable
         points are always kept. ``dry_run`` decides without removing. The space comes back with
         :meth:`gc`."""
-        from .lifecycle import prune
+        from blockferry.repo.lifecycle import prune
 
         return await prune(self.store, policy, objects=[object] if object else None, dry_run=dry_run, now=now)
 
@@ -344,9 +349,9 @@ class Repository:
     @_plain
     async def gc(self, *, rewrite_threshold: float = 0.5, wait: float = 0.0,
                  progress: Callable[[str], None] | None = None) -> GcReport:
-        """Free the space of chunks no point references (see engine/gc.py for why it is safe
+        """Free the space of chunks no point references (see engine/repo/gc.py for why it is safe
         while backups run)."""
-        from .gc import collect
+        from blockferry.repo.gc import collect
 
         return await collect(self.store, rewrite_threshold=rewrite_threshold, wait=wait, progress=progress)
 
@@ -357,7 +362,7 @@ class Repository:
         """Copy points (ids, prefixes or 'latest'; all of them by default, or with ``latest`` the
         newest of each object, as a periodic copy does) to the repository at ``target``, sending
         only the chunks it lacks; then apply the copy's own ``retention`` there."""
-        from .lifecycle import copy_to_url, points_to_copy
+        from blockferry.repo.lifecycle import copy_to_url, points_to_copy
 
         if points is not None:
             ids = [await self.store.resolve_point(p) for p in points]
@@ -371,14 +376,14 @@ class Repository:
                      progress: Callable[[int, int], None] | None = None) -> VerifyReport:
         """Re-read and hash every chunk any restore point references (or ``sample`` percent of
         them); record what is damaged in the repository's health record."""
-        from .verify import verify
+        from blockferry.repo.verify import verify
 
         return await verify(self.store, self.runtime, sample=sample, progress=progress)
 
     @_plain
     async def repair(self) -> RepairReport:
         """Rebuild the index from the packs; report unreadable packs and the points they hurt."""
-        from .verify import repair
+        from blockferry.repo.verify import repair
 
         return await repair(self.store)
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import re
 from importlib import import_module
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
-from .errors import ConfigError
+from blockferry.errors import ConfigError
 
 SOURCES = "blockferry.sources"
 BACKENDS = "blockferry.backends"
@@ -35,6 +37,16 @@ def scheme_of(url: str) -> str:
     m = _SCHEME.match(url)
     # one letter before a colon is a Windows drive, not a scheme
     return m.group(1) if m and len(m.group(1)) > 1 else "file"
+
+
+def path_from_url(url: str) -> Path:
+    """``/srv/repo``, ``repo`` or ``file:///srv/repo`` to an absolute path."""
+    if url.startswith("file:"):
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(f"{url}: file URLs must name a local path")
+        return Path(unquote(parsed.path)).absolute()
+    return Path(url).expanduser().absolute()
 
 
 def register(group: str, scheme: str, plugin: Any) -> None:
@@ -65,10 +77,10 @@ def _load(group: str, scheme: str) -> Any:
 
 
 def source_plugin(url: str) -> Any:
-    """The :class:`~blockferry.source.SourcePlugin` for ``url``."""
+    """The :class:`~blockferry.datapath.source.SourcePlugin` for ``url``."""
     return _load(SOURCES, scheme_of(url))
 
 
 def backend_plugin(url: str) -> Any:
-    """The :class:`~blockferry.backend.BackendPlugin` for ``url``."""
+    """The :class:`~blockferry.repo.backend.BackendPlugin` for ``url``."""
     return _load(BACKENDS, scheme_of(url))

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-
+from blockferry.datapath.source import Buffer, Extent
 from blockferry.errors import ConfigError, SourceChangedError, SourceError
-from blockferry.plugins.local import path_from_url
-from blockferry.source import Buffer, Extent
+from blockferry.registry import path_from_url
 
 _BLKGETSIZE64 = 0x80081272
 

@@ -25,28 +25,17 @@ import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import anyio
 import anyio.to_thread
-
-from blockferry.backend import BackendCapabilities, KeyExistsError, ObjectInfo
 from blockferry.errors import ConfigError, CorruptionError, NotFoundError, RepositoryError
+from blockferry.registry import path_from_url
+from blockferry.repo.backend import BackendCapabilities, KeyExistsError, ObjectInfo
 
 _TMP = "tmp"
 #: size of an upload's staging buffer (bytes); a multiple of the page size
 STAGE_SIZE = 4 << 20
 _ALIGN = 4096
-
-
-def path_from_url(url: str) -> Path:
-    """``/srv/repo``, ``repo`` or ``file:///srv/repo`` to an absolute path."""
-    if url.startswith("file:"):
-        parsed = urlparse(url)
-        if parsed.netloc not in ("", "localhost"):
-            raise ConfigError(f"{url}: file URLs must name a local path")
-        return Path(unquote(parsed.path)).absolute()
-    return Path(url).expanduser().absolute()
 
 
 def _translate(exc: OSError, what: str) -> Exception:

@@ -56,8 +56,6 @@ from urllib.parse import urlparse
 
 import anyio
 import msgspec
-
-from blockferry.backend import BackendCapabilities, KeyExistsError, ObjectInfo
 from blockferry.errors import (
     ArchivedError,
     BlockferryError,
@@ -69,6 +67,7 @@ from blockferry.errors import (
     plain_errors,
 )
 from blockferry.log import get_logger
+from blockferry.repo.backend import BackendCapabilities, KeyExistsError, ObjectInfo
 
 log = get_logger(component="s3")
 
@@ -218,7 +217,8 @@ def _code(exc: BaseException) -> tuple[str, int]:
 
 
 def _retryable(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(exc, ClientError):
         code, status = _code(exc)

@@ -1,18 +1,18 @@
 """Generic conformance suites for repository backends and source plugins.
 
-Written against the protocols (:mod:`blockferry.backend`, :mod:`blockferry.source`), never against
+Written against the protocols (:mod:`blockferry.repo.backend`, :mod:`blockferry.datapath.source`), never against
 an implementation: a plugin's test module subclasses a suite and supplies factories as fixtures.
 
 Backends (``class TestMyBackend(BackendConformance)``) supply:
 
 ``backend``
-    an async-yield fixture giving a fresh, empty :class:`~blockferry.backend.Backend` (and closing
+    an async-yield fixture giving a fresh, empty :class:`~blockferry.repo.backend.Backend` (and closing
     it afterwards).
 
 Sources (``class TestMySource(SourceConformance)``) supply:
 
 ``source_plugin``
-    the :class:`~blockferry.source.SourcePlugin` under test.
+    the :class:`~blockferry.datapath.source.SourcePlugin` under test.
 ``make_source_url``
     a callable ``(size, segments) -> url``: a disk of ``size`` bytes, zero everywhere (holes
     where the source can have them) except the ``(offset, bytes)`` segments; the URL opens it.
@@ -38,10 +38,9 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 import pytest
-
-from blockferry.backend import Backend, BackendCapabilities, KeyExistsError, ObjectInfo, Upload
+from blockferry.datapath.source import SourceDisk, SourcePlugin
 from blockferry.errors import NotFoundError, RepositoryError, SourceError
-from blockferry.source import SourceDisk, SourcePlugin
+from blockferry.repo.backend import Backend, BackendCapabilities, KeyExistsError, ObjectInfo, Upload
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -87,7 +86,7 @@ def split(data: bytes, sizes: Sequence[int]) -> list[memoryview]:
 
 
 class BackendConformance:
-    """The contract of :class:`blockferry.backend.Backend` and :class:`~blockferry.backend.Upload`."""
+    """The contract of :class:`blockferry.repo.backend.Backend` and :class:`~blockferry.repo.backend.Upload`."""
 
     pytestmark = pytest.mark.anyio
 
@@ -519,7 +518,7 @@ def check_extents(extents: list[tuple[int, int]] | None, data: bytes) -> None:
 
 
 class SourceConformance:
-    """The contract of :class:`blockferry.source.SourcePlugin` and :class:`~blockferry.source.SourceDisk`."""
+    """The contract of :class:`blockferry.datapath.source.SourcePlugin` and :class:`~blockferry.datapath.source.SourceDisk`."""
 
     pytestmark = pytest.mark.anyio
 

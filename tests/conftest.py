@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-
 from blockferry import registry
 
 P = TypeVar("P")

@@ -1,5 +1,5 @@
 """Helpers for tests that run a daemon in-process (the subprocess ones are in
-tests/engine/test_daemon_process.py)."""
+tests.engine.daemon.test_daemon_process.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-
-from blockferry.client import Client, connect
-from blockferry.daemon import Daemon, DaemonOptions
-from blockferry.schedule import Clock, ManualClock
+from blockferry.daemon.assembly import Daemon, DaemonOptions
+from blockferry.daemon.client import Client, connect
+from blockferry.jobs.calendars import Clock, ManualClock
 
 START = dt.datetime(2026, 1, 5, 21, 0, tzinfo=dt.timezone.utc)  # a Monday
 

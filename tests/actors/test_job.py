@@ -11,24 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import blockferry
 import msgspec
 import pytest
-
-import blockferry
 from blockferry import registry
 from blockferry.actors.server import running_server
-from blockferry.config import (
-    DiskSpec,
-    EngineSettings,
-    JobSpec,
-    ObjectSpec,
-    ProxyConfig,
-    RepositorySettings,
-    ServerConfig,
-)
+from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
 from blockferry.plugins.file_source import FileSourcePlugin
 from blockferry.plugins.local import LocalBackendPlugin
-from blockferry.store import LOCK_KEY, LockInfo, _process_start
+from blockferry.repo.locks import LockInfo, process_start
+from blockferry.repo.store import LOCK_KEY
+from blockferry.runtime.settings import EngineSettings
+
 from tests.conftest import KiB, MiB, mixed_disk, registered, same_file, write_disk
 
 pytestmark = pytest.mark.anyio
@@ -209,7 +203,7 @@ async def test_unavailable_repository_fails_the_task_before_any_source_opens(
     sleeper = None
     if reason == "locked":  # a live process of this host holds the writer lock
         sleeper = subprocess.Popen(["sleep", "60"])
-        info = LockInfo(host=socket.gethostname(), pid=sleeper.pid, pid_start=_process_start(sleeper.pid),
+        info = LockInfo(host=socket.gethostname(), pid=sleeper.pid, pid_start=process_start(sleeper.pid),
                         created="2026-01-01T00:00:00+00:00", purpose="backup")
         (Path(repo) / "locks").mkdir()
         (Path(repo) / LOCK_KEY).write_bytes(msgspec.json.encode(info))
@@ -260,7 +254,7 @@ async def test_slow_repository_slows_the_reader(tmp_path: Path, probe: ProbeSour
     inner = await LocalBackendPlugin().open(repo, {})
     slow = SlowBackend(inner, probe, delay=0.02)
     engine = EngineSettings(batch_bytes=4 * BS, stream_batches=2, lanes=2)
-    store = await blockferry.store.RepositoryStore.open(slow)
+    store = await blockferry.repo.store.RepositoryStore.open(slow)
     cfg = ServerConfig(proxies=[ProxyConfig(name="p", transports=PROBE)], engine=engine)
     async with running_server(cfg) as server:
         await server.add_repository(RepositorySettings(name="main", url=repo), store)
@@ -311,7 +305,7 @@ async def test_inflight_budget_bounds_memory_across_tasks(tmp_path: Path, probe:
     inner = await LocalBackendPlugin().open(repo, {})
     slow = SlowBackend(inner, probe, delay=0.01)
     engine = EngineSettings(batch_bytes=4 * BS, stream_batches=4, lanes=2, inflight_batches=3)
-    store = await blockferry.store.RepositoryStore.open(slow)
+    store = await blockferry.repo.store.RepositoryStore.open(slow)
     cfg = ServerConfig(proxies=[ProxyConfig(name="p", max_tasks=4, transports=PROBE)], engine=engine)
     async with running_server(cfg) as server:
         await server.add_repository(RepositorySettings(name="main", url=repo, max_tasks=4), store)
@@ -342,7 +336,7 @@ async def test_tokens_come_back_when_a_task_fails(tmp_path: Path, probe: ProbeSo
 
     slow.open_upload = open_upload  # type: ignore[method-assign]
     engine = EngineSettings(batch_bytes=2 * BS, inflight_batches=4)
-    store = await blockferry.store.RepositoryStore.open(slow)
+    store = await blockferry.repo.store.RepositoryStore.open(slow)
     cfg = ServerConfig(proxies=[ProxyConfig(name="p", transports=PROBE)], engine=engine)
     async with running_server(cfg) as server:
         await server.add_repository(RepositorySettings(name="main", url=repo), store)

@@ -8,14 +8,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import blockferry
+import pytest
 from blockferry import registry
 from blockferry.actors.server import running_server
-from blockferry.config import DiskSpec, JobSpec, ObjectSpec, RepositorySettings
 from blockferry.errors import BlockferryError
+from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, RepositorySettings
 from blockferry.plugins.local import LocalBackendPlugin
+
 from tests.conftest import KiB, MiB, mixed_disk, registered
 
 pytestmark = pytest.mark.anyio

@@ -9,11 +9,10 @@ from typing import Any
 
 import anyio
 import pytest
+from blockferry.daemon.client import Client
 
-from blockferry.client import Client
-
-from ..conftest import MiB, mixed_disk, write_disk
-from ..daemon_util import START, job, manual_clock, running_daemon, wait_session
+from tests.conftest import MiB, mixed_disk, write_disk
+from tests.daemon_util import START, job, manual_clock, running_daemon, wait_session
 
 
 async def sessions_until(c: Client, n: int, timeout: float = 20.0, **filters: Any) -> list[dict[str, Any]]:

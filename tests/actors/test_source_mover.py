@@ -8,14 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import pytest
-
 import blockferry
+import pytest
 from blockferry.actors.server import running_server
 from blockferry.actors.source_mover import _ThreadLane
-from blockferry.blocks import BlockProcessor
-from blockferry.config import EngineSettings, ProxyConfig, RepositorySettings, ServerConfig
+from blockferry.datapath.blocks import BlockProcessor
 from blockferry.errors import SourceChangedError
+from blockferry.jobs.config import ProxyConfig, RepositorySettings, ServerConfig
+from blockferry.runtime.settings import EngineSettings
+
 from tests.actors.test_job import BS, job, make_repo
 from tests.conftest import MiB, same_file, write_disk
 

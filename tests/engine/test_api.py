@@ -9,11 +9,8 @@ import tempfile
 from pathlib import Path
 
 import anyio
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 import blockferry
+import pytest
 from blockferry.errors import (
     ConfigError,
     CorruptionError,
@@ -23,6 +20,9 @@ from blockferry.errors import (
     SourceError,
     UnsupportedFormatError,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from tests.conftest import KiB, MiB, allocated_bytes, mixed_disk, same_file, write_disk
 
 pytestmark = pytest.mark.anyio

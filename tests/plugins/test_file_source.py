@@ -13,9 +13,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
-
 from blockferry.errors import ConfigError, SourceError
 from blockferry.plugins.file_source import FileDisk, FileSourcePlugin
+
 from tests.conformance import KiB, MiB, SourceConformance, rand
 from tests.conftest import mixed_disk
 

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-
-from blockferry.backend import KeyExistsError
 from blockferry.errors import ConfigError, NotFoundError, RepositoryError
 from blockferry.plugins.local import LocalBackend, LocalBackendPlugin
-from tests.conformance import MiB, BackendConformance, listed, rand, split, upload
+from blockferry.repo.backend import KeyExistsError
+
+from tests.conformance import BackendConformance, MiB, listed, rand, split, upload
 
 pytestmark = pytest.mark.anyio
 

@@ -23,13 +23,13 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import pytest
-
 import blockferry
+import pytest
 from blockferry.errors import BlockferryError, ConfigError, ImmutableError
-from blockferry.config import EngineSettings
-from blockferry.retention import RetentionPolicy
 from blockferry.plugins.s3 import S3Backend, S3BackendPlugin, load_settings, parse_url
+from blockferry.repo.retention import RetentionPolicy
+from blockferry.runtime.settings import EngineSettings
+
 from tests.conformance import BackendConformance
 from tests.conftest import KiB, MiB, mixed_disk, same_file, write_disk
 from tests.plugins.rgw import RadosGW
@@ -231,7 +231,7 @@ async def test_a_pack_is_hashed_as_it_is_written_so_its_put_goes_out_at_once(
 
 
 async def test_an_incremental_with_hints_compresses_while_the_repository_opens(s3_env: dict[str, str], tmp_path: Path) -> None:
-    """engine/prepare.py: the hinted blocks are compressed while the S3 repository opens, and
+    """engine/datapath/prepare.py: the hinted blocks are compressed while the S3 repository opens, and
     the backup stores those chunks instead of compressing again: same point, bit-exact."""
     url = new_url()
     await blockferry.init_repository(url, backend_options={"create_bucket": True})  # default settings
@@ -266,7 +266,7 @@ async def test_an_incremental_with_hints_compresses_while_the_repository_opens(s
 
 
 async def test_tasks_share_packs_so_they_fill_and_go_out_while_reading(s3_env: dict[str, str], tmp_path: Path) -> None:
-    """Four disks backed up at once into S3 fill one pack stream together (engine/store.py
+    """Four disks backed up at once into S3 fill one pack stream together (engine/repo/store.py
     WriterHandle): full packs, not one part-filled pack per disk, and each disk still counts
     its own bytes."""
     url = new_url()
@@ -597,8 +597,8 @@ async def test_archive_tier_moves_old_packs_and_restores_bring_them_back(
     """Storage classes are real (radosgw with an ARCHIVE class in its placement, see rgw.py);
     the archive tier's *behaviour* (GETs refused until RestoreObject, then x-amz-restore) is
     played by the proxy, since radosgw 16 has no RestoreObject."""
-    from blockferry.archive import archive_points
-    from blockferry.retention import parse_time
+    from blockferry.repo.archive import archive_points
+    from blockferry.repo.retention import parse_time
 
     url = new_url()
     bucket, prefix = parse_url(url)
@@ -657,7 +657,7 @@ async def test_archive_tier_moves_old_packs_and_restores_bring_them_back(
 async def test_a_job_runs_into_s3_with_the_repository_settings_options(
         s3_env: dict[str, str], fault: FaultProxy, tmp_path: Path) -> None:
     from blockferry.actors.server import running_server
-    from blockferry.config import DiskSpec, JobSpec, ObjectSpec, RepositorySettings
+    from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, RepositorySettings
 
     url = new_url()
     await blockferry.init_repository(url, block_size=256 * KiB, backend_options={"create_bucket": True})

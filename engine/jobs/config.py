@@ -1,0 +1,145 @@
+"""Configuration of the backup server and of jobs, as msgspec structs.
+
+Everything validates on construction from untrusted data (:func:`load`), and a refusal names the
+field: ``ConfigError: proxies[1].max_tasks: Expected `int` >= 1``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from blockferry.errors import ConfigError
+from blockferry.repo.retention import RetentionPolicy
+from blockferry.runtime.settings import EngineSettings
+from blockferry.units import MiB, NonNegative, Positive, Seconds
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f/]+$")]
+
+
+class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """A proxy: where source movers run, how many at once, what they can reach."""
+
+    name: Name
+    max_tasks: Positive = 4
+    #: source URL schemes this proxy can read (``file``, ``qemu``...)
+    transports: list[str] = msgspec.field(default_factory=lambda: ["file"])
+    #: path or URL prefixes this proxy can reach; empty means everything its transports can
+    reach: list[str] = msgspec.field(default_factory=list)
+
+    def can_reach(self, url: str, scheme: str) -> bool:
+        if scheme not in self.transports:
+            return False
+        if not self.reach:
+            return True
+        target = url if scheme != "file" else os.path.abspath(url.removeprefix("file://"))
+        return any(target == r or target.startswith(r.rstrip("/") + "/") for r in self.reach)
+
+
+class RepositorySettings(msgspec.Struct, frozen=True, kw_only=True):
+    """A repository as the server uses it: where it is and how hard to push it."""
+
+    name: Name
+    url: str
+    max_tasks: Positive = 4
+    #: the availability check refuses a task when less than this is free (bytes)
+    min_free_bytes: NonNegative = 256 * MiB
+    #: options for the backend plugin (for s3: endpoint, region, limits... see docs/s3.md)
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    proxies: list[ProxyConfig] = msgspec.field(default_factory=lambda: [ProxyConfig(name="local")])
+    repositories: list[RepositorySettings] = msgspec.field(default_factory=list)
+    engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
+
+    def __post_init__(self) -> None:
+        for kind, items in (("proxy", self.proxies), ("repository", self.repositories)):
+            names = [i.name for i in items]
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ConfigError(f"{kind} names must be unique: {', '.join(sorted(dup))}")
+
+
+class DiskSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One disk of an object: where to read it and, optionally, what changed."""
+
+    source: str
+    #: name in the restore point (default: the source's own, e.g. the file name)
+    name: Name | None = None
+    #: changed-extent hint file (``OFFSET LENGTH`` lines or ``rbd diff`` JSON)
+    hints: str | None = None
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ObjectSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """An object (a VM): its disks, backed up together into one restore point per run."""
+
+    name: Name
+    disks: Annotated[list[DiskSpec], msgspec.Meta(min_length=1)]
+
+
+class CopyTarget(msgspec.Struct, frozen=True, kw_only=True):
+    """Backup copy: where a job's points also go. Immediate mode (``every_hours`` unset) copies
+    each new point right after the job; periodic mode copies the latest point of each of the
+    job's objects every ``every_hours`` (run by the daemon's scheduler). The copy keeps its own
+    ``retention``."""
+
+    url: str
+    retention: RetentionPolicy | None = None
+    every_hours: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: Name
+    #: repository name (as configured) or URL
+    repository: str
+    objects: Annotated[list[ObjectSpec], msgspec.Meta(min_length=1)]
+    #: attempts after the first for an object that failed with a transient error
+    retries: NonNegative = 3
+    retry_delay: Seconds = 10.0
+    #: at most this many of the job's tasks at once (None: only proxy and repository limits)
+    max_tasks: Positive | None = None
+    #: restore points of this job stay immutable this many days (the repository's own setting,
+    #: if longer, wins)
+    immutable_days: Positive | None = None
+    #: applied to the job's objects after each successful run (None: keep everything)
+    retention: RetentionPolicy | None = None
+    #: repositories each new point is copied to right after it is made, with their retention
+    copy_to: list[CopyTarget] = msgspec.field(default_factory=list)
+
+
+T = TypeVar("T")
+
+
+def load(data: Any, kind: type[T]) -> T:
+    """Validate plain data (from TOML, JSON, the socket) into ``kind``; ConfigError names the
+    field at fault."""
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc).replace("$.", "")) from None
+
+
+async def expand_disks(disks: Sequence[DiskSpec]) -> list[DiskSpec]:
+    """Each disk spec whose source stands for several disks, as one spec per disk (through the
+    plugin's optional ``expand``); specs with a name or hints stay as they are. A source that
+    cannot be expanded now (a VM not running) also stays, so opening it fails in its task, where
+    retries apply."""
+    from blockferry.errors import BlockferryError
+    from blockferry.jobs.config import DiskSpec
+    from blockferry.registry import source_plugin
+
+    out: list[DiskSpec] = []
+    for d in disks:
+        expand = getattr(source_plugin(d.source), "expand", None)
+        urls = [d.source]
+        if expand is not None and d.name is None and not d.hints:
+            try:
+                urls = await expand(d.source)
+            except BlockferryError:
+                pass
+        out.extend([d] if urls == [d.source] else [DiskSpec(source=u, options=d.options) for u in urls])
+    return out
