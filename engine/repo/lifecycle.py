@@ -12,7 +12,7 @@ import msgspec
 from blockferry.errors import ConfigError, CorruptionError, ImmutableError
 from blockferry.repo.chunks import compressor, decode_chunk
 from blockferry.repo.format import FLAG_ZSTD
-from blockferry.repo.retention import Decision, RetentionPolicy, decide
+from blockferry.repo.retention import RetentionDecision, RetentionPolicy, decide
 from blockferry.repo.store import RepositoryStore
 from blockferry.runtime.resources import Runtime
 
@@ -25,7 +25,7 @@ class Refusal(msgspec.Struct, frozen=True, kw_only=True):
 class PruneReport(msgspec.Struct, kw_only=True):
     policy: str
     dry_run: bool
-    decisions: list[Decision]
+    decisions: list[RetentionDecision]
     removed: list[str] = msgspec.field(default_factory=list)
     refused: list[Refusal] = msgspec.field(default_factory=list)
 

@@ -51,7 +51,7 @@ class PointLike(Protocol):
     immutable_until: str | None
 
 
-class Decision(msgspec.Struct, frozen=True, kw_only=True):
+class RetentionDecision(msgspec.Struct, frozen=True, kw_only=True):
     point: str
     object: str
     created: str
@@ -72,13 +72,14 @@ _BUCKETS: dict[str, Callable[[dt.datetime], str]] = {
 }
 
 
-def decide(points: Iterable[PointLike], policy: RetentionPolicy, *, now: dt.datetime | None = None) -> list[Decision]:
+def decide(points: Iterable[PointLike], policy: RetentionPolicy, *,
+           now: dt.datetime | None = None) -> list[RetentionDecision]:
     """Keep or drop every point, with reasons; newest first within each object."""
     now = now or dt.datetime.now(dt.timezone.utc)
     by_object: dict[str, list[PointLike]] = {}
     for p in points:
         by_object.setdefault(p.object, []).append(p)
-    out: list[Decision] = []
+    out: list[RetentionDecision] = []
     for obj in sorted(by_object):
         pts = sorted(by_object[obj], key=lambda p: (parse_time(p.created), p.id), reverse=True)
         reasons: dict[str, list[str]] = {p.id: [] for p in pts}
@@ -105,10 +106,10 @@ def decide(points: Iterable[PointLike], policy: RetentionPolicy, *, now: dt.date
         for p in pts:
             if p.immutable_until and parse_time(p.immutable_until) > now:
                 reasons[p.id].append(f"immutable until {p.immutable_until}")
-        out.extend(Decision(point=p.id, object=obj, created=p.created, keep=bool(reasons[p.id]),
+        out.extend(RetentionDecision(point=p.id, object=obj, created=p.created, keep=bool(reasons[p.id]),
                             reasons=reasons[p.id]) for p in pts)
     return out
 
 
-def kept(decisions: Sequence[Decision]) -> list[str]:
+def kept(decisions: Sequence[RetentionDecision]) -> list[str]:
     return [d.point for d in decisions if d.keep]
