@@ -1,3 +1,5 @@
-from blockferry.cli.core import run
+"""``python -m blockferry``: the same as the ``blockferry`` command."""
+
+from blockferry.cli import run
 
 run()
