@@ -1,4 +1,4 @@
-"""Packs that an add fills are sealed while the adding task goes on (engine/repo/store.py PackWriter,
+"""Packs that an add fills are sealed while the adding task goes on (engine/repo/packs.py PackWriter,
 ``spawn``), at most MAX_SEALING at once; without ``spawn`` the add seals before it returns."""
 
 from __future__ import annotations
