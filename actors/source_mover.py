@@ -88,14 +88,15 @@ class SourceMover(Actor[Any]):
         disk = await plugin.open(task.url, task.spec.options)
         try:
             hints, tracking = task.hints, ""
+            tracks = isinstance(disk, ChangeTracking)
             if hints is not None:
                 check_within(hints, disk.size, task.spec.hints or task.url)
-            elif isinstance(disk, ChangeTracking):
+            elif tracks:
                 if task.base is not None:
                     hints, tracking = await disk.changed_extents(task.base)
                 else:
                     tracking = "no earlier point of this disk to track changes from"
-            task.finish = disk.finish if isinstance(disk, ChangeTracking) else None
+            task.finish = disk.finish if tracks else None
             data = await disk.data_extents()
             plan = make_plan(size=disk.size, block_size=task.block_size, data=data, hints=hints,
                              base=task.base, base_point=task.base_point, must_read=task.heal)
