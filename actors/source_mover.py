@@ -26,6 +26,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from blockferry.datapath.blocks import Batch, BlockProcessor
 from blockferry.datapath.hints import check_within
 from blockferry.datapath.plan import batches, count, make_plan
+from blockferry.datapath.source import ChangeTracking, MapsBlocking, ReadsBlocking
 from blockferry.errors import BlockferryError, SourceError
 from blockferry.jobs.messages import DiskEnd, DiskHeader, ProxyStatusQuery
 from blockferry.jobs.task import TaskContext
@@ -87,14 +88,15 @@ class SourceMover(Actor[Any]):
         disk = await plugin.open(task.url, task.spec.options)
         try:
             hints, tracking = task.hints, ""
+            tracks = isinstance(disk, ChangeTracking)
             if hints is not None:
                 check_within(hints, disk.size, task.spec.hints or task.url)
-            elif hasattr(disk, "changed_extents"):
+            elif tracks:
                 if task.base is not None:
                     hints, tracking = await disk.changed_extents(task.base)
                 else:
                     tracking = "no earlier point of this disk to track changes from"
-            task.finish = getattr(disk, "finish", None)
+            task.finish = disk.finish if tracks else None
             data = await disk.data_extents()
             plan = make_plan(size=disk.size, block_size=task.block_size, data=data, hints=hints,
                              base=task.base, base_point=task.base_point, must_read=task.heal)
@@ -117,8 +119,11 @@ class SourceMover(Actor[Any]):
             ))
             processor = BlockProcessor(
                 url=task.url, size=disk.size, block_size=bs, level=task.level, index=task.index,
-                owner=task, claimed=task.claimed, read=disk.read_blocking, pool=self.runtime.pool(bs),
-                map=getattr(disk, "map_blocking", None), prepared=getattr(task.index, "prepared", None),
+                owner=task, claimed=task.claimed, pool=self.runtime.pool(bs),
+                # the disk's capabilities, resolved once per task (never per block)
+                read=disk.read_blocking if isinstance(disk, ReadsBlocking) else None,
+                map=disk.map_blocking if isinstance(disk, MapsBlocking) else None,
+                prepared=getattr(task.index, "prepared", None),
             )
             if processor.prepared is not None:
                 processor.prepared.stopped = True  # the lanes take the cores from here

@@ -61,9 +61,9 @@ def data_extents_of(fd: int, size: int) -> list[Extent] | None:
 
 
 class FileDisk:
-    """An open image file or block device."""
+    """An open image file or block device, read with ``preadv`` (offers ReadsBlocking)."""
 
-    def __init__(self, url: str, path: Path, fd: int, st: os.stat_result, *, use_mmap: bool = True) -> None:
+    def __init__(self, url: str, path: Path, fd: int, st: os.stat_result) -> None:
         self.url = url
         self.path = path
         self._fd = fd
@@ -73,13 +73,11 @@ class FileDisk:
         self.identity = {"path": str(path), "device": str(st.st_dev), "inode": str(st.st_ino)}
         self.metadata: dict[str, Any] = {"kind": "block-device" if self.is_device else "image-file"}
         self.change_id: str | None = None
-        self.read_blocking = self._read_blocking
-        self.map_blocking = self._map_blocking if use_mmap and not self.is_device else None
 
     def __repr__(self) -> str:
         return f"<FileDisk {self.path} size={self.size}>"
 
-    def _read_blocking(self, offset: int, buffers: Sequence[Buffer]) -> int:
+    def read_blocking(self, offset: int, buffers: Sequence[Buffer]) -> int:
         want = sum(len(b) for b in buffers)
         total = 0
         bufs = [memoryview(b) for b in buffers]
@@ -98,19 +96,8 @@ class FileDisk:
             raise SourceError(f"{self.path}: read error at offset {offset + total}: {exc.strerror}") from exc
         return total
 
-    def _map_blocking(self, offset: int, length: int) -> mmap.mmap:
-        """A private mapping of ``length`` bytes at ``offset`` (never written: it is writable only
-        so that a C pointer to it can be taken for the zero check)."""
-        if os.fstat(self._fd).st_size < offset + length:
-            raise SourceChangedError(f"{self.path}: the file shrank below offset {offset + length} while being read")
-        try:
-            return mmap.mmap(self._fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                             offset=offset)
-        except OSError as exc:
-            raise SourceError(f"{self.path}: cannot map offset {offset}: {exc.strerror}") from exc
-
     async def read_into(self, offset: int, buffers: Sequence[Buffer]) -> int:
-        return await anyio.to_thread.run_sync(self._read_blocking, offset, buffers)
+        return await anyio.to_thread.run_sync(self.read_blocking, offset, buffers)
 
     async def data_extents(self) -> list[Extent] | None:
         if self.is_device:
@@ -124,6 +111,21 @@ class FileDisk:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class MappedFileDisk(FileDisk):
+    """An image file read by mapping each batch's range (offers MapsBlocking as well)."""
+
+    def map_blocking(self, offset: int, length: int) -> mmap.mmap:
+        """A private mapping of ``length`` bytes at ``offset`` (never written: it is writable only
+        so that a C pointer to it can be taken for the zero check)."""
+        if os.fstat(self._fd).st_size < offset + length:
+            raise SourceChangedError(f"{self.path}: the file shrank below offset {offset + length} while being read")
+        try:
+            return mmap.mmap(self._fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                             offset=offset)
+        except OSError as exc:
+            raise SourceError(f"{self.path}: cannot map offset {offset}: {exc.strerror}") from exc
 
 
 class FileSourcePlugin:
@@ -147,7 +149,9 @@ class FileSourcePlugin:
                 raise ConfigError(f"{path}: not a disk image file or block device")
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             use_mmap = str(options.get("mmap", "true")).lower() not in ("0", "false", "no", "off")
-            disk = FileDisk(url, path, fd, st, use_mmap=use_mmap)
+            # block devices are always read with preadv (their size is not the file's)
+            kind = MappedFileDisk if use_mmap and stat.S_ISREG(st.st_mode) else FileDisk
+            disk = kind(url, path, fd, st)
             if hasattr(os, "posix_fadvise") and not disk.is_device:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             return disk

@@ -28,7 +28,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from blockferry.errors import ConfigError, CorruptionError, NotFoundError, RepositoryError
+from blockferry.errors import ConfigError, CorruptionError, ImmutableError, NotFoundError, RepositoryError
 from blockferry.registry import path_from_url
 from blockferry.repo.backend import BackendCapabilities, KeyExistsError, ObjectInfo
 
@@ -363,11 +363,15 @@ class LocalBackend:
             raise _translate(exc, f"creating {key}") from exc
 
     def _delete_sync(self, key: str) -> None:
+        path = self._path(key)
         try:
-            os.unlink(self._path(key))
+            os.unlink(path)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             pass  # missing, below an object, or a directory: no object by that key
         except OSError as exc:
+            if exc.errno == errno.EPERM and _get_flags(path) & _FS_IMMUTABLE_FL:
+                raise ImmutableError(f"{key} has the filesystem's immutable attribute (see protect); "
+                                     "the filesystem refuses to delete it") from None
             raise _translate(exc, f"deleting {key}") from exc
 
     async def delete(self, key: str) -> None:
@@ -422,11 +426,19 @@ class LocalBackend:
         """Set the filesystem's immutable attribute on an object (nobody, root included, can
         change or delete it until the attribute is cleared, which needs CAP_LINUX_IMMUTABLE).
         False where the filesystem or the process's privileges do not allow it. ``until`` is
-        kept by blockferry in the point itself; the attribute has no date."""
-        return await self._run(_set_immutable, self._path(key), True)
+        kept by blockferry in the point itself; the attribute has no date. NotFoundError if the
+        object is missing."""
+        try:
+            return await self._run(_set_immutable, self._path(key), True)
+        except FileNotFoundError:
+            raise NotFoundError(f"protecting {key}: not found") from None
 
     async def unprotect(self, key: str) -> bool:
-        return await self._run(_set_immutable, self._path(key), False)
+        """Clear the immutable attribute; False where it cannot be (or the object is missing)."""
+        try:
+            return await self._run(_set_immutable, self._path(key), False)
+        except FileNotFoundError:
+            return False
 
     def is_protected(self, key: str) -> bool:
         return _get_flags(self._path(key)) & _FS_IMMUTABLE_FL != 0
@@ -454,11 +466,15 @@ def _get_flags(path: Path) -> int:
 
 
 def _set_immutable(path: Path, on: bool) -> bool:
+    """True once the attribute is as asked; False where the filesystem or our privileges do not
+    allow it. FileNotFoundError for a missing file (or one below a file: a key below an object)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
+    except NotADirectoryError:
+        raise FileNotFoundError(errno.ENOENT, "not found", str(path)) from None
     try:
+        if not stat_mod.S_ISREG(os.fstat(fd).st_mode):  # a directory: a prefix, not an object
+            raise FileNotFoundError(errno.ENOENT, "not found", str(path))
         buf = array.array("i", [0])
         fcntl.ioctl(fd, _FS_IOC_GETFLAGS, buf, True)
         want = buf[0] | _FS_IMMUTABLE_FL if on else buf[0] & ~_FS_IMMUTABLE_FL

@@ -553,6 +553,11 @@ class S3Backend:
         return (f"<S3Backend {self.url} requests={sum(self.requests.values())} in_flight={inflight}/"
                 f"{self.settings.max_requests} lock={self.object_lock}>")
 
+    @property
+    def archive_class(self) -> str:
+        """The class ``blockferry archive`` moves packs to by default (see StorageClasses)."""
+        return self.settings.archive_class
+
     def statistics(self) -> dict[str, Any]:
         return {"requests": dict(self.requests), "retries": dict(self.retries), "fetched": dict(self.fetched),
                 "cache_hits": self.cache_hits,
@@ -608,7 +613,15 @@ class S3Backend:
                     ok: Callable[[BaseException], T | None] | None = None) -> T:
         """Run one request (``fn(client)``, which also reads the body) with the in-flight bound,
         retries and error translation. ``ok`` may turn a failure into an answer (it returns
-        None to let the failure stand)."""
+        None to let the failure stand).
+
+        This is per request, inside the backend, rather than a wrapper around any Backend: the
+        bound counts HTTP requests (a get_ranges sends several at once, an upload sends its
+        parts, a versioned delete lists then deletes), a retry repeats one request and not a
+        whole method (a retried exclusive put must check whether its first attempt landed, see
+        put), and success is per operation (a 416 on a read past the end is an answer, a 412 on
+        a create-only put means "exists", NoSuchUpload on an abort means "done"). A decorator
+        around the Backend protocol would see none of that."""
         s = self.settings
         attempt = 0
         while True:

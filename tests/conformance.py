@@ -8,6 +8,10 @@ Backends (``class TestMyBackend(BackendConformance)``) supply:
 ``backend``
     an async-yield fixture giving a fresh, empty :class:`~blockferry.repo.backend.Backend` (and closing
     it afterwards).
+``declared_capabilities``
+    the optional capability protocols (:data:`~blockferry.repo.backend.BACKEND_CAPABILITIES`) the
+    backend offers: the suite checks it offers exactly those (so dropping one fails a test) and
+    tests each one against its written contract.
 
 Sources (``class TestMySource(SourceConformance)``) supply:
 
@@ -21,6 +25,10 @@ Sources (``class TestMySource(SourceConformance)``) supply:
     SourceError's message must contain.
 ``source_options`` (optional)
     the options passed to ``open`` (default ``{}``); parametrize it to run the suite per option set.
+``declared_capabilities``
+    the optional capability protocols the plugin (:data:`~blockferry.datapath.source.PLUGIN_CAPABILITIES`)
+    and the disks it opens with ``source_options`` (:data:`~blockferry.datapath.source.DISK_CAPABILITIES`)
+    offer, checked as for backends.
 
 Every async test runs on asyncio and on trio (the ``anyio_backend`` fixture of conftest).
 """
@@ -28,6 +36,7 @@ Every async test runs on asyncio and on trio (the ``anyio_backend`` fixture of c
 from __future__ import annotations
 
 import ctypes
+import datetime as dt
 import mmap
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -38,9 +47,34 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 import pytest
-from blockferry.datapath.source import SourceDisk, SourcePlugin
-from blockferry.errors import NotFoundError, RepositoryError, SourceError
-from blockferry.repo.backend import Backend, BackendCapabilities, KeyExistsError, ObjectInfo, Upload
+from blockferry.datapath.source import (
+    DISK_CAPABILITIES,
+    PLUGIN_CAPABILITIES,
+    ChangeTracking,
+    Expands,
+    MapsBlocking,
+    ReadsBlocking,
+    SourceDisk,
+    SourcePlugin,
+)
+from blockferry.errors import CorruptionError, ImmutableError, NotFoundError, RepositoryError, SourceError
+from blockferry.repo.backend import (
+    BACKEND_CAPABILITIES,
+    AbortsUploads,
+    Backend,
+    BackendCapabilities,
+    CleansTmp,
+    KeyExistsError,
+    MapsObjects,
+    ObjectInfo,
+    PreparesRead,
+    Protects,
+    ReadsInto,
+    Retention,
+    StorageClasses,
+    Upload,
+)
+from blockferry.repo.format import DiskRecord
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -75,6 +109,19 @@ async def upload(backend: Backend, key: str, writes: Sequence[Sequence[bytes | b
     return total
 
 
+def names(capabilities: set[type]) -> list[str]:
+    return sorted(c.__name__ for c in capabilities)
+
+
+def offers(obj: object, capability: type, declared: set[type]) -> bool:
+    """Whether ``obj`` offers ``capability``; a capability it lacks must not be declared either
+    (so a capability test asserts something whether or not the plugin offers it)."""
+    if isinstance(obj, capability):
+        return True
+    assert capability not in declared, f"{obj!r} is declared to offer {capability.__name__} but does not"
+    return False
+
+
 def split(data: bytes, sizes: Sequence[int]) -> list[memoryview]:
     """``data`` cut into consecutive parts of ``sizes`` (which must add up to its length)."""
     assert sum(sizes) == len(data)
@@ -94,6 +141,10 @@ class BackendConformance:
     async def backend(self) -> AsyncIterator[Backend]:
         raise NotImplementedError("a BackendConformance subclass provides the `backend` fixture")
         yield  # pragma: no cover
+
+    @pytest.fixture
+    def declared_capabilities(self) -> set[type]:
+        raise NotImplementedError("a BackendConformance subclass names the capabilities its backend offers")
 
     # -- shape ---------------------------------------------------------------------------------
 
@@ -459,6 +510,171 @@ class BackendConformance:
         assert free is None or (type(free) is int and free >= 0), free
 
 
+    # -- optional capabilities -----------------------------------------------------------------
+
+    async def test_declares_exactly_its_capabilities(self, backend: Backend, declared_capabilities: set[type]) -> None:
+        assert declared_capabilities <= set(BACKEND_CAPABILITIES)
+        offered = {c for c in BACKEND_CAPABILITIES if isinstance(backend, c)}
+        assert offered == declared_capabilities, f"offers {names(offered)}, declared {names(declared_capabilities)}"
+
+    async def test_protects(self, backend: Backend, declared_capabilities: set[type]) -> None:
+        if not offers(backend, Protects, declared_capabilities):
+            return
+        assert isinstance(backend, Protects)
+        key = "points/p1"
+        await backend.put(key, b"manifest")
+        when = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(minutes=2)
+        until = when.isoformat()
+        try:
+            done = await backend.protect(key, until)
+            assert type(done) is bool
+            assert await backend.protect(key, until) is done  # idempotent
+            assert await backend.get(key) == b"manifest"  # still readable
+            if done:
+                with pytest.raises(ImmutableError):
+                    await backend.delete(key)
+                assert await backend.get(key) == b"manifest"
+                if isinstance(backend, Retention):
+                    locked = await backend.locked_until(key)
+                    assert locked is not None and dt.datetime.fromisoformat(locked) >= when
+                with pytest.raises(NotFoundError):
+                    await backend.protect("points/absent", until)
+            else:
+                try:
+                    assert await backend.protect("points/absent", until) is False
+                except NotFoundError:
+                    pass
+        finally:
+            lifted = await backend.unprotect(key)
+        assert type(lifted) is bool
+        assert await backend.unprotect(key) is lifted  # idempotent
+        assert await backend.unprotect("points/absent") is False
+        if not done or lifted:
+            await backend.delete(key)
+            assert not await backend.exists(key)
+
+    async def test_unprotect_of_an_unprotected_object_keeps_it(self, backend: Backend,
+                                                              declared_capabilities: set[type]) -> None:
+        if not offers(backend, Protects, declared_capabilities):
+            return
+        assert isinstance(backend, Protects)
+        await backend.put("packs/ab/ab01", b"data")
+        assert type(await backend.unprotect("packs/ab/ab01")) is bool
+        assert await backend.get("packs/ab/ab01") == b"data"
+        await backend.delete("packs/ab/ab01")
+        assert not await backend.exists("packs/ab/ab01")
+
+    async def test_retention(self, backend: Backend, declared_capabilities: set[type]) -> None:
+        if not offers(backend, Retention, declared_capabilities):
+            return
+        assert isinstance(backend, Retention)
+        await backend.put("packs/ab/ab02", b"data")
+        assert await backend.locked_until("packs/ab/ab02") is None  # never protected
+        assert await backend.locked_until("packs/ab/absent") is None
+
+    async def test_aborts_uploads_left_by_dead_writers(self, backend: Backend,
+                                                       declared_capabilities: set[type]) -> None:
+        if not offers(backend, AbortsUploads, declared_capabilities):
+            return
+        assert isinstance(backend, AbortsUploads)
+        assert await backend.abort_incomplete_uploads() == 0  # a fresh backend has none
+        up = await backend.open_upload("packs/aa/aa01")
+        await up.write([rand(7 * MiB, 30)])  # past a multipart threshold: the storage holds it
+        # the writer dies here: neither commit nor abort
+        assert await backend.abort_incomplete_uploads(older_than=3600.0) == 0  # too young
+        n = await backend.abort_incomplete_uploads()
+        assert type(n) is int and n >= 0
+        assert await backend.abort_incomplete_uploads() == 0  # idempotent: nothing left
+        assert await listed(backend, "") == {}
+        await up.abort()  # the writer's own abort, late, is still harmless
+        # an upload that commits after an abort of only old ones is whole
+        data = rand(7 * MiB, 31)
+        up = await backend.open_upload("packs/aa/aa02")
+        await up.write([data])
+        assert await backend.abort_incomplete_uploads(older_than=3600.0) == 0
+        await up.commit()
+        assert await backend.get("packs/aa/aa02") == data
+
+    async def test_clean_tmp_keeps_live_uploads(self, backend: Backend, declared_capabilities: set[type]) -> None:
+        if not offers(backend, CleansTmp, declared_capabilities):
+            return
+        assert isinstance(backend, CleansTmp)
+        assert await anyio.to_thread.run_sync(backend.clean_tmp) == 0
+        data = rand(3 * MiB, 32)
+        up = await backend.open_upload("packs/bb/bb01")
+        await up.write([data[:MiB]])
+        # this process's own upload stays, however old
+        removed = await anyio.to_thread.run_sync(lambda: backend.clean_tmp(older_than=0.0))
+        assert removed == 0
+        await up.write([data[MiB:]])
+        await up.commit()
+        assert await backend.get("packs/bb/bb01") == data
+        assert await anyio.to_thread.run_sync(backend.clean_tmp) == 0
+        assert await listed(backend, "") == {"packs/bb/bb01": len(data)}
+
+    async def test_prepare_read(self, backend: Backend, declared_capabilities: set[type]) -> None:
+        if not offers(backend, PreparesRead, declared_capabilities):
+            return
+        assert isinstance(backend, PreparesRead)
+        data = rand(10_000, 33)
+        await backend.put("packs/cc/cc01", data)
+        said: list[str] = []
+        assert await backend.prepare_read(["packs/cc/cc01"], said.append) == 0  # nothing archived
+        assert await backend.prepare_read(["packs/cc/cc01", "packs/cc/absent", "points/p1"], None) == 0
+        assert await backend.prepare_read([], None) == 0
+        assert all(isinstance(s, str) for s in said)
+        assert await backend.get("packs/cc/cc01") == data
+
+    async def test_storage_classes(self, backend: Backend, declared_capabilities: set[type]) -> None:
+        if not offers(backend, StorageClasses, declared_capabilities):
+            return
+        assert isinstance(backend, StorageClasses)
+        assert isinstance(backend.archive_class, str) and backend.archive_class
+        data = rand(10_000, 34)
+        await backend.put("packs/dd/dd01", data)
+        current = await backend.storage_class("packs/dd/dd01")
+        assert isinstance(current, str) and current
+        assert await backend.set_storage_class("packs/dd/dd01", current) is False  # there already
+        assert await backend.storage_class("packs/dd/dd01") == current
+        assert await backend.get("packs/dd/dd01") == data
+        with pytest.raises(NotFoundError):
+            await backend.storage_class("packs/dd/absent")
+        with pytest.raises(NotFoundError):
+            await backend.set_storage_class("packs/dd/absent", current)
+
+    @pytest.mark.parametrize("offset,length", [(0, 100), (5, 4 * MiB), (MiB, MiB + 17), (4 * MiB, 2 * MiB)])
+    async def test_get_into(self, backend: Backend, declared_capabilities: set[type], offset: int, length: int) -> None:
+        if not offers(backend, ReadsInto, declared_capabilities):
+            return
+        assert isinstance(backend, ReadsInto)
+        data = rand(5 * MiB, 35)
+        await backend.put("packs/ee/ee01", data)
+        want = data[offset:offset + length]
+        for buffer in (bytearray(length), bytearray(length + 100), bytearray(10)):  # fits, roomy, too small
+            got = await backend.get_into("packs/ee/ee01", offset, length, buffer)
+            assert bytes(got) == want, (len(buffer), offset, length)
+            assert bytes(got) == await backend.get("packs/ee/ee01", offset, length)
+        with pytest.raises(NotFoundError):
+            await backend.get_into("packs/ee/absent", 0, 10, bytearray(10))
+
+    async def test_map_sync(self, backend: Backend, declared_capabilities: set[type]) -> None:
+        if not offers(backend, MapsObjects, declared_capabilities):
+            return
+        assert isinstance(backend, MapsObjects)
+        data = rand(3 * MiB + 5, 36)
+        await backend.put("packs/ff/ff01", data)
+        for size in (1, 4096, len(data)):
+            m = await anyio.to_thread.run_sync(backend.map_sync, "packs/ff/ff01", size)
+            try:
+                assert len(m) == size and m[:] == data[:size]
+            finally:
+                m.close()
+        with pytest.raises(CorruptionError):
+            await anyio.to_thread.run_sync(backend.map_sync, "packs/ff/ff01", len(data) + 1)
+        with pytest.raises(NotFoundError):
+            await anyio.to_thread.run_sync(backend.map_sync, "packs/ff/absent", 10)
+
+
 # =================================================================================================
 # Sources
 # =================================================================================================
@@ -539,6 +755,10 @@ class SourceConformance:
     @pytest.fixture
     def source_options(self) -> dict[str, Any]:
         return {}
+
+    @pytest.fixture
+    def declared_capabilities(self) -> set[type]:
+        raise NotImplementedError("a SourceConformance subclass names the capabilities its plugin and disks offer")
 
     # -- built on it ---------------------------------------------------------------------------
 
@@ -685,9 +905,18 @@ class SourceConformance:
             buf = bytearray(b"\xaa" * img.size)
             assert await disk.read_into(0, [buf]) == img.size and buf == img.data
 
-    async def test_read_blocking_matches_read_into(self, disk: SourceDisk, image: Image) -> None:
-        if disk.read_blocking is None:
-            return  # optional: nothing to check
+    async def test_declares_exactly_its_capabilities(self, disk: SourceDisk, source_plugin: SourcePlugin,
+                                                     declared_capabilities: set[type]) -> None:
+        assert declared_capabilities <= set(PLUGIN_CAPABILITIES + DISK_CAPABILITIES)
+        offered = {c for c in PLUGIN_CAPABILITIES if isinstance(source_plugin, c)}
+        offered |= {c for c in DISK_CAPABILITIES if isinstance(disk, c)}
+        assert offered == declared_capabilities, f"offers {names(offered)}, declared {names(declared_capabilities)}"
+
+    async def test_read_blocking_matches_read_into(self, disk: SourceDisk, image: Image,
+                                                   declared_capabilities: set[type]) -> None:
+        if not offers(disk, ReadsBlocking, declared_capabilities):
+            return
+        assert isinstance(disk, ReadsBlocking)
         read_blocking = disk.read_blocking
         for off, sizes in [(0, [image.size]), (4999, [1, 4096, 70_000]), (MiB + 4095, [64 * KiB + 2]),
                            (image.size - 5000, [4096, 4096])]:
@@ -697,9 +926,11 @@ class SourceConformance:
             assert n == want
             assert b"".join(bufs)[:n] == image.data[off:off + n] == await self.read(disk, off, sum(sizes))
 
-    async def test_map_blocking_matches_the_image(self, disk: SourceDisk, image: Image) -> None:
-        if disk.map_blocking is None:
-            return  # optional: nothing to check
+    async def test_map_blocking_matches_the_image(self, disk: SourceDisk, image: Image,
+                                                  declared_capabilities: set[type]) -> None:
+        if not offers(disk, MapsBlocking, declared_capabilities):
+            return
+        assert isinstance(disk, MapsBlocking)
         map_blocking = disk.map_blocking
         g = mmap.ALLOCATIONGRANULARITY
         tail = image.size // g * g
@@ -711,11 +942,13 @@ class SourceConformance:
             finally:
                 m.close()
 
-    async def test_mapping_is_writable_and_private(self, disk: SourceDisk, image: Image) -> None:
+    async def test_mapping_is_writable_and_private(self, disk: SourceDisk, image: Image,
+                                                   declared_capabilities: set[type]) -> None:
         """The engine takes a C pointer to the mapping (it must be writable); a write to it must
         never reach the disk (the mapping is private)."""
-        if disk.map_blocking is None:
-            return  # optional: nothing to check
+        if not offers(disk, MapsBlocking, declared_capabilities):
+            return
+        assert isinstance(disk, MapsBlocking)
         m = await anyio.to_thread.run_sync(disk.map_blocking, 0, 2 * mmap.ALLOCATIONGRANULARITY)
         try:
             anchor = ctypes.c_char.from_buffer(m)
@@ -743,3 +976,32 @@ class SourceConformance:
             assert await self.read(again, image.size - 10, 10) == image.data[-10:]
         finally:
             await again.aclose()
+
+    async def test_change_tracking_without_a_base_of_its_own(self, source_plugin: SourcePlugin, image: Image,
+                                                             source_options: dict[str, Any],
+                                                             declared_capabilities: set[type]) -> None:
+        """A base this source's tracking did not write: the whole disk is read (None), and the
+        reason says why; ``finish`` after ``aclose`` is harmless whether committed or not."""
+        for committed in (False, True):
+            disk = await source_plugin.open(image.url, source_options)
+            try:
+                if not offers(disk, ChangeTracking, declared_capabilities):
+                    return
+                assert isinstance(disk, ChangeTracking)
+                for change_id in (None, "elsewhere:0123456789ab"):
+                    base = DiskRecord(name=disk.name, size=disk.size, source=image.url, change_id=change_id)
+                    extents, why = await disk.changed_extents(base)
+                    assert extents is None, (change_id, extents)
+                    assert isinstance(why, str) and why, change_id
+                assert await self.read(disk, 0, 100) == image.data[:100]
+            finally:
+                await disk.aclose()
+            assert await disk.finish(committed) is None
+
+    async def test_expand_of_a_single_disk_is_itself(self, source_plugin: SourcePlugin, image: Image,
+                                                     declared_capabilities: set[type]) -> None:
+        if not offers(source_plugin, Expands, declared_capabilities):
+            return
+        assert isinstance(source_plugin, Expands)
+        assert await source_plugin.expand(image.url) == [image.url]
+        assert await source_plugin.expand(image.url) == [image.url]  # no side effects

@@ -27,6 +27,7 @@ import anyio.to_thread
 from blockferry.datapath.blocks import NEW, BlockProcessor, PreparedChunks
 from blockferry.datapath.hints import load_hints
 from blockferry.datapath.plan import Run, batches, intersect, runs_of
+from blockferry.datapath.source import MapsBlocking, ReadsBlocking
 from blockferry.log import get_logger
 from blockferry.registry import scheme_of, source_plugin
 from blockferry.repo.format import FLAG_ZSTD
@@ -89,8 +90,8 @@ async def _setup(stack: AsyncExitStack, source: str, hint_file: str, block_size:
     data = await disk.data_extents()
     if data is not None:
         runs = intersect(runs, runs_of(data, block_size, nblocks))
-    read = getattr(disk, "read_blocking", None)
-    mapped = getattr(disk, "map_blocking", None)
+    read = disk.read_blocking if isinstance(disk, ReadsBlocking) else None
+    mapped = disk.map_blocking if isinstance(disk, MapsBlocking) else None
     if not runs or (read is None and mapped is None):
         return None
     per = max(1, _PREPARE_HOP_BYTES // block_size)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, TypeVar
 
 import msgspec
+from blockferry.datapath.source import Expands
 from blockferry.errors import ConfigError
 from blockferry.repo.retention import RetentionPolicy
 from blockferry.runtime.settings import EngineSettings
@@ -125,20 +126,20 @@ def load(data: Any, kind: type[T]) -> T:
 
 async def expand_disks(disks: Sequence[DiskSpec]) -> list[DiskSpec]:
     """Each disk spec whose source stands for several disks, as one spec per disk (through the
-    plugin's optional ``expand``); specs with a name or hints stay as they are. A source that
-    cannot be expanded now (a VM not running) also stays, so opening it fails in its task, where
-    retries apply."""
+    plugin's optional :class:`~blockferry.datapath.source.Expands`); specs with a name or hints
+    stay as they are. A source that cannot be expanded now (a VM not running) also stays, so
+    opening it fails in its task, where retries apply."""
     from blockferry.errors import BlockferryError
     from blockferry.jobs.config import DiskSpec
     from blockferry.registry import source_plugin
 
     out: list[DiskSpec] = []
     for d in disks:
-        expand = getattr(source_plugin(d.source), "expand", None)
+        plugin = source_plugin(d.source)
         urls = [d.source]
-        if expand is not None and d.name is None and not d.hints:
+        if isinstance(plugin, Expands) and d.name is None and not d.hints:
             try:
-                urls = await expand(d.source)
+                urls = await plugin.expand(d.source)
             except BlockferryError:
                 pass
         out.extend([d] if urls == [d.source] else [DiskSpec(source=u, options=d.options) for u in urls])

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import anyio
 import msgspec
 from blockferry.errors import ConfigError
+from blockferry.repo.backend import PreparesRead, Retention, StorageClasses
 from blockferry.repo.packs import pack_key
 from blockferry.repo.retention import parse_time
 from blockferry.repo.store import RepositoryStore
@@ -44,11 +45,10 @@ async def archive_points(store: RepositoryStore, *, older_than_days: float | Non
     ago) to ``storage_class`` (default: the backend's ``archive_class`` setting); with ``back``,
     to STANDARD (restoring them from the archive first where the class needs it)."""
     backend = store.backend
-    move = getattr(backend, "set_storage_class", None)
-    if move is None:
+    if not isinstance(backend, StorageClasses):
         raise ConfigError(f"{backend.url}: this storage has no storage classes (the archive tier needs s3)")
     t0 = anyio.current_time()
-    target = "STANDARD" if back else (storage_class or backend.settings.archive_class)  # type: ignore[attr-defined]
+    target = "STANDARD" if back else (storage_class or backend.archive_class)
     summaries = await store.summaries()
     if points is not None:
         chosen = {await store.resolve_point(p) for p in points}
@@ -75,14 +75,14 @@ async def archive_points(store: RepositoryStore, *, older_than_days: float | Non
         report.packs_shared = len(chosen_packs & shared)
         chosen_packs -= shared
     keys = sorted(pack_key(p) for p in chosen_packs)
-    if back:
-        report.packs_restored = await backend.prepare_read(keys, progress)  # type: ignore[attr-defined]
-    locked_until = getattr(backend, "locked_until", None)
+    if back and isinstance(backend, PreparesRead):
+        report.packs_restored = await backend.prepare_read(keys, progress)
+    retention = backend if isinstance(backend, Retention) else None
     for key in keys:
-        if locked_until is not None and await locked_until(key):
+        if retention is not None and await retention.locked_until(key):
             report.packs_locked += 1
             continue
-        if await move(key, target):
+        if await backend.set_storage_class(key, target):
             report.packs_moved += 1
         else:
             report.packs_already += 1

@@ -37,6 +37,7 @@ from collections.abc import Callable
 import anyio
 import msgspec
 from blockferry.errors import NotFoundError
+from blockferry.repo.backend import Protects, Retention
 from blockferry.repo.format import DIGEST_SIZE, INDEX_RECORD, encode_index, new_id, utc_now
 from blockferry.repo.packs import pack_key
 from blockferry.repo.store import (
@@ -100,7 +101,7 @@ async def mark(store: RepositoryStore, *, rewrite_threshold: float = DEFAULT_REW
     delete, rewrite, condemned = [], [], bytearray()
     kept_immutable = freed = 0
     # a backend with server-side retention (S3 object lock) can say what it would refuse to delete
-    locked_until = getattr(store.backend, "locked_until", None)
+    retention = store.backend if isinstance(store.backend, Retention) else None
     for pack, entries in sorted(packs.items()):
         dead = [e for e in entries if e.digest not in live]
         if not dead:
@@ -108,7 +109,7 @@ async def mark(store: RepositoryStore, *, rewrite_threshold: float = DEFAULT_REW
         if any(e.digest in frozen for e in entries):
             kept_immutable += 1
             continue
-        if locked_until is not None and await locked_until(pack_key(pack)):
+        if retention is not None and await retention.locked_until(pack_key(pack)):
             kept_immutable += 1
             continue
         if any(e.digest in live and (e.digest, pack) in store.damaged for e in entries):
@@ -251,10 +252,10 @@ async def _sweep(store: RepositoryStore, plan: GcPlan, report: GcReport, say: Ca
         new_bytes += (await backend.stat(pack_key(p))).size
     # a pack once held by an immutable point may still carry the filesystem's immutable
     # attribute; no pack chosen here holds a chunk of a point that is immutable now (see mark)
-    unprotect = getattr(backend, "unprotect", None)
+    protects = backend if isinstance(backend, Protects) else None
     for p in targets:
-        if unprotect is not None:
-            await unprotect(pack_key(p))
+        if protects is not None:
+            await protects.unprotect(pack_key(p))
         await backend.delete(pack_key(p))
     await backend.delete(GC_PLAN_KEY)
     report.bytes_freed = old_bytes - new_bytes
@@ -269,11 +270,11 @@ async def _delete_orphans(store: RepositoryStore, report: GcReport) -> int:
         return 0
     _, packs = await read_index_files(store)
     freed = 0
+    retention = store.backend if isinstance(store.backend, Retention) else None
     async for o in store.backend.list("packs/"):
         pack = o.key.rsplit("/", 1)[-1]
         if pack not in packs:
-            locked_until = getattr(store.backend, "locked_until", None)
-            if locked_until is not None and await locked_until(o.key):
+            if retention is not None and await retention.locked_until(o.key):
                 report.packs_kept_immutable += 1
                 continue
             await store.backend.delete(o.key)

@@ -32,7 +32,15 @@ from blockferry.errors import (
     plain_errors,
 )
 from blockferry.log import get_logger
-from blockferry.repo.backend import Backend, KeyExistsError
+from blockferry.repo.backend import (
+    AbortsUploads,
+    Backend,
+    CleansTmp,
+    KeyExistsError,
+    PreparesRead,
+    Protects,
+    Retention,
+)
 from blockferry.repo.format import (
     DEFAULT_PACK_SIZE,
     DIGEST_SIZE,
@@ -269,17 +277,16 @@ class RepositoryStore:
             return
         self._writer = await self._take_lock(LOCK_KEY, purpose)
         self._point_ids = None  # listed before the lock: another writer may have committed since
-        if hasattr(self.backend, "clean_tmp"):
-            await anyio.to_thread.run_sync(self.backend.clean_tmp)
-        abort_uploads = getattr(self.backend, "abort_incomplete_uploads", None)
+        backend = self.backend
+        if isinstance(backend, CleansTmp):
+            await anyio.to_thread.run_sync(backend.clean_tmp)
 
-        async def abort_left_uploads() -> None:
-            assert abort_uploads is not None
+        async def abort_left_uploads(uploads: AbortsUploads) -> None:
             # only this lock's holder and a garbage collection write packs: with no collection
             # running, every incomplete upload was left by a writer that died
             gc_holder = await self.read_lock(GC_LOCK_KEY)
             gc_running = gc_holder is not None and (gc_holder.host != socket.gethostname() or holder_alive(gc_holder))
-            await abort_uploads(older_than=86400.0 if gc_running else None)
+            await uploads.abort_incomplete_uploads(older_than=86400.0 if gc_running else None)
 
         async def refresh_index() -> None:
             # a store kept open between writer sessions (a daemon, an embedding program) may have
@@ -299,8 +306,8 @@ class RepositoryStore:
         # applied after the index is current
         with plain_errors():
             async with anyio.create_task_group() as tg:
-                if abort_uploads is not None:
-                    tg.start_soon(abort_left_uploads)
+                if isinstance(backend, AbortsUploads):
+                    tg.start_soon(abort_left_uploads, backend)
                 if self._index_loaded:
                     tg.start_soon(refresh_index)
                 tg.start_soon(read_plan)
@@ -554,25 +561,25 @@ class RepositoryStore:
         """Before reading points: let the backend bring back packs of theirs that sit in an
         archive tier (S3 RestoreObject), waiting until they are readable. Returns how many it had
         to restore (0 where the backend has no archive tier). The index must be loaded."""
-        prepare = getattr(self.backend, "prepare_read", None)
-        if prepare is None:
+        backend = self.backend
+        if not isinstance(backend, PreparesRead):
             return 0
         keys = {pack_key(self.index.packs[loc >> 84]) for m in manifests for d in self.referenced(m)
                 if (loc := self.index.lookup(d)) is not None}
-        return await prepare(sorted(keys), progress)
+        return await backend.prepare_read(sorted(keys), progress)
 
     async def protect_point(self, manifest: Manifest) -> bool:
         """Ask the backend to enforce a point's immutability on its manifest and on every pack
         holding its chunks (the local backend sets the filesystem's immutable attribute). False
         where the backend cannot: blockferry's own refusal is then the only protection."""
-        protect = getattr(self.backend, "protect", None)
-        if protect is None or not manifest.immutable_until:
+        backend = self.backend
+        if not isinstance(backend, Protects) or not manifest.immutable_until:
             return False
         packs = {self.index.packs[loc >> 84] for d in self.referenced(manifest)
                  if (loc := self.index.lookup(d)) is not None}
-        ok = await protect(f"points/{manifest.id}", manifest.immutable_until)
+        ok = await backend.protect(f"points/{manifest.id}", manifest.immutable_until)
         for p in sorted(packs):
-            ok = await protect(pack_key(p), manifest.immutable_until) and ok
+            ok = await backend.protect(pack_key(p), manifest.immutable_until) and ok
         return ok
 
     async def refresh_health(self) -> None:
@@ -624,12 +631,12 @@ class RepositoryStore:
         m = await self.manifest(point_id)
         if immutable_now(m.immutable_until, now):
             raise ImmutableError(f"restore point {point_id} is immutable until {m.immutable_until}")
-        locked_until = getattr(self.backend, "locked_until", None)  # server-side retention (S3 object lock)
-        if locked_until is not None and (until := await locked_until(f"points/{point_id}")):
+        backend = self.backend
+        # server-side retention (S3 object lock)
+        if isinstance(backend, Retention) and (until := await backend.locked_until(f"points/{point_id}")):
             raise ImmutableError(f"restore point {point_id} is locked by the storage until {until}")
-        unprotect = getattr(self.backend, "unprotect", None)
-        if unprotect is not None and m.immutable_until:
-            await unprotect(f"points/{point_id}")
+        if isinstance(backend, Protects) and m.immutable_until:
+            await backend.unprotect(f"points/{point_id}")
         await self.backend.delete(f"points/{point_id}")
         self._summaries.pop(point_id, None)
         self._manifests.pop(point_id, None)

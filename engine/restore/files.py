@@ -36,6 +36,7 @@ import anyio.to_thread
 import msgspec
 from blockferry.datapath.plan import Run, union
 from blockferry.errors import ConfigError, CorruptionError, NotFoundError, RepositoryError
+from blockferry.repo.backend import MapsObjects, ReadsInto
 from blockferry.repo.chunks import decode_chunk_into
 from blockferry.repo.format import DIGEST_SIZE, HOLE, DiskRecord, Manifest
 from blockferry.repo.store import RepositoryStore
@@ -272,7 +273,7 @@ class _SpanReader:
         #: a new one is zeroed and faulted in on the event loop. Kept while they and the held
         #: spans stay within the budget and one more span.
         self._buffers: list[bytearray] = []
-        self._get_into = getattr(backend, "get_into", None)
+        self._get_into = backend.get_into if isinstance(backend, ReadsInto) else None
 
     def add(self, key: str, off: int, end: int) -> None:
         """The point needs ``[off, end)`` of pack ``key``. Spans never overlap (each range
@@ -496,7 +497,7 @@ class _PointRestorer:
         self.bs = manifest.block_size
         self.runs = [data_runs(d.blocks, d.block_count(self.bs)) for d in disks]
         self.starts = [[r[0] for r in runs] for runs in self.runs]
-        self.sync_map = getattr(store.backend, "map_sync", None)
+        self.sync_map = store.backend.map_sync if isinstance(store.backend, MapsObjects) else None
         self.reader: _SpanReader | None = None
         settings = runtime.settings
         #: from a remote repository the planned spans, not the batches, decide the requests:

@@ -110,10 +110,8 @@ class QemuDisk:
     """One disk of a running VM or one stopped image, between :meth:`QemuSourcePlugin.open` and
     :meth:`aclose` (then :meth:`finish`). The fleece or export starts lazily, at the first of
     :meth:`changed_extents`, :meth:`data_extents` or a read, so opening only to check a source
-    changes nothing."""
-
-    read_blocking = None
-    map_blocking = None
+    changes nothing. It reads over NBD (asynchronously: no ReadsBlocking) and tracks changes
+    (:class:`~blockferry.datapath.source.ChangeTracking`)."""
 
     def __init__(self, url: str, path: Path, name: str, size: int, *, running: bool, node: str = "",
                  driver: str = "", image_format: str = "", agent: str | None = None, cbt: bool = True,

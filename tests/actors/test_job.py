@@ -31,15 +31,14 @@ BS = 256 * KiB
 
 
 class ProbeDisk:
-    """A file disk read through async reads only, that records concurrency and can be held."""
+    """A file disk read through async reads only (neither ReadsBlocking nor MapsBlocking), that
+    records concurrency and can be held."""
 
     def __init__(self, plugin: ProbeSource, inner: Any) -> None:
         self._plugin = plugin
         self._inner = inner
         self.url, self.name, self.size = inner.url, inner.name, inner.size
         self.identity, self.metadata, self.change_id = inner.identity, inner.metadata, None
-        self.read_blocking = None
-        self.map_blocking = None
 
     async def data_extents(self) -> Any:
         return await self._inner.data_extents()

@@ -14,7 +14,8 @@ from blockferry.actors.server import running_server
 from blockferry.actors.source_mover import _ThreadLane
 from blockferry.datapath.blocks import BlockProcessor
 from blockferry.errors import SourceChangedError
-from blockferry.jobs.config import ProxyConfig, RepositorySettings, ServerConfig
+from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
+from blockferry.plugins.file_source import FileDisk, MappedFileDisk
 from blockferry.runtime.settings import EngineSettings
 
 from tests.actors.test_job import BS, job, make_repo
@@ -123,3 +124,30 @@ async def test_a_batch_failing_in_the_thread_fails_the_task_and_returns_every_to
     assert session.state == "failed"
     assert "changed under the test" in (session.objects[0].error or "")
     assert calls < 16  # the other lane stopped instead of reading the rest of the disk
+
+
+@pytest.mark.parametrize("options,used", [({}, "map_blocking"), ({"mmap": "false"}, "read_blocking")])
+async def test_the_mover_reads_through_the_capabilities_the_disk_offers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict[str, Any], used: str) -> None:
+    """An image file offers MapsBlocking (the mover maps each batch), with ``mmap=false`` only
+    ReadsBlocking (the mover reads each batch with preadv); neither goes through ``read_into``."""
+    repo = await make_repo(tmp_path)
+    img = write_disk(tmp_path / "a.img", 4 * MiB, [(0, "random", MiB), (2 * MiB, "text", 2 * MiB)], seed=5)
+    calls = {"map_blocking": 0, "read_blocking": 0, "read_into": 0}
+    for cls, name in [(MappedFileDisk, "map_blocking"), (FileDisk, "read_blocking"), (FileDisk, "read_into")]:
+        real = getattr(cls, name)
+
+        def counted(*a: Any, _real: Any = real, _name: str = name) -> Any:
+            calls[_name] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(cls, name, counted)
+    cfg = ServerConfig(proxies=[ProxyConfig(name="p")])
+    spec = JobSpec(name="j", repository="main",
+                   objects=[ObjectSpec(name="vm", disks=[DiskSpec(source=str(img), options=options)])])
+    async with running_server(cfg) as server:
+        await server.add_repository(RepositorySettings(name="main", url=repo))
+        session = await (await server.run_job(spec)).result()
+    assert session.state == "success"
+    assert calls[used] > 0
+    assert {k: v for k, v in calls.items() if k != used} == {k: 0 for k in calls if k != used}, calls

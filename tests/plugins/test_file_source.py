@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
+from blockferry.datapath.source import MapsBlocking, ReadsBlocking
 from blockferry.errors import ConfigError, SourceError
 from blockferry.plugins.file_source import FileDisk, FileSourcePlugin
 
@@ -54,6 +55,11 @@ class TestFileSource(SourceConformance):
     @pytest.fixture(params=[{}, {"mmap": "false"}], ids=["mmap", "no-mmap"])
     def source_options(self, request: pytest.FixtureRequest) -> dict[str, Any]:
         return request.param
+
+    @pytest.fixture
+    def declared_capabilities(self, source_options: dict[str, Any]) -> set[type]:
+        # image files are mapped unless mmap=false; the plugin expands nothing
+        return {ReadsBlocking} if source_options.get("mmap") == "false" else {ReadsBlocking, MapsBlocking}
 
 
 async def read_all(disk: Any) -> bytes:
@@ -128,8 +134,8 @@ async def test_mmap_false_reads_without_mapping(tmp_path: Path, value: object) -
     path = mixed_disk(tmp_path / "mixed.img", 4 * MiB + 4097)
     disk = await FileSourcePlugin().open(str(path), {"mmap": value})
     try:
-        assert disk.map_blocking is None
-        assert disk.read_blocking is not None
+        assert not isinstance(disk, MapsBlocking)
+        assert isinstance(disk, ReadsBlocking)
         assert await read_all(disk) == path.read_bytes()
         bufs = [bytearray(MiB), bytearray(3 * MiB)]
         assert await anyio.to_thread.run_sync(disk.read_blocking, 4097, bufs) == 4 * MiB
@@ -143,7 +149,7 @@ async def test_image_files_are_mapped_by_default(tmp_path: Path, options: dict[s
     path = mixed_disk(tmp_path / "mixed.img", 4 * MiB)
     disk = await FileSourcePlugin().open(str(path), options)
     try:
-        assert disk.map_blocking is not None
+        assert isinstance(disk, MapsBlocking)
         m = await anyio.to_thread.run_sync(disk.map_blocking, 0, disk.size)
         try:
             assert m[:] == path.read_bytes()
@@ -158,7 +164,7 @@ async def test_mapping_past_a_shrunk_file_raises_source_error(tmp_path: Path) ->
     path = write_image(tmp_path / "shrinks.img", 2 * MiB, [(0, rand(2 * MiB, 5))])
     disk = await FileSourcePlugin().open(str(path), {})
     try:
-        assert disk.map_blocking is not None
+        assert isinstance(disk, MapsBlocking)
         os.truncate(path, MiB)
         with pytest.raises(SourceError, match="shrank") as info:
             await anyio.to_thread.run_sync(disk.map_blocking, 0, 2 * MiB)

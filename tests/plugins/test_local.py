@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from blockferry.errors import ConfigError, NotFoundError, RepositoryError
 from blockferry.plugins.local import LocalBackend, LocalBackendPlugin
-from blockferry.repo.backend import KeyExistsError
+from blockferry.repo.backend import CleansTmp, KeyExistsError, MapsObjects, Protects
 
 from tests.conformance import BackendConformance, MiB, listed, rand, split, upload
 
@@ -38,6 +38,10 @@ class TestLocalBackend(BackendConformance):
         b = await open_local(tmp_path / "repo")
         yield b
         await b.aclose()
+
+    @pytest.fixture
+    def declared_capabilities(self) -> set[type]:
+        return {Protects, CleansTmp, MapsObjects}
 
 
 @pytest.fixture

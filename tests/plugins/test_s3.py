@@ -27,6 +27,7 @@ import blockferry
 import pytest
 from blockferry.errors import BlockferryError, ConfigError, ImmutableError
 from blockferry.plugins.s3 import S3Backend, S3BackendPlugin, load_settings, parse_url
+from blockferry.repo.backend import AbortsUploads, PreparesRead, Protects, ReadsInto, Retention, StorageClasses
 from blockferry.repo.retention import RetentionPolicy
 from blockferry.runtime.settings import EngineSettings
 
@@ -73,6 +74,10 @@ class TestS3Backend(BackendConformance):
         b = await open_s3(new_url(), multipart_threshold=6 << 20, part_size=5 << 20, upload_parallel=2)
         yield b
         await b.aclose()
+
+    @pytest.fixture
+    def declared_capabilities(self) -> set[type]:
+        return {Protects, Retention, AbortsUploads, PreparesRead, StorageClasses, ReadsInto}
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import blockferry
 import pytest
+from blockferry.datapath.source import ChangeTracking, Expands
 from blockferry.plugins.qemu.source import BITMAP_PREFIX, QemuSourcePlugin
 from blockferry.repo.format import DiskRecord
 
@@ -468,6 +469,11 @@ class TestQemuImageSource(SourceConformance):
     @pytest.fixture
     def missing_source_url(self, tmp_path: Path) -> tuple[str, str]:
         return f"qemu:{tmp_path / 'nope.qcow2'}", str(tmp_path / "nope.qcow2")
+
+    @pytest.fixture
+    def declared_capabilities(self) -> set[type]:
+        # reads go over NBD (asynchronous: neither ReadsBlocking nor MapsBlocking)
+        return {Expands, ChangeTracking}
 
 
 async def test_a_raw_disk_of_a_running_vm_is_fleeced_and_read_whole_each_time(tmp_path: Path,
