@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from blockferry.errors import BlockferryError
 from blockferry.runtime.actor import Actor, Completion, Decision
+
+M = TypeVar("M")
 
 
 class CapacityExceededError(BlockferryError):
     """A task was handed to a proxy or repository with no free slot (the scheduler never does)."""
 
 
-class MoverHost(Actor[Any]):
+class MoverHost(Actor[M]):
     """Spawns movers as children; ``load`` is how many run now, ``peak`` the most at once."""
 
     max_tasks: int

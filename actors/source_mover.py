@@ -27,7 +27,7 @@ from blockferry.datapath.blocks import Batch, BlockProcessor
 from blockferry.datapath.hints import check_within
 from blockferry.datapath.plan import batches, count, make_plan
 from blockferry.errors import BlockferryError, SourceError
-from blockferry.jobs.messages import DiskEnd, DiskHeader, ProxyStatusQuery
+from blockferry.jobs.messages import CancelMove, DiskEnd, DiskHeader, MoverInbox, ProxyStatusQuery
 from blockferry.jobs.task import TaskContext
 from blockferry.registry import source_plugin
 from blockferry.repo.format import TaskStats
@@ -41,7 +41,7 @@ class DownstreamClosedError(BlockferryError):
     transient = True
 
 
-class SourceMover(Actor[Any]):
+class SourceMover(Actor[MoverInbox]):
     supervision = SupervisionPolicy(max_restarts=0, then=Decision.STOP)
 
     def __init__(self, task: TaskContext, out: MemoryObjectSendStream[Any], runtime: Runtime, done: Completion[TaskStats]) -> None:
@@ -57,15 +57,15 @@ class SourceMover(Actor[Any]):
     async def on_start(self) -> None:
         self.start_soon(self._work)
 
-    async def handle(self, msg: Any) -> Any:
+    async def handle(self, msg: MoverInbox) -> Any:
         match msg:
             case ProxyStatusQuery():
                 return self.task
+            case CancelMove():
+                if self._scope is not None:
+                    self._scope.cancel()
+                return None
         raise BlockferryError(f"{self.name}: unexpected message {type(msg).__name__}")
-
-    def cancel(self) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
 
     async def _work(self) -> None:
         with anyio.CancelScope() as self._scope:
