@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import msgspec
-from blockferry.actors.repository import copy_points
+from blockferry.actors.repository import copy_points, repository_work
 from blockferry.datapath.hints import load_hints
 from blockferry.errors import BlockferryError, unwrap_group
 from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, expand_disks
@@ -167,8 +167,8 @@ class JobManager(Actor[JobInbox]):
             return
         if spec.retention is not None:
             try:
-                report: PruneReport = await self.repository.ask_work(
-                    ApplyRetention(spec.retention, objects=done), timeout=timeout)
+                report: PruneReport = await repository_work(
+                    self.repository, ApplyRetention(spec.retention, objects=done), timeout=timeout)
                 s.pruned = report.removed
             except BlockferryError as exc:
                 s.warnings.append(f"retention not applied: {exc}")

@@ -43,11 +43,21 @@ from blockferry.runtime.actor import Actor, Completion
 from blockferry.runtime.resources import Runtime
 
 
+async def repository_work(repository: Actor[RepositoryInbox], msg: ApplyRetention | CopyPoints | RunLifecycle,
+                          *, timeout: float | None) -> Any:
+    """Ask a repository actor for work on its store and wait for the outcome (see
+    :meth:`~blockferry.runtime.actor.Actor.ask_work`); ``timeout`` bounds the ask, not the work."""
+    try:
+        return await repository.ask_work(msg, timeout=timeout)
+    except TimeoutError:
+        raise RepositoryUnavailableError(f"{repository.name} did not take the request in {timeout} s") from None
+
+
 async def copy_points(repository: Actor[RepositoryInbox], order: CopyPoints, *, timeout: float | None) -> CopyReport:
     """Have a repository actor make a backup copy and wait for it: a backup job's immediate
     copies, the scheduler's periodic ones (and, in the actor, a ``copy`` lifecycle job's) all go
     through ``CopyPoints``."""
-    report: CopyReport = await repository.ask_work(order, timeout=timeout)
+    report: CopyReport = await repository_work(repository, order, timeout=timeout)
     return report
 
 

@@ -39,12 +39,12 @@ from typing import Any
 
 import anyio
 import msgspec
-from blockferry.actors.repository import copy_points
+from blockferry.actors.repository import copy_points, repository_work
 from blockferry.actors.server import JobHandle
 from blockferry.errors import ActorStoppedError, BlockferryError, ConflictError, NotFoundError
 from blockferry.jobs.calendars import Clock, Schedule, parse_schedule, parse_window
-from blockferry.jobs.config import CopyTarget
 from blockferry.jobs.catalog import JobConfig, LifecycleSpec, SourceConfig, chained_to, resolve
+from blockferry.jobs.config import CopyTarget
 from blockferry.jobs.messages import (
     CancelJob,
     CopyPoints,
@@ -281,7 +281,10 @@ class Scheduler(Actor[SchedulerInbox]):
 
     async def _repository(self, name: str) -> Actor[RepositoryInbox]:
         """The actor of the repository ``name`` (the server's), if it is open."""
-        repo: Actor[RepositoryInbox] | None = await self.server.ask(FindRepository(name), timeout=ASK_TIMEOUT)
+        try:
+            repo: Actor[RepositoryInbox] | None = await self.server.ask(FindRepository(name), timeout=ASK_TIMEOUT)
+        except TimeoutError:
+            raise BlockferryError(f"the server did not say in time whether repository {name} is open") from None
         if repo is None:
             raise BlockferryError(f"repository {name} is not open")
         return repo
@@ -458,8 +461,8 @@ class Scheduler(Actor[SchedulerInbox]):
                     if self.prepare is not None:
                         await self.prepare(job)
                     repo = await self._repository(spec.repository)
-                    done: tuple[Outcome, SessionResult] = await repo.ask_work(
-                        RunLifecycle(spec, job.name, result.started, say=lambda step: setattr(run, "step", step)),
+                    done: tuple[Outcome, SessionResult] = await repository_work(repo, RunLifecycle(
+                        spec, job.name, result.started, say=lambda step: setattr(run, "step", step)),
                         timeout=ASK_TIMEOUT)
                     outcome, result = done
                     state, note = outcome.state, outcome.note
@@ -545,7 +548,7 @@ class Scheduler(Actor[SchedulerInbox]):
             return None
         try:
             session: SessionResult = await run.handle.manager.ask(SessionQuery(), timeout=ASK_TIMEOUT)
-        except ActorStoppedError:
+        except (ActorStoppedError, TimeoutError):
             return None
         return session
 
@@ -555,7 +558,7 @@ class Scheduler(Actor[SchedulerInbox]):
         if run.handle is not None:
             try:
                 run.last_status = await run.handle.manager.ask(JobStatusQuery(), timeout=ASK_TIMEOUT)
-            except ActorStoppedError:
+            except (ActorStoppedError, TimeoutError):
                 pass
         return run.last_status
 

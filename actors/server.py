@@ -112,6 +112,15 @@ class BackupServer(Actor[ServerInbox]):
                                  proxies={e.config.name: e.slots.load for e in self.scheduler.proxies})
         raise BlockferryError(f"{self.name}: unexpected message {type(msg).__name__}")
 
+    async def _ask_child(self, child: Actor[Any], msg: Any) -> Any:
+        """Ask a proxy or repository; one that does not answer in time is an engine error (not
+        the server's failure)."""
+        timeout = self.runtime.settings.ask_timeout
+        try:
+            return await child.ask(msg, timeout=timeout)
+        except TimeoutError:
+            raise BlockferryError(f"{child.name} did not answer in {timeout} s") from None
+
     async def _add_proxy(self, config: ProxyConfig) -> Proxy:
         if config.name in self.proxies:
             raise ConfigError(f"a proxy named {config.name!r} exists")
@@ -134,7 +143,7 @@ class BackupServer(Actor[ServerInbox]):
         proxy = self.proxies.get(config.name)
         if proxy is None:
             raise NotFoundError(f"no proxy named {config.name!r}")
-        await proxy.ask(UpdateProxy(config))
+        await self._ask_child(proxy, UpdateProxy(config))
         self.scheduler.update_proxy(config)
         return proxy
 
@@ -154,7 +163,7 @@ class BackupServer(Actor[ServerInbox]):
         if repo is None:
             raise NotFoundError(f"no repository named {settings.name!r}")
         if settings.url == self.repository_settings[settings.name].url:
-            await repo.ask(UpdateRepository(settings))
+            await self._ask_child(repo, UpdateRepository(settings))
             self.repository_settings[settings.name] = settings
             self.scheduler.update_repository(settings.name, settings.max_tasks)
             return repo
@@ -186,7 +195,7 @@ class BackupServer(Actor[ServerInbox]):
             raise ConfigError(f"job {spec.name!r} is already running")
         name = self._find_repository(spec.repository)
         repo = self.repositories[name]
-        cfg: RepositoryConfig = await repo.ask(DescribeRepository(), timeout=self.runtime.settings.ask_timeout)
+        cfg: RepositoryConfig = await self._ask_child(repo, DescribeRepository())
         done: Completion[SessionResult] = Completion()
         manager = JobManager(spec, repository=repo, repository_name=name, block_size=cfg.block_size,
                              level=cfg.zstd_level, scheduler=self.scheduler, runtime=self.runtime, done=done,
