@@ -167,18 +167,18 @@ class JobManager(Actor[JobInbox]):
             return
         if spec.retention is not None:
             try:
-                report: PruneReport = await repository_work(
+                pruned: PruneReport = await repository_work(
                     self.repository, ApplyRetention(spec.retention, objects=done), timeout=timeout)
-                s.pruned = report.removed
+                s.pruned = pruned.removed
             except BlockferryError as exc:
                 s.warnings.append(f"retention not applied: {exc}")
         for target in spec.copy_to:
             if target.every_hours is not None:
                 continue  # periodic copies run on their own schedule
             try:
-                report = await copy_points(self.repository, CopyPoints(
+                copied = await copy_points(self.repository, CopyPoints(
                     to=target.url, points=s.points, retention=target.retention), timeout=timeout)
-                s.copied[target.url] = report.points
+                s.copied[target.url] = copied.points
             except BlockferryError as exc:
                 s.warnings.append(f"copy to {target.url} failed: {exc}")
 
