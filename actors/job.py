@@ -90,6 +90,7 @@ class JobManager(Actor[JobInbox]):
         done: Completion[SessionResult],
         throttles: list[BandwidthLimit] | None = None,
         repo_immutable_days: int | None = None,
+        session: int | None = None,
     ) -> None:
         super().__init__(f"job:{spec.name}", mailbox_size=runtime.settings.mailbox_size)
         self.spec = spec
@@ -107,7 +108,9 @@ class JobManager(Actor[JobInbox]):
         self.tasks: list[TaskContext] = []
         self._scope: anyio.CancelScope | None = None
         self._job_slots = Slots(spec.name, spec.max_tasks) if spec.max_tasks else None
-        self.log = self.log.bind(job=spec.name)
+        #: the daemon's session of this run (None outside the daemon): its log lines name it
+        self.session_id = session
+        self.log = self.log.bind(job=spec.name, **({} if session is None else {"session": session}))
 
     async def on_start(self) -> None:
         self.start_soon(self._work)
@@ -221,7 +224,8 @@ class JobManager(Actor[JobInbox]):
 
     def _task(self, obj: ObjectSpec, d: DiskSpec, name: str) -> TaskContext:
         return TaskContext(
-            job=self.spec.name, object=obj.name, disk=name, spec=d, block_size=self.block_size, level=self.level,
+            job=self.spec.name, object=obj.name, disk=name, spec=d, session=self.session_id,
+            block_size=self.block_size, level=self.level,
             hints=load_hints(d.hints) if d.hints else None, throttles=self.throttles,
         )
 

@@ -137,11 +137,6 @@ class Scheduler(Actor[SchedulerInbox]):
     def __repr__(self) -> str:
         return f"<Scheduler jobs={len(self.jobs)} running={sorted(self.runs)}>"
 
-    def session_of(self, job: str) -> int | None:
-        """The session of ``job``'s current run (what log lines about the job belong to)."""
-        run = self.runs.get(job)
-        return run.session if run else None
-
     # -- life cycle ------------------------------------------------------------------------------
 
     async def on_start(self) -> None:
@@ -218,7 +213,7 @@ class Scheduler(Actor[SchedulerInbox]):
                 run = next((r for r in self.runs.values() if r.session == session), None)
                 if run is None:
                     return None
-                return SessionProgress(progress=await self.progress(run), result=await self._session_of(run))
+                return SessionProgress(progress=await self.progress(run), result=await self._session_now(run))
         raise BlockferryError(f"{self.name}: unexpected message {type(msg).__name__}")
 
     async def status(self) -> SchedulerStatus:
@@ -413,7 +408,8 @@ class Scheduler(Actor[SchedulerInbox]):
         try:
             if self.prepare is not None:
                 await self.prepare(job)
-            run.handle = await self.server.ask(RunJob(resolve(job, self.sources), [run.throttle, self.throttle]))
+            run.handle = await self.server.ask(RunJob(resolve(job, self.sources), [run.throttle, self.throttle],
+                                                      session=sid))
         except BlockferryError as exc:
             del self.runs[name]
             await self.db.update_session(sid, state="failed", ended=self.clock.now().isoformat(), note=str(exc))
@@ -534,14 +530,14 @@ class Scheduler(Actor[SchedulerInbox]):
                     self.bus.publish("progress", data)
             now = anyio.current_time()
             if now - last_snapshot >= self.snapshot_interval:
-                session = await self._session_of(run)
+                session = await self._session_now(run)
                 states = tuple(o.state for o in session.objects) if session is not None else last_states
                 if session is not None and states != last_states:
                     last_states, last_snapshot = states, now
                     await self.db.update_session(run.session, result=session)
             await anyio.sleep(self.progress_interval)
 
-    async def _session_of(self, run: _Run) -> SessionResult | None:
+    async def _session_now(self, run: _Run) -> SessionResult | None:
         """A backup run's session as its job manager has it now (None once the manager stopped:
         its result is on its way)."""
         if run.handle is None:

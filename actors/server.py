@@ -85,8 +85,8 @@ class BackupServer(Actor[ServerInbox]):
 
     async def handle(self, msg: ServerInbox) -> Any:
         match msg:
-            case RunJob(spec=spec, throttles=throttles):
-                return await self._run_job(spec, throttles)
+            case RunJob(spec=spec, throttles=throttles, session=session):
+                return await self._run_job(spec, throttles, session)
             case AddRepository(settings=settings, store=store):
                 return await self._add_repository(settings, store)
             case AddProxy(config=config):
@@ -190,7 +190,8 @@ class BackupServer(Actor[ServerInbox]):
             raise ConfigError(f"unknown repository {ref!r} (known: {', '.join(self.repositories) or 'none'})")
         return name
 
-    async def _run_job(self, spec: JobSpec, throttles: list[BandwidthLimit] | None = None) -> JobHandle:
+    async def _run_job(self, spec: JobSpec, throttles: list[BandwidthLimit] | None = None,
+                       session: int | None = None) -> JobHandle:
         if spec.name in self.jobs:
             raise ConfigError(f"job {spec.name!r} is already running")
         name = self._find_repository(spec.repository)
@@ -199,7 +200,7 @@ class BackupServer(Actor[ServerInbox]):
         done: Completion[SessionResult] = Completion()
         manager = JobManager(spec, repository=repo, repository_name=name, block_size=cfg.block_size,
                              level=cfg.zstd_level, scheduler=self.scheduler, runtime=self.runtime, done=done,
-                             throttles=throttles, repo_immutable_days=cfg.immutable_days)
+                             throttles=throttles, repo_immutable_days=cfg.immutable_days, session=session)
         self.jobs[spec.name] = manager
         self.job_repositories[spec.name] = name
         try:

@@ -52,7 +52,7 @@ class SourceMover(Actor[MoverInbox]):
         self.done = done
         self.stats = TaskStats(lanes=runtime.settings.lanes)
         self._scope: anyio.CancelScope | None = None
-        self.log = self.log.bind(job=task.job, object=task.object, disk=task.disk)
+        self.log = self.log.bind(**task.log_context)
 
     async def on_start(self) -> None:
         self.start_soon(self._work)

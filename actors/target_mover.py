@@ -44,7 +44,7 @@ class TargetMover(Actor[MoverInbox]):
         self.busy = 0.0
         self._scope: anyio.CancelScope | None = None
         self._foreign: set[bytes] = set()
-        self.log = self.log.bind(job=task.job, object=task.object, disk=task.disk)
+        self.log = self.log.bind(**task.log_context)
 
     async def on_start(self) -> None:
         self.start_soon(self._work)

@@ -153,8 +153,8 @@ class _Tee:
 def configure_logging(log_file: Path, *, level: str, stderr: bool, bus: EventBus,
                       extra: list[Any] | None = None) -> TextIO:
     """structlog JSON lines to ``log_file`` (and stderr in the foreground), each also offered to
-    ``log`` subscribers; ``extra`` processors run first (:meth:`Daemon.log_context`). Returns the
-    open log file."""
+    ``log`` subscribers; ``extra`` processors run first. Returns the open log file. (A job run's
+    lines name its session: the scheduler gives it to the run, whose actors bind it.)"""
     import structlog
     from blockferry import log as logmod
 
@@ -195,16 +195,6 @@ class Daemon:
 
     def __repr__(self) -> str:
         return f"<Daemon {self.options.socket} state={self.options.state_dir}>"
-
-    def log_context(self, logger: Any, method: str, event: Any) -> Any:
-        """A structlog processor: a line about a running job names its session too (the job's
-        actors bind the job; only the daemon knows the session)."""
-        job = event.get("job")
-        if job is not None and "session" not in event and self.scheduler is not None:
-            sid = self.scheduler.session_of(job)
-            if sid is not None:
-                event["session"] = sid
-        return event
 
     def shutdown(self) -> None:
         """Ask the daemon to stop (what SIGTERM does): running jobs stop cleanly, then

@@ -40,6 +40,8 @@ class RunJob(Message, frozen=True):
     spec: JobSpec
     #: bandwidth limits every task of the run waits on (in-process)
     throttles: list[BandwidthLimit] | None = None
+    #: the daemon's session of this run: every log line of the run names it
+    session: int | None = None
 
 
 class ServerStatusQuery(Message, frozen=True):

@@ -23,6 +23,8 @@ class TaskContext(msgspec.Struct, eq=False, kw_only=True):
     object: str
     disk: str
     spec: DiskSpec
+    #: the daemon's session of the job's run (None outside the daemon), for log lines
+    session: int | None = None
     block_size: int
     level: int | None
     hints: list[Extent] | None = None
@@ -47,6 +49,14 @@ class TaskContext(msgspec.Struct, eq=False, kw_only=True):
     throttles: list[BandwidthLimit] = msgspec.field(default_factory=list)
     error: BaseException | None = None
     attempt: int = 0
+
+    @property
+    def log_context(self) -> dict[str, str | int]:
+        """What every log line about this task names."""
+        out: dict[str, str | int] = {"job": self.job, "object": self.object, "disk": self.disk}
+        if self.session is not None:
+            out["session"] = self.session
+        return out
 
     @property
     def id(self) -> str:
