@@ -271,8 +271,7 @@ class Scheduler(Actor[SchedulerInbox]):
         for key, target in targets.items():
             if key not in self.copy_due:
                 last = await self.db.last_success(key[0], "copy", key[1])
-                self.copy_due[key] = (dt.datetime.fromisoformat(last) + dt.timedelta(hours=target.every_hours)
-                                      if last else self.clock.now())
+                self.copy_due[key] = dt.datetime.fromisoformat(last) + _every(target) if last else self.clock.now()
 
     async def _repository(self, name: str) -> Actor[RepositoryInbox]:
         """The actor of the repository ``name`` (the server's), if it is open."""
@@ -318,7 +317,7 @@ class Scheduler(Actor[SchedulerInbox]):
             if due > now or key in self._copying or key not in targets:
                 continue
             target = targets[key]
-            step = dt.timedelta(hours=target.every_hours)
+            step = _every(target)
             while due <= now:  # missed ones are not made up for: the latest points are what a copy sends
                 due += step
             self.copy_due[key] = due
@@ -619,6 +618,12 @@ class Scheduler(Actor[SchedulerInbox]):
         if not self.runs and self._idle is not None:
             self._idle.set_result(None)
         self._rethink()
+
+
+def _every(target: CopyTarget) -> dt.timedelta:
+    """How often a periodic copy runs."""
+    assert target.every_hours is not None  # only periodic targets are scheduled
+    return dt.timedelta(hours=target.every_hours)
 
 
 def _span(times: list[dt.datetime]) -> str:

@@ -115,6 +115,7 @@ class SourceMover(Actor[MoverInbox]):
                 size=disk.size, identity=disk.identity, metadata=disk.metadata, change_id=disk.change_id,
                 from_base=plan.from_base, holes=plan.holes, reason=plan.reason,
             ))
+            assert task.index is not None  # the repository set it when it opened the target
             processor = BlockProcessor(
                 url=task.url, size=disk.size, block_size=bs, level=task.level, index=task.index,
                 owner=task, claimed=task.claimed, read=disk.read_blocking, pool=self.runtime.pool(bs),

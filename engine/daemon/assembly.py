@@ -367,8 +367,8 @@ class Daemon:
                         await self.server.ask(RemoveRepository(name))
                     except BlockferryError:
                         pass
-                for old in replaced:  # back to where it was
-                    await self._open_repository(old, quiet=True)
+                for before in replaced:  # back to where it was
+                    await self._open_repository(before, quiet=True)
             raise
         for name, r in new_repos.items():
             if name in old_repos and old_repos[name].url == r.url and old_repos[name] != r \
