@@ -84,7 +84,8 @@ class Running(Generic[T]):
 
     The asker awaits :meth:`outcome`. If the asker is cancelled meanwhile, the work is cancelled
     too, and :meth:`outcome` waits until it has ended before the cancellation goes on, as if the
-    work had run in the asker's own task.
+    work had run in the asker's own task. If the owning actor stops first, the work is cancelled
+    before the actor's ``on_stop`` and the asker gets ActorStoppedError.
     """
 
     __slots__ = ("_done", "_ended", "_scope")
@@ -114,9 +115,13 @@ class Running(Generic[T]):
             return await self._done.wait()
         finally:
             if not self._ended.is_set():
-                self._scope.cancel()
-                with anyio.CancelScope(shield=True):
-                    await self._ended.wait()
+                await self.cancel_and_wait()
+
+    async def cancel_and_wait(self) -> None:
+        """Cancel the work (if it still goes) and wait until it has ended."""
+        self._scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._ended.wait()
 
 
 class _Envelope:
@@ -194,6 +199,7 @@ class Actor(Generic[M]):
         self._tg: TaskGroup | None = None
         self._done: anyio.Event | None = None
         self._children: list[Actor[Any]] = []
+        self._works: set[Running[Any]] = set()
         self.child_failures: list[ChildFailure] = []
         self.log = get_logger(actor=name)
 
@@ -303,6 +309,7 @@ class Actor(Generic[M]):
                 await self._serve()
                 self._state = "stopping"
                 await self._stop_children()
+                await self._end_works()
                 await self.on_stop()
                 tg.cancel_scope.cancel()  # helper tasks started with start_soon end with the actor
             self._state = "stopped"
@@ -388,10 +395,24 @@ class Actor(Generic[M]):
         self._tg.start_soon(fn, *args)
 
     def start_work(self, fn: Callable[[], Awaitable[T]], what: str) -> Running[T]:
-        """Do ``fn`` in a helper task for an asker; reply with the returned :class:`Running`."""
+        """Do ``fn`` in a helper task for an asker; reply with the returned :class:`Running`.
+        Work still going when the actor stops is cancelled before :meth:`on_stop` (which may
+        release what it uses)."""
         running: Running[T] = Running()
-        self.start_soon(running.run, fn, what)
+        self._works.add(running)
+
+        async def work() -> None:
+            try:
+                await running.run(fn, what)
+            finally:
+                self._works.discard(running)
+
+        self.start_soon(work)
         return running
+
+    async def _end_works(self) -> None:
+        for running in list(self._works):
+            await running.cancel_and_wait()
 
     async def spawn(self, child: Actor[Any], *, policy: SupervisionPolicy | None = None) -> Any:
         """Start ``child`` in this actor's task group and wait for its start handshake.
