@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from blockferry.errors import BlockferryError
+from blockferry.jobs.messages import MoverInbox
 from blockferry.runtime.actor import Actor, Completion, Decision
+
+M = TypeVar("M")
 
 
 class CapacityExceededError(BlockferryError):
     """A task was handed to a proxy or repository with no free slot (the scheduler never does)."""
 
 
-class MoverHost(Actor[Any]):
+class MoverHost(Actor[M]):
     """Spawns movers as children; ``load`` is how many run now, ``peak`` the most at once."""
 
     max_tasks: int
@@ -23,9 +26,9 @@ class MoverHost(Actor[Any]):
         self.load = 0
         self.peak = 0
         self.tasks_run = 0
-        self._movers: dict[Actor[Any], Completion[Any]] = {}
+        self._movers: dict[Actor[MoverInbox], Completion[Any]] = {}
 
-    async def host(self, mover: Actor[Any], done: Completion[Any]) -> tuple[Actor[Any], Completion[Any]]:
+    async def host(self, mover: Actor[MoverInbox], done: Completion[Any]) -> tuple[Actor[MoverInbox], Completion[Any]]:
         """Start ``mover``; ``done`` completes with its result, or its error if it fails."""
         if self.load >= self.max_tasks:
             raise CapacityExceededError(f"{self.name}: {self.load} tasks running, limit {self.max_tasks}")
@@ -41,7 +44,7 @@ class MoverHost(Actor[Any]):
         self.start_soon(self._track, mover, done)
         return mover, done
 
-    async def _track(self, mover: Actor[Any], done: Completion[Any]) -> None:
+    async def _track(self, mover: Actor[MoverInbox], done: Completion[Any]) -> None:
         try:
             await done.wait()
         except Exception:
@@ -49,7 +52,7 @@ class MoverHost(Actor[Any]):
         finally:
             self._finished(mover)
 
-    def _finished(self, mover: Actor[Any]) -> None:
+    def _finished(self, mover: Actor[MoverInbox]) -> None:
         if self._movers.pop(mover, None) is not None:
             self.load -= 1
 

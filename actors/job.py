@@ -15,29 +15,40 @@ from typing import Any
 
 import anyio
 import msgspec
+from blockferry.actors.repository import copy_points, repository_work
 from blockferry.datapath.hints import load_hints
 from blockferry.errors import BlockferryError, unwrap_group
 from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, expand_disks
 from blockferry.jobs.messages import (
+    ApplyRetention,
     CancelJob,
+    CancelMove,
     CheckAvailable,
     CommitPoint,
+    CopyPoints,
+    DataItem,
     DiskResult,
     FindBase,
+    JobInbox,
     JobStatus,
     JobStatusQuery,
+    MoverInbox,
     ObjectResult,
     OpenTarget,
+    RepositoryInbox,
     RunSource,
+    SessionQuery,
     SessionResult,
     TaskStatus,
 )
-from blockferry.jobs.slots import ResourceScheduler, Slots, Ticket
+from blockferry.jobs.slots import ProxyEntry, ResourceScheduler, Slots, Ticket
 from blockferry.jobs.task import TaskContext
 from blockferry.registry import source_plugin
 from blockferry.repo.format import DiskRecord, Manifest, TaskStats, new_point_id, utc_now
+from blockferry.repo.lifecycle import PruneReport
 from blockferry.runtime.actor import Actor, Completion, Decision, SupervisionPolicy
 from blockferry.runtime.resources import Runtime
+from blockferry.runtime.throttle import BandwidthLimit
 
 
 def immutable_until(created: str, *days: int | None) -> str | None:
@@ -59,21 +70,27 @@ def primary_error(exc: BaseException) -> BaseException:
     return exc
 
 
-class JobManager(Actor[Any]):
+#: a mover started for a task: its reference, and the completion of its work
+Started = tuple[Actor[MoverInbox], Completion[Any]]
+
+
+class JobManager(Actor[JobInbox]):
     supervision = SupervisionPolicy(max_restarts=0, then=Decision.STOP)
 
     def __init__(
         self,
         spec: JobSpec,
         *,
-        repository: Any,
+        repository: Actor[RepositoryInbox],
         repository_name: str,
         block_size: int,
         level: int | None,
         scheduler: ResourceScheduler,
         runtime: Runtime,
         done: Completion[SessionResult],
-        throttles: list[Any] | None = None,
+        throttles: list[BandwidthLimit] | None = None,
+        repo_immutable_days: int | None = None,
+        session: int | None = None,
     ) -> None:
         super().__init__(f"job:{spec.name}", mailbox_size=runtime.settings.mailbox_size)
         self.spec = spec
@@ -81,25 +98,29 @@ class JobManager(Actor[Any]):
         self.repository_name = repository_name
         self.block_size = block_size
         self.level = level
-        self.repo_immutable_days: int | None = None
+        self.repo_immutable_days = repo_immutable_days
         self.scheduler = scheduler
         self.runtime = runtime
         self.done = done
-        #: bandwidth limits (objects with ``async consume(nbytes)``) every task goes through
+        #: bandwidth limits every task goes through
         self.throttles = list(throttles or ())
         self.session = SessionResult(job=spec.name, started=utc_now())
         self.tasks: list[TaskContext] = []
         self._scope: anyio.CancelScope | None = None
         self._job_slots = Slots(spec.name, spec.max_tasks) if spec.max_tasks else None
-        self.log = self.log.bind(job=spec.name)
+        #: the daemon's session of this run (None outside the daemon): its log lines name it
+        self.session_id = session
+        self.log = self.log.bind(job=spec.name, **({} if session is None else {"session": session}))
 
     async def on_start(self) -> None:
         self.start_soon(self._work)
 
-    async def handle(self, msg: Any) -> Any:
+    async def handle(self, msg: JobInbox) -> Any:
         match msg:
             case JobStatusQuery():
                 return self.status()
+            case SessionQuery():  # a copy: the session goes on changing here
+                return msgspec.msgpack.decode(msgspec.msgpack.encode(self.session), type=SessionResult)
             case CancelJob(reason=reason):
                 self.session.warnings.append(f"job stopped: {reason}")
                 if self._scope is not None:
@@ -140,27 +161,27 @@ class JobManager(Actor[Any]):
 
     async def _after_run(self) -> None:
         """The job's retention on its objects, then its immediate backup copies (and their
-        retention). Failures here are warnings: the new points are committed already."""
-        from blockferry.repo.lifecycle import copy_to_url, prune
-
+        retention), done by the repository actor. Failures here are warnings: the new points are
+        committed already."""
         s, spec = self.session, self.spec
+        timeout = self.runtime.settings.ask_timeout
         done = [o.name for o in s.objects if o.state == "done"]
-        store = self.repository.store
         if not done:
             return
         if spec.retention is not None:
             try:
-                report = await prune(store, spec.retention, objects=done)
-                s.pruned = report.removed
+                pruned: PruneReport = await repository_work(
+                    self.repository, ApplyRetention(spec.retention, objects=done), timeout=timeout)
+                s.pruned = pruned.removed
             except BlockferryError as exc:
                 s.warnings.append(f"retention not applied: {exc}")
         for target in spec.copy_to:
             if target.every_hours is not None:
                 continue  # periodic copies run on their own schedule
             try:
-                report = await copy_to_url(store, target.url, s.points, runtime=self.runtime,
-                                           retention=target.retention)
-                s.copied[target.url] = report.points
+                copied = await copy_points(self.repository, CopyPoints(
+                    to=target.url, points=s.points, retention=target.retention), timeout=timeout)
+                s.copied[target.url] = copied.points
             except BlockferryError as exc:
                 s.warnings.append(f"copy to {target.url} failed: {exc}")
 
@@ -203,7 +224,8 @@ class JobManager(Actor[Any]):
 
     def _task(self, obj: ObjectSpec, d: DiskSpec, name: str) -> TaskContext:
         return TaskContext(
-            job=self.spec.name, object=obj.name, disk=name, spec=d, block_size=self.block_size, level=self.level,
+            job=self.spec.name, object=obj.name, disk=name, spec=d, session=self.session_id,
+            block_size=self.block_size, level=self.level,
             hints=load_hints(d.hints) if d.hints else None, throttles=self.throttles,
         )
 
@@ -289,15 +311,18 @@ class JobManager(Actor[Any]):
     async def _run_task(self, task: TaskContext, ticket: Ticket) -> DiskRecord:
         try:
             async with self.scheduler.hold(ticket) as proxy:
-                movers: list[tuple[Any, Completion[Any]]] = []
+                movers: list[Started] = []
                 try:
                     return await self._move(task, proxy, movers)
                 finally:
                     # the task ends early (an error, a cancellation): stop its movers and wait
                     # until they have, so its slots are free only once nothing of it runs
-                    for mover, _ in movers:
-                        mover.cancel()
                     with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+                        for mover, _ in movers:
+                            try:
+                                await mover.tell(CancelMove())
+                            except BlockferryError:
+                                pass  # it has stopped already
                         for _, done in movers:
                             try:
                                 await done.wait()
@@ -311,7 +336,7 @@ class JobManager(Actor[Any]):
             if task.index is not None:
                 task.index.release(task.claimed)
 
-    async def _move(self, task: TaskContext, proxy: Any, movers: list[tuple[Any, Completion[Any]]]) -> DiskRecord:
+    async def _move(self, task: TaskContext, proxy: ProxyEntry, movers: list[Started]) -> DiskRecord:
         """Check the repository, find the base, connect a target and a source mover, wait for
         both. ``movers`` lists the movers started and not yet finished."""
         timeout = self.runtime.settings.ask_timeout
@@ -321,7 +346,7 @@ class JobManager(Actor[Any]):
         found = await self.repository.ask(FindBase(task.object, task.disk), timeout=timeout)
         if found is not None:
             task.base_point, task.base, task.heal = found
-        send, recv = anyio.create_memory_object_stream[Any](self.runtime.settings.stream_batches)
+        send, recv = anyio.create_memory_object_stream[DataItem](self.runtime.settings.stream_batches)
         try:
             target, target_done = await self.repository.ask(OpenTarget(task, recv), timeout=timeout)
         except BaseException:

@@ -1,5 +1,11 @@
 """Repository: owns one repository's store, runs target movers (at most ``max_tasks`` at once),
-checks availability before tasks start, and commits restore points."""
+checks availability before tasks start, and commits restore points.
+
+Everything else done on the store goes through it too, as messages: a job's retention
+(``ApplyRetention``), backup copies (``CopyPoints``) and lifecycle runs (``RunLifecycle``). Those
+take long, so each runs in a helper task of the actor (the reply is a ``Running``) while it goes on
+serving the backups that use the repository meanwhile.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +16,52 @@ from blockferry.actors._host import MoverHost
 from blockferry.actors.target_mover import TargetMover
 from blockferry.errors import BlockferryError, NotFoundError, RepositoryError, RepositoryUnavailableError
 from blockferry.jobs.config import RepositorySettings
+from blockferry.jobs.maintenance import run_copy, run_lifecycle
 from blockferry.jobs.messages import (
+    ApplyRetention,
     Availability,
     CheckAvailable,
     CommitPoint,
+    CopyPoints,
+    DescribeRepository,
     FindBase,
     OpenTarget,
+    Outcome,
     ReleaseLock,
+    RepositoryInbox,
     RepositoryStatus,
     RepositoryStatusQuery,
+    RunLifecycle,
+    SessionResult,
+    UpdateRepository,
 )
 from blockferry.registry import backend_plugin
 from blockferry.repo.format import DiskRecord
+from blockferry.repo.lifecycle import CopyReport, prune
 from blockferry.repo.store import CONFIG_KEY, RepositoryStore
-from blockferry.runtime.actor import Completion
+from blockferry.runtime.actor import Actor, Completion
 from blockferry.runtime.resources import Runtime
 
 
-class Repository(MoverHost):
+async def repository_work(repository: Actor[RepositoryInbox], msg: ApplyRetention | CopyPoints | RunLifecycle,
+                          *, timeout: float | None) -> Any:
+    """Ask a repository actor for work on its store and wait for the outcome (see
+    :meth:`~blockferry.runtime.actor.Actor.ask_work`); ``timeout`` bounds the ask, not the work."""
+    try:
+        return await repository.ask_work(msg, timeout=timeout)
+    except TimeoutError:
+        raise RepositoryUnavailableError(f"{repository.name} did not take the request in {timeout} s") from None
+
+
+async def copy_points(repository: Actor[RepositoryInbox], order: CopyPoints, *, timeout: float | None) -> CopyReport:
+    """Have a repository actor make a backup copy and wait for it: a backup job's immediate
+    copies, the scheduler's periodic ones (and, in the actor, a ``copy`` lifecycle job's) all go
+    through ``CopyPoints``."""
+    report: CopyReport = await repository_work(repository, order, timeout=timeout)
+    return report
+
+
+class Repository(MoverHost[RepositoryInbox]):
     def __init__(self, settings: RepositorySettings, runtime: Runtime, store: RepositoryStore | None = None) -> None:
         super().__init__(f"repository:{settings.name}", max_tasks=settings.max_tasks,
                          mailbox_size=runtime.settings.mailbox_size)
@@ -70,7 +104,7 @@ class Repository(MoverHost):
         elif store is not None:
             await store.unlock()
 
-    async def handle(self, msg: Any) -> Any:
+    async def handle(self, msg: RepositoryInbox) -> Any:
         store = self.store
         assert store is not None
         match msg:
@@ -97,6 +131,24 @@ class Repository(MoverHost):
             case RepositoryStatusQuery():
                 return RepositoryStatus(name=self.settings.name, url=self.settings.url, load=self.load,
                                         peak=self.peak, max_tasks=self.settings.max_tasks, chunks=len(store.index))
+            case UpdateRepository(settings=settings):
+                if settings.url != self.settings.url:
+                    raise BlockferryError(f"{self.name}: a new URL opens a new repository actor")
+                self.settings, self.max_tasks = settings, settings.max_tasks
+                return None
+            case DescribeRepository():
+                return store.config
+            case ApplyRetention(policy=policy, objects=objects):
+                return self.start_work(lambda: prune(store, policy, objects=objects), f"{self.name}: retention")
+            case CopyPoints() as order:
+                return self.start_work(lambda: run_copy(store, self.runtime, order),
+                                       f"{self.name}: copy to {order.to}")
+            case RunLifecycle(spec=spec, job=job, started=started, say=say):
+                async def lifecycle() -> tuple[Outcome, SessionResult]:
+                    result = SessionResult(job=job, started=started)
+                    return await run_lifecycle(spec, store, self.runtime, result, say=say), result
+
+                return self.start_work(lifecycle, f"{self.name}: {spec.type} job {job}")
         raise BlockferryError(f"{self.name}: unexpected message {type(msg).__name__}")
 
     async def _check_available(self, store: RepositoryStore) -> Availability:

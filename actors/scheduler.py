@@ -20,8 +20,14 @@ once if there was none).
 
 Lifecycle jobs (type ``prune``, ``gc``, ``verify``, ``copy``) take the same schedules, windows,
 chains, manual runs and stops as backup jobs; each run is a session of that kind, done by
-:func:`blockferry.jobs.maintenance.run_lifecycle` in a helper task on the store of the job's
-repository, and stopped by cancelling that task (every lifecycle operation is safe to interrupt).
+:func:`blockferry.jobs.maintenance.run_lifecycle` on the store of the job's repository. The
+scheduler asks the BackupServer for that repository's actor and asks the actor for the run (a
+``RunLifecycle``); a helper task here waits for it, and a stop cancels that wait, which cancels
+the run (every lifecycle operation is safe to interrupt). Periodic copies likewise ask the
+repository actor for a ``CopyPoints``.
+
+The scheduler reads a running job's state by asking its JobManager (``JobStatusQuery`` for
+progress, ``SessionQuery`` for snapshots).
 """
 
 from __future__ import annotations
@@ -33,78 +39,46 @@ from typing import Any
 
 import anyio
 import msgspec
+from blockferry.actors.repository import copy_points, repository_work
+from blockferry.actors.server import JobHandle
 from blockferry.errors import ActorStoppedError, BlockferryError, ConflictError, NotFoundError
 from blockferry.jobs.calendars import Clock, Schedule, parse_schedule, parse_window
 from blockferry.jobs.catalog import JobConfig, LifecycleSpec, SourceConfig, chained_to, resolve
-from blockferry.jobs.messages import CancelJob, Message, SessionResult
+from blockferry.jobs.config import CopyTarget
+from blockferry.jobs.messages import (
+    CancelJob,
+    CopyPoints,
+    FindRepository,
+    JobStatus,
+    JobStatusQuery,
+    NextRun,
+    Outcome,
+    RepositoryInbox,
+    RunEnded,
+    RunInfo,
+    RunJob,
+    RunLifecycle,
+    RunNow,
+    SchedulerInbox,
+    SchedulerStatus,
+    SchedulerStatusQuery,
+    ServerInbox,
+    SessionProgress,
+    SessionProgressQuery,
+    SessionQuery,
+    SessionResult,
+    SetJobs,
+    StopAll,
+    StopRun,
+    Tick,
+)
 from blockferry.jobs.statedb import StateDB
 from blockferry.runtime.actor import Actor, Completion
 from blockferry.runtime.events import EventBus
 from blockferry.runtime.throttle import Throttle
 
-
-class SetJobs(Message, frozen=True):
-    """The configured jobs and sources changed (or are first known)."""
-
-    jobs: list[JobConfig]
-    sources: list[SourceConfig]
-
-
-class RunNow(Message, frozen=True):
-    job: str
-    trigger: str = "manual"
-
-
-class StopRun(Message, frozen=True):
-    job: str
-    reason: str = "stopped by request"
-
-
-class StopAll(Message, frozen=True):
-    """Stop every run and start no more; replies with a Completion set once none runs."""
-
-    reason: str
-
-
-class Tick(Message, frozen=True):
-    pass
-
-
-class RunEnded(Message, frozen=True):
-    job: str
-    result: SessionResult | None
-    error: str | None = None
-    #: a lifecycle run's final state and note (a backup run's come from its result)
-    state: str | None = None
-    note: str | None = None
-
-
-class SchedulerStatusQuery(Message, frozen=True):
-    pass
-
-
-class RunInfo(msgspec.Struct, kw_only=True):
-    session: int
-    job: str
-    trigger: str
-    started: str
-    stop_reason: str | None
-    window_closes: str | None
-    progress: dict[str, Any] | None
-
-
-class NextRun(msgspec.Struct, kw_only=True):
-    job: str
-    schedule: str
-    due: str | None  #: None for chained jobs
-    enabled: bool
-
-
-class SchedulerStatus(msgspec.Struct, kw_only=True):
-    now: str
-    running: list[RunInfo]
-    next_runs: list[NextRun]
-    stopping: bool
+#: how long the scheduler waits for another actor's answer about a run
+ASK_TIMEOUT = 10.0
 
 
 class _Run:
@@ -116,7 +90,10 @@ class _Run:
         self.trigger = trigger
         self.started = started
         self.throttle = throttle
-        self.handle: Any = None
+        #: a backup run's job manager and result (None for a lifecycle run)
+        self.handle: JobHandle | None = None
+        #: the job manager's latest status (what progress shows once it has stopped)
+        self.last_status: JobStatus | None = None
         self.stop_reason: str | None = None
         self.window_closes: dt.datetime | None = None
         self.t0 = anyio.current_time()
@@ -129,8 +106,8 @@ class _Run:
         return f"<Run {self.job.name} session={self.session} {self.trigger}>"
 
 
-class Scheduler(Actor[Any]):
-    def __init__(self, *, server: Any, db: StateDB, bus: EventBus, clock: Clock, throttle: Throttle,
+class Scheduler(Actor[SchedulerInbox]):
+    def __init__(self, *, server: Actor[ServerInbox], db: StateDB, bus: EventBus, clock: Clock, throttle: Throttle,
                  jobs: list[JobConfig], sources: list[SourceConfig], progress_interval: float = 0.5,
                  snapshot_interval: float = 2.0,
                  prepare: Callable[[JobConfig], Awaitable[None]] | None = None) -> None:
@@ -159,11 +136,6 @@ class Scheduler(Actor[Any]):
 
     def __repr__(self) -> str:
         return f"<Scheduler jobs={len(self.jobs)} running={sorted(self.runs)}>"
-
-    def session_of(self, job: str) -> int | None:
-        """The session of ``job``'s current run (what log lines about the job belong to)."""
-        run = self.runs.get(job)
-        return run.session if run else None
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -211,7 +183,7 @@ class Scheduler(Actor[Any]):
 
     # -- messages --------------------------------------------------------------------------------
 
-    async def handle(self, msg: Any) -> Any:
+    async def handle(self, msg: SchedulerInbox) -> Any:
         match msg:
             case Tick():
                 return await self._tick()
@@ -236,16 +208,21 @@ class Scheduler(Actor[Any]):
             case SetJobs(jobs=jobs, sources=sources):
                 return await self._set_jobs(jobs, sources)
             case SchedulerStatusQuery():
-                return self.status()
+                return await self.status()
+            case SessionProgressQuery(session=session):
+                run = next((r for r in self.runs.values() if r.session == session), None)
+                if run is None:
+                    return None
+                return SessionProgress(progress=await self.progress(run), result=await self._session_now(run))
         raise BlockferryError(f"{self.name}: unexpected message {type(msg).__name__}")
 
-    def status(self) -> SchedulerStatus:
+    async def status(self) -> SchedulerStatus:
         return SchedulerStatus(
             now=self.clock.now().isoformat(),
             running=[RunInfo(session=r.session, job=r.job.name, trigger=r.trigger, started=r.started.isoformat(),
                              stop_reason=r.stop_reason,
                              window_closes=r.window_closes.isoformat() if r.window_closes else None,
-                             progress=self.progress(r)) for r in self.runs.values()],
+                             progress=await self.progress(r)) for r in list(self.runs.values())],
             next_runs=[NextRun(job=j.name, schedule=j.settings.schedule or "", enabled=j.settings.enabled,
                                due=self.next_due[j.name].isoformat() if j.name in self._schedules else None)
                        for j in self.jobs.values() if j.settings.schedule],
@@ -282,7 +259,7 @@ class Scheduler(Actor[Any]):
 
     # -- periodic copies ---------------------------------------------------------------------------
 
-    def _periodic(self) -> dict[tuple[str, str], Any]:
+    def _periodic(self) -> dict[tuple[str, str], CopyTarget]:
         return {(j.name, t.url): t for j in self.jobs.values() for t in (j.backup.copy_to if j.backup else [])
                 if t.every_hours is not None and j.settings.enabled}
 
@@ -294,24 +271,29 @@ class Scheduler(Actor[Any]):
         for key, target in targets.items():
             if key not in self.copy_due:
                 last = await self.db.last_success(key[0], "copy", key[1])
-                self.copy_due[key] = (dt.datetime.fromisoformat(last) + dt.timedelta(hours=target.every_hours)
-                                      if last else self.clock.now())
+                self.copy_due[key] = dt.datetime.fromisoformat(last) + _every(target) if last else self.clock.now()
 
-    async def _copy(self, key: tuple[str, str], target: Any, sid: int) -> None:
+    async def _repository(self, name: str) -> Actor[RepositoryInbox]:
+        """The actor of the repository ``name`` (the server's), if it is open."""
+        try:
+            repo: Actor[RepositoryInbox] | None = await self.server.ask(FindRepository(name), timeout=ASK_TIMEOUT)
+        except TimeoutError:
+            raise BlockferryError(f"the server did not say in time whether repository {name} is open") from None
+        if repo is None:
+            raise BlockferryError(f"repository {name} is not open")
+        return repo
+
+    async def _copy(self, key: tuple[str, str], target: CopyTarget, sid: int) -> None:
         """Copy the latest point of each of the job's objects to the target (a helper task)."""
-        from blockferry.repo.lifecycle import copy_to_url, points_to_copy
-
         name, url = key
         job = self.jobs[name]
         state, note, result = "failed", None, SessionResult(job=name, started=self.clock.now().isoformat())
         try:
-            repo = self.server.repositories.get(job.spec.repository)
-            if repo is None or repo.store is None:
-                raise BlockferryError(f"repository {job.spec.repository} is not open")
+            repo = await self._repository(job.spec.repository)
             assert job.backup is not None
-            points = await points_to_copy(repo.store, objects=[o.name for o in job.backup.objects], latest=True)
-            report = await copy_to_url(repo.store, url, points, runtime=self.server.runtime,
-                                       retention=target.retention)
+            report = await copy_points(repo, CopyPoints(
+                to=url, objects=[o.name for o in job.backup.objects], latest=True, retention=target.retention),
+                timeout=ASK_TIMEOUT)
             result.copied[url], result.pruned = report.points, report.pruned
             state = "success"
             self.log.info("copy_done", job=name, session=sid, target=url, points=len(report.points))
@@ -335,7 +317,7 @@ class Scheduler(Actor[Any]):
             if due > now or key in self._copying or key not in targets:
                 continue
             target = targets[key]
-            step = dt.timedelta(hours=target.every_hours)
+            step = _every(target)
             while due <= now:  # missed ones are not made up for: the latest points are what a copy sends
                 due += step
             self.copy_due[key] = due
@@ -425,7 +407,8 @@ class Scheduler(Actor[Any]):
         try:
             if self.prepare is not None:
                 await self.prepare(job)
-            run.handle = await self.server.run_job(resolve(job, self.sources), throttles=[run.throttle, self.throttle])
+            run.handle = await self.server.ask(RunJob(resolve(job, self.sources), [run.throttle, self.throttle],
+                                                      session=sid))
         except BlockferryError as exc:
             del self.runs[name]
             await self.db.update_session(sid, state="failed", ended=self.clock.now().isoformat(), note=str(exc))
@@ -457,9 +440,8 @@ class Scheduler(Actor[Any]):
         return sid
 
     async def _lifecycle(self, run: _Run) -> None:
-        """Run a lifecycle job (a helper task); hand its outcome to the actor."""
-        from blockferry.jobs.maintenance import run_lifecycle
-
+        """Have the repository's actor run a lifecycle job, wait for it (a helper task); hand its
+        outcome to the actor."""
         job, spec = run.job, run.job.spec
         assert isinstance(spec, LifecycleSpec)
         result = SessionResult(job=job.name, started=run.started.isoformat())
@@ -473,11 +455,11 @@ class Scheduler(Actor[Any]):
                 try:
                     if self.prepare is not None:
                         await self.prepare(job)
-                    repo = self.server.repositories.get(spec.repository)
-                    if repo is None or repo.store is None:
-                        raise BlockferryError(f"repository {spec.repository} is not open")
-                    outcome = await run_lifecycle(spec, repo.store, self.server.runtime, result,
-                                                  say=lambda step: setattr(run, "step", step))
+                    repo = await self._repository(spec.repository)
+                    done: tuple[Outcome, SessionResult] = await repository_work(repo, RunLifecycle(
+                        spec, job.name, result.started, say=lambda step: setattr(run, "step", step)),
+                        timeout=ASK_TIMEOUT)
+                    outcome, result = done
                     state, note = outcome.state, outcome.note
                 except BlockferryError as exc:
                     state, note = "failed", str(exc)[:1000]
@@ -504,7 +486,7 @@ class Scheduler(Actor[Any]):
                 run.scope.cancel()
             return
         try:
-            await run.handle.manager.ask(CancelJob(reason), timeout=10)
+            await run.handle.manager.ask(CancelJob(reason), timeout=ASK_TIMEOUT)
         except (BlockferryError, TimeoutError):
             pass  # it is ending on its own
 
@@ -513,6 +495,7 @@ class Scheduler(Actor[Any]):
         result to the actor."""
         result: SessionResult | None = None
         error: str | None = None
+        assert run.handle is not None
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._report, run)
             if run.window_closes is not None:
@@ -535,22 +518,46 @@ class Scheduler(Actor[Any]):
             pass
 
     async def _report(self, run: _Run) -> None:
+        """Publish the run's progress, and snapshot its session when its objects' states changed
+        (at most every ``snapshot_interval``), until cancelled."""
         last_snapshot = anyio.current_time()
         last_states: tuple[str, ...] = ()
         while True:
             if self.bus.wants("progress"):
-                data = self.progress(run)
+                data = await self.progress(run)
                 if data is not None:
                     self.bus.publish("progress", data)
-            manager = run.handle.manager
-            states = tuple(o.state for o in manager.session.objects)
             now = anyio.current_time()
-            if states != last_states and now - last_snapshot >= self.snapshot_interval:
-                last_states, last_snapshot = states, now
-                await self.db.update_session(run.session, result=manager.session)
+            if now - last_snapshot >= self.snapshot_interval:
+                session = await self._session_now(run)
+                states = tuple(o.state for o in session.objects) if session is not None else last_states
+                if session is not None and states != last_states:
+                    last_states, last_snapshot = states, now
+                    await self.db.update_session(run.session, result=session)
             await anyio.sleep(self.progress_interval)
 
-    def progress(self, run: _Run) -> dict[str, Any] | None:
+    async def _session_now(self, run: _Run) -> SessionResult | None:
+        """A backup run's session as its job manager has it now (None once the manager stopped:
+        its result is on its way)."""
+        if run.handle is None:
+            return None
+        try:
+            session: SessionResult = await run.handle.manager.ask(SessionQuery(), timeout=ASK_TIMEOUT)
+        except (ActorStoppedError, TimeoutError):
+            return None
+        return session
+
+    async def _job_status(self, run: _Run) -> JobStatus | None:
+        """A backup run's status (its tasks), asked of its job manager; the last one known once
+        the manager has stopped."""
+        if run.handle is not None:
+            try:
+                run.last_status = await run.handle.manager.ask(JobStatusQuery(), timeout=ASK_TIMEOUT)
+            except (ActorStoppedError, TimeoutError):
+                pass
+        return run.last_status
+
+    async def progress(self, run: _Run) -> dict[str, Any] | None:
         """A running session's progress: per disk and for the job, with the recent rate (for a
         lifecycle run, its current step)."""
         if run.handle is None:
@@ -559,7 +566,9 @@ class Scheduler(Actor[Any]):
             return {"session": run.session, "job": run.job.name, "kind": run.job.type,
                     "state": "stopping" if run.stop_reason else "running", "elapsed": anyio.current_time() - run.t0,
                     "step": run.step}
-        st = run.handle.manager.status()
+        st = await self._job_status(run)
+        if st is None:
+            return None
         done = sum(t.done_bytes for t in st.tasks)
         total = sum(t.total_bytes for t in st.tasks)
         now = anyio.current_time()
@@ -611,10 +620,15 @@ class Scheduler(Actor[Any]):
         self._rethink()
 
 
+def _every(target: CopyTarget) -> dt.timedelta:
+    """How often a periodic copy runs."""
+    assert target.every_hours is not None  # only periodic targets are scheduled
+    return dt.timedelta(hours=target.every_hours)
+
+
 def _span(times: list[dt.datetime]) -> str:
     first, last = times[0].isoformat(timespec="minutes"), times[-1].isoformat(timespec="minutes")
     return first if first == last else f"{first} to {last}"
 
 
-__all__ = ["NextRun", "RunEnded", "RunInfo", "RunNow", "Scheduler", "SchedulerStatus", "SchedulerStatusQuery",
-           "SetJobs", "StopAll", "StopRun", "Tick"]
+__all__ = ["Scheduler"]

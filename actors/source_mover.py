@@ -28,7 +28,7 @@ from blockferry.datapath.hints import check_within
 from blockferry.datapath.plan import batches, count, make_plan
 from blockferry.datapath.source import ChangeTracking, MapsBlocking, ReadsBlocking
 from blockferry.errors import BlockferryError, SourceError
-from blockferry.jobs.messages import DiskEnd, DiskHeader, ProxyStatusQuery
+from blockferry.jobs.messages import CancelMove, DiskEnd, DiskHeader, MoverInbox, ProxyStatusQuery
 from blockferry.jobs.task import TaskContext
 from blockferry.registry import source_plugin
 from blockferry.repo.format import TaskStats
@@ -42,7 +42,7 @@ class DownstreamClosedError(BlockferryError):
     transient = True
 
 
-class SourceMover(Actor[Any]):
+class SourceMover(Actor[MoverInbox]):
     supervision = SupervisionPolicy(max_restarts=0, then=Decision.STOP)
 
     def __init__(self, task: TaskContext, out: MemoryObjectSendStream[Any], runtime: Runtime, done: Completion[TaskStats]) -> None:
@@ -53,20 +53,20 @@ class SourceMover(Actor[Any]):
         self.done = done
         self.stats = TaskStats(lanes=runtime.settings.lanes)
         self._scope: anyio.CancelScope | None = None
-        self.log = self.log.bind(job=task.job, object=task.object, disk=task.disk)
+        self.log = self.log.bind(**task.log_context)
 
     async def on_start(self) -> None:
         self.start_soon(self._work)
 
-    async def handle(self, msg: Any) -> Any:
+    async def handle(self, msg: MoverInbox) -> Any:
         match msg:
             case ProxyStatusQuery():
                 return self.task
+            case CancelMove():
+                if self._scope is not None:
+                    self._scope.cancel()
+                return None
         raise BlockferryError(f"{self.name}: unexpected message {type(msg).__name__}")
-
-    def cancel(self) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
 
     async def _work(self) -> None:
         with anyio.CancelScope() as self._scope:
@@ -117,6 +117,7 @@ class SourceMover(Actor[Any]):
                 size=disk.size, identity=disk.identity, metadata=disk.metadata, change_id=disk.change_id,
                 from_base=plan.from_base, holes=plan.holes, reason=plan.reason,
             ))
+            assert task.index is not None  # the repository set it when it opened the target
             processor = BlockProcessor(
                 url=task.url, size=disk.size, block_size=bs, level=task.level, index=task.index,
                 owner=task, claimed=task.claimed, pool=self.runtime.pool(bs),

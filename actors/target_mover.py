@@ -14,7 +14,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 from blockferry.datapath.blocks import CLAIMED, Batch
 from blockferry.errors import BlockferryError, ChunkLostError, SourceError, plain_errors
-from blockferry.jobs.messages import DiskEnd, DiskHeader, RepositoryStatusQuery
+from blockferry.jobs.messages import CancelMove, DiskEnd, DiskHeader, MoverInbox, RepositoryStatusQuery
 from blockferry.jobs.task import TaskContext
 from blockferry.repo.format import DIGEST_SIZE, DiskRecord
 from blockferry.repo.store import RepositoryStore
@@ -29,7 +29,7 @@ class UpstreamEndedError(BlockferryError):
     transient = True
 
 
-class TargetMover(Actor[Any]):
+class TargetMover(Actor[MoverInbox]):
     supervision = SupervisionPolicy(max_restarts=0, then=Decision.STOP)
 
     def __init__(self, task: TaskContext, inbox: MemoryObjectReceiveStream[Any], store: RepositoryStore,
@@ -44,20 +44,20 @@ class TargetMover(Actor[Any]):
         self.busy = 0.0
         self._scope: anyio.CancelScope | None = None
         self._foreign: set[bytes] = set()
-        self.log = self.log.bind(job=task.job, object=task.object, disk=task.disk)
+        self.log = self.log.bind(**task.log_context)
 
     async def on_start(self) -> None:
         self.start_soon(self._work)
 
-    async def handle(self, msg: Any) -> Any:
+    async def handle(self, msg: MoverInbox) -> Any:
         match msg:
             case RepositoryStatusQuery():
                 return self.task
+            case CancelMove():
+                if self._scope is not None:
+                    self._scope.cancel()
+                return None
         raise BlockferryError(f"{self.name}: unexpected message {type(msg).__name__}")
-
-    def cancel(self) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
 
     def _drain(self) -> None:
         """Free the in-flight tokens of batches still queued, then close the inbox (a mover

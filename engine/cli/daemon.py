@@ -106,8 +106,7 @@ async def cmd_daemon(a: argparse.Namespace) -> int:
     else:
         clock = SystemClock(zone(a.timezone))
     daemon = Daemon(opts, clock=clock, bus=bus)
-    logfile = configure_logging(opts.state_dir / "daemon.log", level=a.log_level, stderr=not a.quiet, bus=bus,
-                                extra=[daemon.log_context])
+    logfile = configure_logging(opts.state_dir / "daemon.log", level=a.log_level, stderr=not a.quiet, bus=bus)
     try:
         await daemon.run(handle_signals=True)
     finally:

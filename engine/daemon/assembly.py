@@ -54,6 +54,22 @@ from blockferry.jobs.catalog import (
     repository_from_data,
 )
 from blockferry.jobs.config import RepositorySettings, ServerConfig
+from blockferry.jobs.messages import (
+    Inventory,
+    InventoryQuery,
+    RemoveProxy,
+    RemoveRepository,
+    RunNow,
+    SchedulerStatus,
+    SchedulerStatusQuery,
+    SessionProgress,
+    SessionProgressQuery,
+    SetJobs,
+    StopAll,
+    StopRun,
+    UpdateProxy,
+    UpdateRepository,
+)
 from blockferry.jobs.statedb import StateDB
 from blockferry.log import LEVELS, get_logger
 from blockferry.runtime.events import EventBus
@@ -137,8 +153,8 @@ class _Tee:
 def configure_logging(log_file: Path, *, level: str, stderr: bool, bus: EventBus,
                       extra: list[Any] | None = None) -> TextIO:
     """structlog JSON lines to ``log_file`` (and stderr in the foreground), each also offered to
-    ``log`` subscribers; ``extra`` processors run first (:meth:`Daemon.log_context`). Returns the
-    open log file."""
+    ``log`` subscribers; ``extra`` processors run first. Returns the open log file. (A job run's
+    lines name its session: the scheduler gives it to the run, whose actors bind it.)"""
     import structlog
     from blockferry import log as logmod
 
@@ -179,16 +195,6 @@ class Daemon:
 
     def __repr__(self) -> str:
         return f"<Daemon {self.options.socket} state={self.options.state_dir}>"
-
-    def log_context(self, logger: Any, method: str, event: Any) -> Any:
-        """A structlog processor: a line about a running job names its session too (the job's
-        actors bind the job; only the daemon knows the session)."""
-        job = event.get("job")
-        if job is not None and "session" not in event and self.scheduler is not None:
-            sid = self.scheduler.session_of(job)
-            if sid is not None:
-                event["session"] = sid
-        return event
 
     def shutdown(self) -> None:
         """Ask the daemon to stop (what SIGTERM does): running jobs stop cleanly, then
@@ -233,7 +239,7 @@ class Daemon:
 
     async def _serve(self, *, access: AccessPolicy, group: int | None, handle_signals: bool, failed: list[int],
                      task_status: anyio.abc.TaskStatus[Any]) -> None:
-        from blockferry.actors.scheduler import Scheduler, StopAll
+        from blockferry.actors.scheduler import Scheduler
         from blockferry.actors.server import BackupServer
 
         o = self.options
@@ -312,8 +318,6 @@ class Daemon:
     async def change(self, mutate: Callable[[Catalog], Any], inits: dict[str, Any] | None = None) -> Catalog:
         """Validate ``mutate(current)`` as a whole, apply it to the actors, store it. Nothing
         changes if any step refuses."""
-        from blockferry.actors.scheduler import SetJobs
-
         assert self.db is not None
         async with self._change_lock:
             old = self.catalog
@@ -334,14 +338,14 @@ class Daemon:
         old_proxies = {p.name: p for p in old.proxies}
         new_proxies = {p.name: p for p in new.proxies}
         # refusals first, before anything is touched
+        have: Inventory = await self.server.ask(InventoryQuery())
         for name, r in old_repos.items():
-            if (name not in new_repos or new_repos[name].url != r.url) and name in self.server.repositories:
-                users = self.server._users(self.server.repositories[name])
+            if (name not in new_repos or new_repos[name].url != r.url) and name in have.repositories:
+                users = have.repositories[name]
                 if users:
                     raise ConflictError(f"repository {name} is in use by running job(s) {', '.join(users)}")
         for name in old_proxies.keys() - new_proxies.keys():
-            entry = next((e for e in self.server.scheduler.proxies if e.config.name == name), None)
-            if entry is not None and entry.slots.load:
+            if have.proxies.get(name):
                 raise ConflictError(f"proxy {name} is running tasks; stop them or wait")
         # open what is new (may refuse: unreachable, not a repository)
         opened: list[str] = []
@@ -351,8 +355,8 @@ class Daemon:
                 if name not in old_repos or old_repos[name].url != r.url:
                     if name in inits and inits[name].create:
                         await self._create_repository(r, inits[name])
-                    if name in self.server.repositories:
-                        await self.server.ask(_remove_repository(name))
+                    if name in have.repositories:
+                        await self.server.ask(RemoveRepository(name))
                         replaced.append(old_repos[name])
                     await self._open_repository(r, quiet=False)
                     opened.append(name)
@@ -360,29 +364,26 @@ class Daemon:
             with anyio.CancelScope(shield=True):
                 for name in opened:
                     try:
-                        await self.server.ask(_remove_repository(name))
+                        await self.server.ask(RemoveRepository(name))
                     except BlockferryError:
                         pass
-                for old in replaced:  # back to where it was
-                    await self._open_repository(old, quiet=True)
+                for before in replaced:  # back to where it was
+                    await self._open_repository(before, quiet=True)
             raise
         for name, r in new_repos.items():
             if name in old_repos and old_repos[name].url == r.url and old_repos[name] != r \
-                    and name in self.server.repositories:
-                from blockferry.jobs.messages import UpdateRepository
+                    and name in have.repositories:
                 await self.server.ask(UpdateRepository(r))
         for name in old_repos.keys() - new_repos.keys():
             self.unavailable.pop(name, None)
-            if name in self.server.repositories:
-                await self.server.ask(_remove_repository(name))
+            if name in have.repositories:
+                await self.server.ask(RemoveRepository(name))
         for name, p in new_proxies.items():
             if name not in old_proxies:
                 await self.server.add_proxy(p)
             elif old_proxies[name] != p:
-                from blockferry.jobs.messages import UpdateProxy
                 await self.server.ask(UpdateProxy(p))
         for name in old_proxies.keys() - new_proxies.keys():
-            from blockferry.jobs.messages import RemoveProxy
             await self.server.ask(RemoveProxy(name))
 
     async def _create_repository(self, r: RepositorySettings, init: Any) -> None:
@@ -439,8 +440,6 @@ class Daemon:
         return await fn(self, params)
 
     async def m_status(self, params: dict[str, Any]) -> dict[str, Any]:
-        from blockferry.actors.scheduler import SchedulerStatusQuery
-
         convert(params, _Empty)
         st = await self.server.status()
         sched = await self.scheduler.ask(SchedulerStatusQuery())
@@ -534,7 +533,7 @@ class Daemon:
         k = KINDS[kind]
         p = convert(params, NameParams)
         self._find(kind, p.name)
-        if kind == "job" and p.name in self.scheduler.runs:
+        if kind == "job" and await self._running(p.name) is not None:
             raise ConflictError(f"job {p.name} is running; stop it first")
         if kind == "source":  # a bare name would silently become a relative file path
             users = [j.name for j in self.catalog.jobs for o in (j.backup.objects if j.backup else [])
@@ -554,9 +553,11 @@ class Daemon:
                 if d["name"] in self.unavailable:
                     d["error"] = self.unavailable[d["name"]]
         if kind == "job":
-            due = {n.job: n.due for n in self.scheduler.status().next_runs}
+            sched: SchedulerStatus = await self.scheduler.ask(SchedulerStatusQuery())
+            due = {n.job: n.due for n in sched.next_runs}
+            running = {r.job: r.session for r in sched.running}
             for d in items:
-                d["running"] = self.scheduler.session_of(d["name"])
+                d["running"] = running.get(d["name"])
                 d["next_run"] = due.get(d["name"])
         return items
 
@@ -564,9 +565,14 @@ class Daemon:
         p = convert(params, NameParams)
         data = item_to_data(self._find(kind, p.name))
         if kind == "job":
-            data["running"] = self.scheduler.session_of(p.name)
+            data["running"] = await self._running(p.name)
             data["sessions"] = msgspec.to_builtins(await self.db.sessions(job=p.name, limit=10))  # type: ignore[union-attr]
         return data
+
+    async def _running(self, job: str) -> int | None:
+        """The session of ``job``'s run, if it runs now (asked of the scheduler)."""
+        sched: SchedulerStatus = await self.scheduler.ask(SchedulerStatusQuery())
+        return next((r.session for r in sched.running if r.job == job), None)
 
     def _find(self, kind: str, name: str) -> Any:
         k = KINDS[kind]
@@ -576,15 +582,11 @@ class Daemon:
         raise NotFoundError(f"no {k.noun} named {name!r}")
 
     async def m_job_run(self, params: dict[str, Any]) -> dict[str, Any]:
-        from blockferry.actors.scheduler import RunNow
-
         p = convert(params, NameParams)
         sid = await self.scheduler.ask(RunNow(p.name, "manual"))
         return {"session": sid}
 
     async def m_job_stop(self, params: dict[str, Any]) -> dict[str, Any]:
-        from blockferry.actors.scheduler import StopRun
-
         p = convert(params, StopParams)
         sid = await self.scheduler.ask(StopRun(p.name, p.reason))
         return {"session": sid}
@@ -599,10 +601,11 @@ class Daemon:
         assert self.db is not None
         rec = await self.db.session(p.id)
         out: dict[str, Any] = msgspec.to_builtins(rec)
-        run = self.scheduler.runs.get(rec.job)
-        if run is not None and run.session == rec.id:
-            out["progress"] = self.scheduler.progress(run)
-            out["result"] = msgspec.to_builtins(run.handle.manager.session) if run.handle else out.get("result")
+        running: SessionProgress | None = await self.scheduler.ask(SessionProgressQuery(rec.id))
+        if running is not None:
+            out["progress"] = running.progress
+            if running.result is not None:
+                out["result"] = msgspec.to_builtins(running.result)
         if rec.result is not None and rec.state != "running":
             from blockferry.repo.format import stats_dict
 
@@ -618,12 +621,6 @@ def item_settings(data: dict[str, Any]) -> Any:
     from blockferry.jobs.catalog import Settings, _sizes
 
     return convert(_sizes(data, ""), Settings)
-
-
-def _remove_repository(name: str) -> Any:
-    from blockferry.jobs.messages import RemoveRepository
-
-    return RemoveRepository(name)
 
 
 def _kind_methods() -> dict[str, Callable[..., Any]]:

@@ -24,6 +24,8 @@ it went:
   that does not restore whole is what a health check exists to raise an alarm about.
 * **copy** copies points (every point, or with ``latest`` the newest of each object; only the
   ``objects`` named, if any) to the repository at ``to``, then applies the copy's retention there.
+  :func:`run_copy` does it, as it does every backup copy (a backup job's immediate copies and the
+  scheduler's periodic ones too: the Repository actor runs it for a :class:`CopyPoints` ask).
 """
 
 from __future__ import annotations
@@ -34,16 +36,10 @@ from typing import Any
 import anyio
 import msgspec
 from blockferry.jobs.catalog import LifecycleSpec
-from blockferry.jobs.messages import SessionResult
+from blockferry.jobs.messages import CopyPoints, Outcome, SessionResult
+from blockferry.repo.lifecycle import CopyReport, copy_to_url, points_to_copy, prune
 from blockferry.repo.store import RepositoryStore
 from blockferry.runtime.resources import Runtime
-
-
-class Outcome(msgspec.Struct, kw_only=True):
-    """How a lifecycle run went: its session state (success, warning, failed) and note."""
-
-    state: str = "success"
-    note: str | None = None
 
 
 async def run_lifecycle(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime, result: SessionResult,
@@ -68,8 +64,6 @@ def _report(report: Any) -> dict[str, Any]:
 
 
 async def _prune(spec: LifecycleSpec, store: RepositoryStore, result: SessionResult) -> Outcome:
-    from blockferry.repo.lifecycle import prune
-
     assert spec.retention is not None
     report = await prune(store, spec.retention, objects=spec.objects)
     result.report, result.pruned = _report(report), list(report.removed)
@@ -134,14 +128,22 @@ async def _verify(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime,
     return Outcome(state="failed", note=note[:1000])
 
 
+async def run_copy(store: RepositoryStore, runtime: Runtime, order: CopyPoints) -> CopyReport:
+    """Copy the points ``order`` names or selects from ``store`` to its target, then apply the
+    target's retention (every backup copy comes here)."""
+    ids = order.points
+    if ids is None:
+        ids = await points_to_copy(store, objects=order.objects, latest=order.latest)
+    return await copy_to_url(store, order.to, ids, runtime=runtime, retention=order.retention,
+                             progress=order.progress)
+
+
 async def _copy(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime, result: SessionResult,
                 say: Callable[[str], None]) -> Outcome:
-    from blockferry.repo.lifecycle import copy_to_url, points_to_copy
-
     assert spec.to is not None
-    ids = await points_to_copy(store, objects=spec.objects, latest=spec.latest)
-    report = await copy_to_url(store, spec.to, ids, runtime=runtime, retention=spec.retention,
-                               progress=lambda done, total: say(f"copied {done} of {total} point(s)"))
+    report = await run_copy(store, runtime, CopyPoints(
+        to=spec.to, objects=spec.objects, latest=spec.latest, retention=spec.retention,
+        progress=lambda done, total: say(f"copied {done} of {total} point(s)")))
     result.report = _report(report)
     result.copied[spec.to], result.pruned = list(report.points), list(report.pruned)
     result.summary = report.summary()
@@ -150,4 +152,4 @@ async def _copy(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime, r
     return Outcome()
 
 
-__all__ = ["Outcome", "run_lifecycle"]
+__all__ = ["Outcome", "run_copy", "run_lifecycle"]

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
 import msgspec
 from blockferry.errors import ConfigError, ConflictError
 from blockferry.jobs.config import ProxyConfig
+from blockferry.jobs.messages import ProxyInbox
 from blockferry.jobs.task import TaskContext
+from blockferry.runtime.actor import Actor
 
 
 class Slots(msgspec.Struct, eq=False):
@@ -41,7 +42,7 @@ class Slots(msgspec.Struct, eq=False):
 
 class ProxyEntry(msgspec.Struct, eq=False):
     config: ProxyConfig
-    actor: Any
+    actor: Actor[ProxyInbox]
     slots: Slots
 
 
@@ -66,7 +67,7 @@ class ResourceScheduler:
         r = ", ".join(f"{s.name}={s.load}/{s.limit}" for s in self.repositories.values())
         return f"<ResourceScheduler proxies[{p}] repositories[{r}] waiting={len(self._queue)}>"
 
-    def add_proxy(self, config: ProxyConfig, actor: Any) -> None:
+    def add_proxy(self, config: ProxyConfig, actor: Actor[ProxyInbox]) -> None:
         self.proxies.append(ProxyEntry(config, actor, Slots(config.name, config.max_tasks)))
         self._dispatch()
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from blockferry.datapath.hints import Extent
 from blockferry.jobs.config import DiskSpec
 from blockferry.registry import scheme_of
 from blockferry.repo.format import DiskRecord, TaskStats
+from blockferry.repo.index import ChunkIndex
+from blockferry.runtime.throttle import BandwidthLimit
+
+#: a source's hook that learns whether its read made it into a point (change tracking)
+FinishHook = Callable[[bool], Awaitable[None]]
 
 
 class TaskContext(msgspec.Struct, eq=False, kw_only=True):
@@ -18,6 +23,8 @@ class TaskContext(msgspec.Struct, eq=False, kw_only=True):
     object: str
     disk: str
     spec: DiskSpec
+    #: the daemon's session of the job's run (None outside the daemon), for log lines
+    session: int | None = None
     block_size: int
     level: int | None
     hints: list[Extent] | None = None
@@ -33,15 +40,23 @@ class TaskContext(msgspec.Struct, eq=False, kw_only=True):
     stats: TaskStats = msgspec.field(default_factory=TaskStats)
     #: digests this task claimed (it must store them or release the claims)
     claimed: set[bytes] = msgspec.field(default_factory=set)
-    #: the repository's chunk index, which the source mover deduplicates against
-    index: Any = None
+    #: the repository's chunk index, which the source mover deduplicates against (the
+    #: Repository actor sets it when it opens the task's target)
+    index: ChunkIndex | None = None
     #: the source's ``finish(committed)`` hook (change tracking), called after the commit
-    finish: Any = None
-    #: bandwidth limits this task's data goes through: objects with ``async consume(nbytes)``
-    throttles: list[Any] = msgspec.field(default_factory=list)
+    finish: FinishHook | None = None
+    #: bandwidth limits this task's data goes through, in order
+    throttles: list[BandwidthLimit] = msgspec.field(default_factory=list)
     error: BaseException | None = None
     attempt: int = 0
-    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def log_context(self) -> dict[str, str | int]:
+        """What every log line about this task names."""
+        out: dict[str, str | int] = {"job": self.job, "object": self.object, "disk": self.disk}
+        if self.session is not None:
+            out["session"] = self.session
+        return out
 
     @property
     def id(self) -> str:

@@ -78,6 +78,52 @@ class Completion(Generic[T]):
         return self._value  # type: ignore[return-value]
 
 
+class Running(Generic[T]):
+    """Work an actor does for an asker in a helper task, so that its mailbox stays free meanwhile
+    (a lifecycle operation on a repository while backups go on): the reply to such an ``ask``.
+
+    The asker awaits :meth:`outcome`. If the asker is cancelled meanwhile, the work is cancelled
+    too, and :meth:`outcome` waits until it has ended before the cancellation goes on, as if the
+    work had run in the asker's own task. If the owning actor stops first, the work is cancelled
+    before the actor's ``on_stop`` and the asker gets ActorStoppedError.
+    """
+
+    __slots__ = ("_done", "_ended", "_scope")
+
+    def __init__(self) -> None:
+        self._done: Completion[T] = Completion()
+        self._ended = anyio.Event()
+        self._scope = anyio.CancelScope()
+
+    async def run(self, fn: Callable[[], Awaitable[T]], what: str) -> None:
+        """Run ``fn`` (in the owning actor's helper task); never raises an Exception: it goes to
+        the asker."""
+        try:
+            with self._scope:
+                try:
+                    self._done.set_result(await fn())
+                except Exception as exc:
+                    self._done.set_error(exc)
+        finally:
+            if not self._done.done:  # cancelled: by the asker, or the owner stopped
+                self._done.set_error(ActorStoppedError(f"{what} stopped before it finished"))
+            self._ended.set()
+
+    async def outcome(self) -> T:
+        """The work's result (or its error); see the class docstring for cancellation."""
+        try:
+            return await self._done.wait()
+        finally:
+            if not self._ended.is_set():
+                await self.cancel_and_wait()
+
+    async def cancel_and_wait(self) -> None:
+        """Cancel the work (if it still goes) and wait until it has ended."""
+        self._scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._ended.wait()
+
+
 class _Envelope:
     __slots__ = ("msg", "reply")
 
@@ -153,6 +199,7 @@ class Actor(Generic[M]):
         self._tg: TaskGroup | None = None
         self._done: anyio.Event | None = None
         self._children: list[Actor[Any]] = []
+        self._works: set[Running[Any]] = set()
         self.child_failures: list[ChildFailure] = []
         self.log = get_logger(actor=name)
 
@@ -216,6 +263,15 @@ class Actor(Generic[M]):
             await self._post(_Envelope(msg, reply))
             return await reply.wait()
 
+    async def ask_work(self, msg: M, *, timeout: float | None = 60.0) -> Any:
+        """Ask for work the actor does in a helper task (the reply is a :class:`Running`) and
+        return its outcome. ``timeout`` bounds the ask only, not the work. Cancelling the caller
+        cancels the work and waits until it has ended; the ask itself is shielded, so that no
+        work starts with nobody waiting for it."""
+        with anyio.CancelScope(shield=True):
+            running: Running[Any] = await self.ask(msg, timeout=timeout)
+        return await running.outcome()
+
     async def _post(self, env: _Envelope) -> None:
         try:
             await self._send.send(env)
@@ -253,6 +309,7 @@ class Actor(Generic[M]):
                 await self._serve()
                 self._state = "stopping"
                 await self._stop_children()
+                await self._end_works()
                 await self.on_stop()
                 tg.cancel_scope.cancel()  # helper tasks started with start_soon end with the actor
             self._state = "stopped"
@@ -336,6 +393,26 @@ class Actor(Generic[M]):
         if self._tg is None:
             raise RuntimeError(f"actor {self.name} is not running")
         self._tg.start_soon(fn, *args)
+
+    def start_work(self, fn: Callable[[], Awaitable[T]], what: str) -> Running[T]:
+        """Do ``fn`` in a helper task for an asker; reply with the returned :class:`Running`.
+        Work still going when the actor stops is cancelled before :meth:`on_stop` (which may
+        release what it uses)."""
+        running: Running[T] = Running()
+        self._works.add(running)
+
+        async def work() -> None:
+            try:
+                await running.run(fn, what)
+            finally:
+                self._works.discard(running)
+
+        self.start_soon(work)
+        return running
+
+    async def _end_works(self) -> None:
+        for running in list(self._works):
+            await running.cancel_and_wait()
 
     async def spawn(self, child: Actor[Any], *, policy: SupervisionPolicy | None = None) -> Any:
         """Start ``child`` in this actor's task group and wait for its start handshake.

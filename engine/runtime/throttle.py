@@ -17,10 +17,18 @@ job's bucket, then the daemon-wide one), so a limit bounds the bytes read from s
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import anyio
 import msgspec
 from blockferry.errors import ConfigError
+
+
+@runtime_checkable
+class BandwidthLimit(Protocol):
+    """What a task's data waits on before a batch goes on (a :class:`Throttle`, or a test's gate)."""
+
+    async def consume(self, nbytes: int) -> None: ...
 
 
 class ThrottleStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -106,4 +114,4 @@ class Throttle:
                                   peak_waiting=self._peak, waited=self._waited)
 
 
-__all__ = ["Throttle", "ThrottleStatistics"]
+__all__ = ["BandwidthLimit", "Throttle", "ThrottleStatistics"]

@@ -16,10 +16,19 @@ import msgspec
 import pytest
 from blockferry import registry
 from blockferry.actors.server import running_server
-from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
+from blockferry.jobs.config import (
+    CopyTarget,
+    DiskSpec,
+    JobSpec,
+    ObjectSpec,
+    ProxyConfig,
+    RepositorySettings,
+    ServerConfig,
+)
 from blockferry.plugins.file_source import FileSourcePlugin
 from blockferry.plugins.local import LocalBackendPlugin
 from blockferry.repo.locks import LockInfo, process_start
+from blockferry.repo.retention import RetentionPolicy
 from blockferry.repo.store import LOCK_KEY
 from blockferry.runtime.settings import EngineSettings
 
@@ -141,6 +150,31 @@ def job(name: str, objects: list[tuple[str, list[str]]], **kw: Any) -> JobSpec:
 
 
 PROBE = ["file", "probe"]
+
+
+async def test_a_job_applies_its_retention_then_makes_its_immediate_copies(tmp_path: Path) -> None:
+    """After its run, a job has the repository's actor prune its objects and copy the new points
+    (each copy with its own retention); a periodic target is left to the scheduler."""
+    repo = await make_repo(tmp_path)
+    copy, periodic = str(tmp_path / "copy"), str(tmp_path / "periodic")
+    for url in (copy, periodic):
+        await blockferry.init_repository(url, block_size=BS)
+    keep_one = RetentionPolicy(keep_last=1)
+    spec = job("j", [("vm", [str(tmp_path / "vm.img")])], retention=keep_one,
+               copy_to=[CopyTarget(url=copy, retention=keep_one), CopyTarget(url=periodic, every_hours=1)])
+    sessions = []
+    async with running_server() as server:
+        await server.add_repository(RepositorySettings(name="main", url=repo))
+        for seed in (1, 2):
+            mixed_disk(tmp_path / "vm.img", 2 * MiB, seed=seed)
+            sessions.append(await (await server.run_job(spec)).result())
+    first, second = sessions
+    assert [s.state for s in sessions] == ["success", "success"] and not first.warnings
+    assert first.pruned == [] and second.pruned == first.points  # the job's retention, in its repository
+    assert first.copied == {copy: first.points} and second.copied == {copy: second.points}
+    for url, points in ((repo, second.points), (copy, second.points), (periodic, [])):
+        async with blockferry.open_repository(url) as r:
+            assert [p.id for p in await r.points()] == points, url
 
 
 async def test_limits_are_never_exceeded(tmp_path: Path, probe: ProbeSource) -> None:

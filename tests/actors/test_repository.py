@@ -1,6 +1,6 @@
 """The repository actor: the backend it opens for a repository is closed when it stops, and when
 the repository cannot be opened after all (a daemon adding and removing repositories must not
-keep their connections)."""
+keep their connections); lifecycle runs and copies are messages it handles on its own store."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ from typing import Any
 import blockferry
 import pytest
 from blockferry import registry
+from blockferry.actors.repository import copy_points
 from blockferry.actors.server import running_server
 from blockferry.errors import BlockferryError
+from blockferry.jobs.catalog import LifecycleSpec
 from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, RepositorySettings
+from blockferry.jobs.messages import CopyPoints, FindRepository, RunLifecycle
 from blockferry.plugins.local import LocalBackendPlugin
+from blockferry.repo.retention import RetentionPolicy
 
 from tests.conftest import KiB, MiB, mixed_disk, registered
 
@@ -89,3 +93,43 @@ async def test_the_backend_is_closed_when_the_index_cannot_be_loaded(tmp_path: P
             await server.add_repository(RepositorySettings(name="main", url=str(repo)))
         assert counting.opened >= 1 and counting.open_now == 0
     assert counting.open_now == 0
+
+
+async def three_points(tmp_path: Path) -> tuple[str, list[str]]:
+    """A repository with three points of object ``vm`` (each of new content); (its URL, the
+    points oldest first)."""
+    repo = str(tmp_path / "repo")
+    await blockferry.init_repository(repo, block_size=256 * KiB)
+    points = []
+    async with blockferry.open_repository(repo) as r:
+        for seed in (1, 2, 3):
+            img = mixed_disk(tmp_path / "vm.img", 2 * MiB, seed=seed)
+            points.append((await r.backup([str(img)], name="vm")).points[0])
+    return repo, points
+
+
+async def test_the_repository_actor_runs_a_lifecycle_run_on_its_store_when_asked(tmp_path: Path) -> None:
+    """A prune job's run is a message to the repository's actor: the server gives the actor's
+    reference, the actor prunes its own store and answers with the outcome and the session."""
+    repo, points = await three_points(tmp_path)
+    steps: list[tuple[int, int]] = []
+    async with running_server() as server:
+        await server.add_repository(RepositorySettings(name="main", url=repo))
+        assert await server.ask(FindRepository("elsewhere")) is None
+        actor = await server.ask(FindRepository("main"))
+        spec = LifecycleSpec(name="tidy", type="prune", repository="main", retention=RetentionPolicy(keep_last=1))
+        outcome, result = await actor.ask_work(RunLifecycle(spec, "tidy", "2026-01-05T21:00:00+00:00"))
+        assert (outcome.state, outcome.note) == ("success", None)
+        assert (result.job, result.started) == ("tidy", "2026-01-05T21:00:00+00:00")
+        assert sorted(result.pruned) == sorted(points[:2])
+        assert result.summary.startswith("removed 2 of 3 point(s), kept 1")
+        # a copy is a message to the same actor: the one point left goes to a new repository
+        copy = str(tmp_path / "copy")
+        await blockferry.init_repository(copy, block_size=256 * KiB)
+        order = CopyPoints(to=copy, objects=["vm"], latest=True, progress=lambda *step: steps.append(step))
+        report = await copy_points(actor, order, timeout=10)
+        assert report.points == [points[2]] and steps[-1] == (1, 1)
+    async with blockferry.open_repository(repo) as r:
+        assert [p.id for p in await r.points()] == [points[2]]
+    async with blockferry.open_repository(copy) as r:
+        assert [p.id for p in await r.points()] == [points[2]]

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from blockferry.errors import (
     ActorFailedError,
@@ -979,3 +980,108 @@ async def test_start_soon_helpers_are_cancelled_when_the_actor_stops() -> None:
 async def test_start_soon_needs_a_running_actor() -> None:
     with pytest.raises(RuntimeError):
         Probe("a").start_soon(_helper, anyio.Event(), anyio.Event())
+
+
+# -- work done for an asker (Running, ask_work) ------------------------------------------------
+
+
+class Worker(Actor[Any]):
+    """Does ("work", entered, release) in a helper task: it waits for ``release``, and records
+    that its clean-up ran to the end when it is cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__("worker")
+        self.cleaned = False
+        self.cleaned_before_stop: bool | None = None
+
+    async def on_stop(self) -> None:
+        self.cleaned_before_stop = self.cleaned
+
+    async def _work(self, entered: anyio.Event, release: anyio.Event) -> str:
+        entered.set()
+        try:
+            await release.wait()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.lowlevel.checkpoint()  # a clean-up that awaits (a store reloading its index, say)
+                self.cleaned = True
+        return "done"
+
+    async def _fail(self) -> str:
+        raise NotFoundError("no such thing")
+
+    async def handle(self, msg: Any) -> Any:
+        match msg:
+            case ("work", entered, release):
+                return self.start_work(lambda: self._work(entered, release), "the work")
+            case ("fail",):
+                return self.start_work(self._fail, "the failing work")
+            case ("echo", value):
+                return value
+        raise AssertionError(f"unexpected message {msg!r}")
+
+
+async def test_work_for_an_asker_leaves_the_mailbox_free_and_answers_with_its_result_or_error() -> None:
+    entered, release = anyio.Event(), anyio.Event()
+    results: list[Any] = []
+    with anyio.fail_after(LIMIT):
+        async with anyio.create_task_group() as tg:
+            actor = await tg.start(Worker().run)
+
+            async def asker() -> None:
+                results.append(await actor.ask_work(("work", entered, release)))
+
+            tg.start_soon(asker)
+            await entered.wait()
+            assert await actor.ask(("echo", 7)) == 7  # answered while the work goes on
+            assert results == []
+            release.set()
+            await anyio.wait_all_tasks_blocked()
+            assert results == ["done"]
+            with pytest.raises(NotFoundError, match="no such thing"):
+                await actor.ask_work(("fail",))
+            assert actor.state == "running"  # the work's error went to the asker only
+            await actor.stop()
+
+
+async def test_cancelling_the_asker_cancels_the_work_and_waits_until_it_has_ended() -> None:
+    entered, release = anyio.Event(), anyio.Event()
+    worker = Worker()
+    with anyio.fail_after(LIMIT):
+        async with anyio.create_task_group() as tg:
+            actor = await tg.start(worker.run)
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as inner:
+                    async def cancel_once_entered() -> None:
+                        await entered.wait()
+                        scope.cancel()
+
+                    inner.start_soon(cancel_once_entered)
+                    await actor.ask_work(("work", entered, release))
+            assert scope.cancelled_caught
+            assert worker.cleaned  # ask_work returned only once the work had ended
+            assert not release.is_set()
+            assert await actor.ask(("echo", 1)) == 1
+            await actor.stop()
+
+
+async def test_work_still_going_when_its_actor_stops_ends_before_on_stop_and_fails_the_asker() -> None:
+    entered, release = anyio.Event(), anyio.Event()
+    worker = Worker()
+    errors: list[BaseException] = []
+    with anyio.fail_after(LIMIT):
+        async with anyio.create_task_group() as tg:
+            actor = await tg.start(worker.run)
+
+            async def asker() -> None:
+                try:
+                    await actor.ask_work(("work", entered, release))
+                except ActorStoppedError as exc:
+                    errors.append(exc)
+
+            tg.start_soon(asker)
+            await entered.wait()
+            await actor.stop()  # work still going is cancelled when the actor stops
+            await anyio.wait_all_tasks_blocked()
+    assert worker.cleaned_before_stop  # it ended before on_stop (which may release what it uses)
+    assert len(errors) == 1 and "the work stopped before it finished" in str(errors[0])
