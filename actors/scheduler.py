@@ -36,6 +36,7 @@ import msgspec
 from blockferry.errors import ActorStoppedError, BlockferryError, ConflictError, NotFoundError
 from blockferry.jobs.calendars import Clock, Schedule, parse_schedule, parse_window
 from blockferry.jobs.catalog import JobConfig, LifecycleSpec, SourceConfig, chained_to, resolve
+from blockferry.jobs.maintenance import run_lifecycle
 from blockferry.jobs.messages import CancelJob, Message, SessionResult
 from blockferry.jobs.statedb import StateDB
 from blockferry.runtime.actor import Actor, Completion
@@ -458,8 +459,6 @@ class Scheduler(Actor[Any]):
 
     async def _lifecycle(self, run: _Run) -> None:
         """Run a lifecycle job (a helper task); hand its outcome to the actor."""
-        from blockferry.jobs.maintenance import run_lifecycle
-
         job, spec = run.job, run.job.spec
         assert isinstance(spec, LifecycleSpec)
         result = SessionResult(job=job.name, started=run.started.isoformat())

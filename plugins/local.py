@@ -22,6 +22,7 @@ import os
 import shutil
 import stat as stat_mod
 import threading
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -399,8 +400,6 @@ class LocalBackend:
         """Remove temporary files left by dead writers; returns how many. A file is named after
         its writer's pid: those of live processes are kept, unless older than ``older_than``
         seconds (the pid was reused: only the lock holder writes, and it calls this)."""
-        import time
-
         removed = 0
         if not self._tmp_dir.is_dir():
             return 0

@@ -36,14 +36,29 @@ from typing import Any, TextIO
 import anyio
 import msgspec
 from blockferry import __version__
+from blockferry.actors.scheduler import RunNow, Scheduler, SchedulerStatusQuery, SetJobs, StopAll, StopRun
+from blockferry.actors.server import BackupServer
+from blockferry.api import init_repository
+from blockferry.daemon.client import default_paths, default_socket
 from blockferry.daemon.control import AccessPolicy, ControlServer, resolve_group
-from blockferry.daemon.protocol import NameParams, SessionListParams, SessionShowParams, SetParams, StopParams
+from blockferry.daemon.protocol import (
+    ApplyParams,
+    ClockParams,
+    NameParams,
+    SessionListParams,
+    SessionShowParams,
+    SetParams,
+    SettingsParams,
+    StopParams,
+    UnknownMethodError,
+)
 from blockferry.errors import BlockferryError, ConfigError, ConflictError, FieldError, NotFoundError, plain_errors
 from blockferry.jobs.calendars import Clock, ManualClock, SystemClock
 from blockferry.jobs.catalog import (
     KINDS,
     Catalog,
     JobConfig,
+    Settings,
     catalog_from_data,
     catalog_to_data,
     check,
@@ -52,31 +67,20 @@ from blockferry.jobs.catalog import (
     item_to_data,
     load_toml,
     repository_from_data,
+    parse_sizes,
 )
 from blockferry.jobs.config import RepositorySettings, ServerConfig
+from blockferry.jobs.messages import RemoveProxy, RemoveRepository, UpdateProxy, UpdateRepository
 from blockferry.jobs.statedb import StateDB
-from blockferry.log import LEVELS, get_logger
+from blockferry.log import LEVELS, configure, get_logger
+from blockferry.registry import backend_plugin
+from blockferry.repo.format import stats_dict
+from blockferry.repo.store import CONFIG_KEY
 from blockferry.runtime.events import EventBus
 from blockferry.runtime.settings import EngineSettings
 from blockferry.runtime.throttle import Throttle
 
 log = get_logger(actor="daemon")
-
-
-def default_paths() -> tuple[Path, Path]:
-    """(socket, state directory): /run/blockferry and /var/lib/blockferry as root; else under
-    $XDG_RUNTIME_DIR (or /tmp/blockferry-UID) and $XDG_STATE_HOME (or ~/.local/state)."""
-    if os.geteuid() == 0:
-        return Path("/run/blockferry/blockferry.sock"), Path("/var/lib/blockferry")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    run_dir = Path(runtime) / "blockferry" if runtime else Path(f"/tmp/blockferry-{os.getuid()}")
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return run_dir / "blockferry.sock", Path(state) / "blockferry"
-
-
-def default_socket() -> Path:
-    env = os.environ.get("BLOCKFERRY_SOCKET")
-    return Path(env) if env else default_paths()[0]
 
 
 class DaemonOptions(msgspec.Struct, kw_only=True):
@@ -139,20 +143,9 @@ def configure_logging(log_file: Path, *, level: str, stderr: bool, bus: EventBus
     """structlog JSON lines to ``log_file`` (and stderr in the foreground), each also offered to
     ``log`` subscribers; ``extra`` processors run first (:meth:`Daemon.log_context`). Returns the
     open log file."""
-    import structlog
-    from blockferry import log as logmod
-
     f = open(log_file, "a", buffering=1)
-    lvl = LEVELS.get(level, 20)
-    structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True), *(extra or ()), bus.log_processor,
-                    structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=_Tee(f, sys.stderr) if stderr else f),  # type: ignore[arg-type]
-        cache_logger_on_first_use=False,
-    )
-    logmod._min_level, logmod._checked = lvl, True
+    configure(level=level if level in LEVELS else "info", json=True, file=_Tee(f, sys.stderr) if stderr else f,
+              extra=[*(extra or ()), bus.log_processor], cache=False)  # type: ignore[arg-type]
     return f
 
 
@@ -233,9 +226,6 @@ class Daemon:
 
     async def _serve(self, *, access: AccessPolicy, group: int | None, handle_signals: bool, failed: list[int],
                      task_status: anyio.abc.TaskStatus[Any]) -> None:
-        from blockferry.actors.scheduler import Scheduler, StopAll
-        from blockferry.actors.server import BackupServer
-
         o = self.options
         assert self.db is not None
         async with anyio.create_task_group() as tg:
@@ -312,8 +302,6 @@ class Daemon:
     async def change(self, mutate: Callable[[Catalog], Any], inits: dict[str, Any] | None = None) -> Catalog:
         """Validate ``mutate(current)`` as a whole, apply it to the actors, store it. Nothing
         changes if any step refuses."""
-        from blockferry.actors.scheduler import SetJobs
-
         assert self.db is not None
         async with self._change_lock:
             old = self.catalog
@@ -352,7 +340,7 @@ class Daemon:
                     if name in inits and inits[name].create:
                         await self._create_repository(r, inits[name])
                     if name in self.server.repositories:
-                        await self.server.ask(_remove_repository(name))
+                        await self.server.ask(RemoveRepository(name))
                         replaced.append(old_repos[name])
                     await self._open_repository(r, quiet=False)
                     opened.append(name)
@@ -360,7 +348,7 @@ class Daemon:
             with anyio.CancelScope(shield=True):
                 for name in opened:
                     try:
-                        await self.server.ask(_remove_repository(name))
+                        await self.server.ask(RemoveRepository(name))
                     except BlockferryError:
                         pass
                 for old in replaced:  # back to where it was
@@ -369,27 +357,20 @@ class Daemon:
         for name, r in new_repos.items():
             if name in old_repos and old_repos[name].url == r.url and old_repos[name] != r \
                     and name in self.server.repositories:
-                from blockferry.jobs.messages import UpdateRepository
                 await self.server.ask(UpdateRepository(r))
         for name in old_repos.keys() - new_repos.keys():
             self.unavailable.pop(name, None)
             if name in self.server.repositories:
-                await self.server.ask(_remove_repository(name))
+                await self.server.ask(RemoveRepository(name))
         for name, p in new_proxies.items():
             if name not in old_proxies:
                 await self.server.add_proxy(p)
             elif old_proxies[name] != p:
-                from blockferry.jobs.messages import UpdateProxy
                 await self.server.ask(UpdateProxy(p))
         for name in old_proxies.keys() - new_proxies.keys():
-            from blockferry.jobs.messages import RemoveProxy
             await self.server.ask(RemoveProxy(name))
 
     async def _create_repository(self, r: RepositorySettings, init: Any) -> None:
-        from blockferry.api import init_repository
-        from blockferry.registry import backend_plugin
-        from blockferry.repo.store import CONFIG_KEY
-
         try:
             backend = await backend_plugin(r.url).open(r.url, dict(r.options))
         except BlockferryError:
@@ -407,8 +388,6 @@ class Daemon:
             log.info("repository_created", repository=r.name, url=r.url)
 
     async def _open_repository(self, r: RepositorySettings, *, quiet: bool) -> None:
-        from blockferry.errors import plain_errors
-
         try:
             with plain_errors():
                 await self.server.add_repository(r)
@@ -431,16 +410,12 @@ class Daemon:
     async def _handle(self, conn: Any, method: str, params: dict[str, Any]) -> Any:
         fn = _METHODS.get(method)
         if fn is None:
-            from blockferry.daemon.protocol import UnknownMethodError
-
             raise UnknownMethodError(f"unknown method {method!r} (see docs/protocol.md)")
         if not isinstance(params, dict):
             raise FieldError("params", "expected a map")
         return await fn(self, params)
 
     async def m_status(self, params: dict[str, Any]) -> dict[str, Any]:
-        from blockferry.actors.scheduler import SchedulerStatusQuery
-
         convert(params, _Empty)
         st = await self.server.status()
         sched = await self.scheduler.ask(SchedulerStatusQuery())
@@ -455,8 +430,6 @@ class Daemon:
         return catalog_to_data(self.catalog)
 
     async def m_config_apply(self, params: dict[str, Any]) -> dict[str, Any]:
-        from blockferry.daemon.protocol import ApplyParams
-
         p = convert(params, ApplyParams)
         if p.replace:
             cat, inits = catalog_from_data(p.config)
@@ -471,8 +444,6 @@ class Daemon:
         return await self.reload()
 
     async def m_settings_set(self, params: dict[str, Any]) -> dict[str, Any]:
-        from blockferry.daemon.protocol import SettingsParams
-
         p = convert(params, SettingsParams)
         data = {**msgspec.to_builtins(self.catalog.settings), **p.changes}
         settings = item_settings(data)
@@ -481,8 +452,6 @@ class Daemon:
 
     async def m_clock_advance(self, params: dict[str, Any]) -> dict[str, Any]:
         """Move a manual clock (a daemon started with --manual-clock, for tests and demos)."""
-        from blockferry.daemon.protocol import ClockParams
-
         p = convert(params, ClockParams)
         if not isinstance(self.clock, ManualClock):
             raise ConfigError("the daemon runs on the system clock; start it with --manual-clock to move time")
@@ -576,15 +545,11 @@ class Daemon:
         raise NotFoundError(f"no {k.noun} named {name!r}")
 
     async def m_job_run(self, params: dict[str, Any]) -> dict[str, Any]:
-        from blockferry.actors.scheduler import RunNow
-
         p = convert(params, NameParams)
         sid = await self.scheduler.ask(RunNow(p.name, "manual"))
         return {"session": sid}
 
     async def m_job_stop(self, params: dict[str, Any]) -> dict[str, Any]:
-        from blockferry.actors.scheduler import StopRun
-
         p = convert(params, StopParams)
         sid = await self.scheduler.ask(StopRun(p.name, p.reason))
         return {"session": sid}
@@ -604,8 +569,6 @@ class Daemon:
             out["progress"] = self.scheduler.progress(run)
             out["result"] = msgspec.to_builtins(run.handle.manager.session) if run.handle else out.get("result")
         if rec.result is not None and rec.state != "running":
-            from blockferry.repo.format import stats_dict
-
             out["result"]["stats"] = stats_dict(rec.result.stats)  # with rate and bottleneck
         return out
 
@@ -615,15 +578,7 @@ class _Empty(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def item_settings(data: dict[str, Any]) -> Any:
-    from blockferry.jobs.catalog import Settings, _sizes
-
-    return convert(_sizes(data, ""), Settings)
-
-
-def _remove_repository(name: str) -> Any:
-    from blockferry.jobs.messages import RemoveRepository
-
-    return RemoveRepository(name)
+    return convert(parse_sizes(data, ""), Settings)
 
 
 def _kind_methods() -> dict[str, Callable[..., Any]]:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from typing import Annotated, Any, TypeVar
 
 import msgspec
-from blockferry.errors import ConfigError
+from blockferry.errors import BlockferryError, ConfigError
+from blockferry.registry import source_plugin
 from blockferry.repo.retention import RetentionPolicy
 from blockferry.runtime.settings import EngineSettings
 from blockferry.units import MiB, NonNegative, Positive, Seconds
@@ -128,10 +129,6 @@ async def expand_disks(disks: Sequence[DiskSpec]) -> list[DiskSpec]:
     plugin's optional ``expand``); specs with a name or hints stay as they are. A source that
     cannot be expanded now (a VM not running) also stays, so opening it fails in its task, where
     retries apply."""
-    from blockferry.errors import BlockferryError
-    from blockferry.jobs.config import DiskSpec
-    from blockferry.registry import source_plugin
-
     out: list[DiskSpec] = []
     for d in disks:
         expand = getattr(source_plugin(d.source), "expand", None)

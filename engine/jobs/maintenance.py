@@ -35,8 +35,12 @@ import anyio
 import msgspec
 from blockferry.jobs.catalog import LifecycleSpec
 from blockferry.jobs.messages import SessionResult
+from blockferry.repo.gc import DEFAULT_REWRITE_THRESHOLD, collect
+from blockferry.repo.lifecycle import copy_to_url, points_to_copy, prune
 from blockferry.repo.store import RepositoryStore
+from blockferry.repo.verify import verify
 from blockferry.runtime.resources import Runtime
+from blockferry.units import human
 
 
 class Outcome(msgspec.Struct, kw_only=True):
@@ -68,8 +72,6 @@ def _report(report: Any) -> dict[str, Any]:
 
 
 async def _prune(spec: LifecycleSpec, store: RepositoryStore, result: SessionResult) -> Outcome:
-    from blockferry.repo.lifecycle import prune
-
     assert spec.retention is not None
     report = await prune(store, spec.retention, objects=spec.objects)
     result.report, result.pruned = _report(report), list(report.removed)
@@ -90,8 +92,6 @@ async def _prune(spec: LifecycleSpec, store: RepositoryStore, result: SessionRes
 
 
 async def _gc(spec: LifecycleSpec, store: RepositoryStore, result: SessionResult, say: Callable[[str], None]) -> Outcome:
-    from blockferry.repo.gc import DEFAULT_REWRITE_THRESHOLD, collect
-
     own = RepositoryStore(store.backend, store.config)  # see the module docstring
     threshold = spec.rewrite_threshold if spec.rewrite_threshold is not None else DEFAULT_REWRITE_THRESHOLD
     try:
@@ -105,7 +105,8 @@ async def _gc(spec: LifecycleSpec, store: RepositoryStore, result: SessionResult
             with anyio.CancelScope(shield=True):
                 await store.load_index(reload=True)
     result.report = _report(report)
-    result.summary = report.summary()
+    result.summary = (f"{report.state}: {human(report.bytes_freed)} freed, {report.packs_deleted} pack(s) deleted, "
+                      f"{report.packs_rewritten} rewritten")
     if report.state == "deferred":
         result.warnings.append(f"sweep deferred: {report.reason}")
         return Outcome(state="warning", note=f"sweep deferred to the next run: {report.reason}"[:1000])
@@ -114,9 +115,6 @@ async def _gc(spec: LifecycleSpec, store: RepositoryStore, result: SessionResult
 
 async def _verify(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime, result: SessionResult,
                   say: Callable[[str], None]) -> Outcome:
-    from blockferry.repo.verify import verify
-    from blockferry.units import human
-
     report = await verify(store, runtime, sample=spec.sample,
                           progress=lambda done, total: say(f"checked {done} of {total} chunk(s)"))
     result.report = _report(report)
@@ -136,15 +134,14 @@ async def _verify(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime,
 
 async def _copy(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime, result: SessionResult,
                 say: Callable[[str], None]) -> Outcome:
-    from blockferry.repo.lifecycle import copy_to_url, points_to_copy
-
     assert spec.to is not None
     ids = await points_to_copy(store, objects=spec.objects, latest=spec.latest)
     report = await copy_to_url(store, spec.to, ids, runtime=runtime, retention=spec.retention,
                                progress=lambda done, total: say(f"copied {done} of {total} point(s)"))
     result.report = _report(report)
     result.copied[spec.to], result.pruned = list(report.points), list(report.pruned)
-    result.summary = report.summary()
+    result.summary = (f"copied {len(report.points)} point(s) ({len(report.skipped)} already there), "
+                      f"{human(report.bytes_written)} sent")
     if report.pruned:
         result.summary += f"; the target's retention removed {len(report.pruned)}"
     return Outcome()

@@ -66,16 +66,6 @@ class GcReport(msgspec.Struct, kw_only=True):
     packs_kept_immutable: int = 0
     duration: float = 0.0
 
-    def summary(self) -> str:
-        from blockferry.units import human
-
-        text = (f"{self.state}: {human(self.bytes_freed)} freed; {self.packs_deleted} pack(s) deleted, "
-                f"{self.packs_rewritten} rewritten into {self.packs_written}, {self.chunks_removed} chunk(s) "
-                f"removed, {self.orphan_packs_deleted} orphan pack(s)")
-        if self.packs_kept_immutable:
-            text += f"; {self.packs_kept_immutable} pack(s) kept for immutable points"
-        return text
-
 
 async def _live(store: RepositoryStore, now: str | None = None) -> tuple[set[bytes], set[bytes]]:
     """(chunks any point references, chunks a point immutable now references)."""

@@ -62,6 +62,7 @@ from blockferry.repo.health import Health
 from blockferry.repo.index import INDEX_COMPACT_AT, ChunkIndex, IndexEntry
 from blockferry.repo.locks import LockInfo, holder_alive, process_start
 from blockferry.repo.packs import PackWriter, Spawn, WriterHandle, pack_key
+from blockferry.repo.retention import parse_time
 
 log = get_logger()
 
@@ -328,6 +329,14 @@ class RepositoryStore:
             return
         await self._release(LOCK_KEY, self._writer)
         self._writer = None
+
+    async def break_lock(self) -> LockInfo | None:
+        """Remove the writer lock whoever holds it (``blockferry unlock``, for a holder that is
+        gone); returns the holder, or None if the repository was not locked."""
+        holder = await self.read_lock()
+        if holder is not None:
+            await self.backend.delete(LOCK_KEY)
+        return holder
 
     @contextlib.asynccontextmanager
     async def reading(self, purpose: str) -> AsyncIterator[None]:
@@ -679,8 +688,6 @@ async def read_index_files(store: RepositoryStore) -> tuple[list[str], dict[str,
 
 def immutable_now(until: str | None, now: str | None = None) -> bool:
     """Whether an ``immutable_until`` date (ISO 8601) is still in the future."""
-    from blockferry.repo.retention import parse_time
-
     if not until:
         return False
     return parse_time(until) > (parse_time(now) if now else parse_time(utc_now()))

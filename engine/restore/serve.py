@@ -26,6 +26,7 @@ import anyio
 import anyio.to_thread
 from blockferry.errors import BlockferryError, ConfigError, CorruptionError, NotFoundError, RepositoryError
 from blockferry.log import get_logger
+from blockferry.nbd.server import NBDServer
 from blockferry.repo.chunks import decode_chunk
 from blockferry.repo.format import DIGEST_SIZE, HOLE, DiskRecord, Manifest
 from blockferry.repo.store import RepositoryStore
@@ -362,8 +363,6 @@ async def serve_point(
     """Serve ``disks`` of ``manifest`` on a Unix socket until cancelled. Each disk is an export
     named after it; when there is one disk it is also the default export (the empty name).
     ``task_status.started`` gets the server once clients can connect."""
-    from blockferry.nbd.server import NBDServer
-
     if not disks:
         raise ConfigError(f"point {manifest.id} has no disk to serve")
     await store.load_index()
