@@ -36,6 +36,7 @@ import anyio.to_thread
 import msgspec
 from blockferry.datapath.plan import Run, union
 from blockferry.errors import ConfigError, CorruptionError, NotFoundError, RepositoryError
+from blockferry.fileio import write_all
 from blockferry.repo.chunks import decode_chunk_into
 from blockferry.repo.format import DIGEST_SIZE, HOLE, DiskRecord, Manifest
 from blockferry.repo.store import RepositoryStore
@@ -145,19 +146,6 @@ def _zero_fill(fd: int, offset: int, length: int, block_size: int, device: bool)
         offset += n
 
 
-def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    total = sum(len(v) for v in views)
-    written = 0
-    while written < total:
-        k = os.pwritev(fd, views, offset + written)
-        written += k
-        while views and k >= len(views[0]):
-            k -= len(views[0])
-            views.pop(0)
-        if k:
-            views[0] = views[0][k:]
-
-
 class _StagePool:
     """Page-aligned buffers that hold a window's decoded blocks from decoding to writing
     (O_DIRECT needs aligned memory), reused so their pages stay mapped."""
@@ -222,7 +210,7 @@ class _Spool:
         if self._file is None:
             # beside the restored images: the restore needs that disk anyway, and not a tmpfs
             self._file = tempfile.TemporaryFile(dir=self.directory, prefix=".blockferry-spool-")
-        _pwritev_all(self._file.fileno(), [memoryview(data)], off)
+        write_all(self._file.fileno(), [data], off)
 
     def read(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         return [os.pread(self._file.fileno(), n, off) for off, n in ranges]
@@ -622,13 +610,11 @@ class _PointRestorer:
             offset = first * self.bs
             if target.direct is not None:
                 whole = n // _ALIGN * _ALIGN  # a partial last block goes through the page cache
-                done = 0
-                while done < whole:
-                    done += os.pwrite(target.direct, stage[start + done:start + whole], offset + done)
+                write_all(target.direct, [stage[start:start + whole]], offset)
                 if whole < n:
-                    os.pwrite(target.fd, stage[start + whole:start + n], offset + whole)
+                    write_all(target.fd, [stage[start + whole:start + n]], offset + whole)
             else:
-                _pwritev_all(target.fd, [stage[start:start + n]], offset)
+                write_all(target.fd, [stage[start:start + n]], offset)
             written[k] += n
         return written
 

@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from blockferry.errors import BlockferryError, ConfigError, CorruptionError, NotFoundError, RepositoryError
+from blockferry.fileio import write_all
 from blockferry.log import get_logger
 from blockferry.nbd.server import NBDServer
 from blockferry.repo.chunks import decode_chunk
@@ -326,26 +327,18 @@ class PointDisk:
                     ov.units[u] = _ZEROED
                 elif whole or ov.units[u] == _DATA:
                     chunk = data[pos - offset:stop - offset] if data is not None else bytes(stop - pos)
-                    await anyio.to_thread.run_sync(_pwrite_all, ov.fd, chunk, pos)
+                    await anyio.to_thread.run_sync(write_all, ov.fd, [chunk], pos)
                     ov.units[u] = _DATA
                 else:
                     buf = await self._unit_content(u)
                     buf[pos - ustart:stop - ustart] = data[pos - offset:stop - offset] if data is not None else bytes(stop - pos)
-                    await anyio.to_thread.run_sync(_pwrite_all, ov.fd, buf, ustart)
+                    await anyio.to_thread.run_sync(write_all, ov.fd, [buf], ustart)
                     ov.units[u] = _DATA
                 ov.written_bytes += stop - pos
                 pos = stop
 
     async def flush(self) -> None:
         """Nothing to make durable: the overlay lives only as long as the server."""
-
-
-def _pwrite_all(fd: int, data: Any, offset: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 async def serve_point(
