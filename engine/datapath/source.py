@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from blockferry.datapath.extents import Extent
+
 if TYPE_CHECKING:
     from blockferry.repo.format import DiskRecord
 
 Buffer = bytearray | memoryview
-Extent = tuple[int, int]  # (offset, length) in bytes
 
 
 @runtime_checkable

@@ -34,7 +34,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import msgspec
-from blockferry.datapath.plan import Run, union
+from blockferry.datapath.extents import Extent, union
 from blockferry.errors import ConfigError, CorruptionError, NotFoundError, RepositoryError
 from blockferry.fileio import write_all
 from blockferry.repo.chunks import decode_chunk_into
@@ -59,9 +59,9 @@ class RestoreResult(msgspec.Struct, kw_only=True):
     damaged_ranges: list[tuple[int, int]] = msgspec.field(default_factory=list)
 
 
-def data_runs(blocks: bytes, nblocks: int, *, holes: bool = False) -> list[Run]:
+def data_runs(blocks: bytes, nblocks: int, *, holes: bool = False) -> list[Extent]:
     """Runs of consecutive data blocks (or, with ``holes``, of hole blocks) of a block map."""
-    out: list[Run] = []
+    out: list[Extent] = []
     i = 0
     while i < nblocks:
         is_hole = blocks[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] == HOLE
@@ -500,7 +500,7 @@ class _PointRestorer:
     def batches(self) -> Iterator[list[tuple[int, int, int]]]:
         """Windows of block numbers, each the (disk, first, count) runs of data inside it."""
         per = max(1, self.batch_bytes // (self.bs * len(self.disks)))
-        everything: list[Run] = []
+        everything: list[Extent] = []
         for runs in self.runs:
             everything = union(everything, runs)
         for s, c in everything:
