@@ -101,7 +101,7 @@ async def _gc(spec: LifecycleSpec, store: RepositoryStore, result: SessionResult
             # daemon backup that started after it must keep not deduplicating against it)
             store.condemned = set()
     finally:
-        if store._index_loaded:  # a sweep, even a partial one, may have moved or deleted packs
+        if store.index_loaded:  # a sweep, even a partial one, may have moved or deleted packs
             with anyio.CancelScope(shield=True):
                 await store.load_index(reload=True)
     result.report = _report(report)

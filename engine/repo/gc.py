@@ -148,7 +148,7 @@ async def collect(
     t0 = anyio.current_time()
     report = GcReport()
     say = progress or (lambda _: None)
-    gc_lock = await store._take_lock(GC_LOCK_KEY, "garbage collection")
+    gc_lock = await store.take_lock(GC_LOCK_KEY, "garbage collection")
     try:
         plan = await store.load_gc_plan()
         if plan is None:
@@ -174,7 +174,7 @@ async def collect(
         report.state = "done"
     finally:
         with anyio.CancelScope(shield=True):
-            await store._release(GC_LOCK_KEY, gc_lock)
+            await store.release_lock(GC_LOCK_KEY, gc_lock)
     report.duration = anyio.current_time() - t0
     return report
 
@@ -222,8 +222,7 @@ async def _sweep(store: RepositoryStore, plan: GcPlan, report: GcReport, say: Ca
         data = await backend.get_ranges(pack_key(p), [(e.offset, e.length) for e in keep])
         await writer.add([(e.digest, d, e.raw_len, e.flags) for e, d in zip(keep, data)], dedup=False)
     await writer.close()
-    new_packs = [store.index.packs[pno] for pno, _ in store._unindexed]
-    await store._write_index()
+    new_packs = await store.write_index()
     report.packs_written = len(new_packs)
     # one index without the old packs; then the files it replaces; then the packs
     files, now_packs = await read_index_files(store)
