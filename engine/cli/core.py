@@ -38,8 +38,9 @@ from blockferry.units import human, parse_size
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_IMMUTABLE = 0, 1, 2, 3, 4, 5
 
 #: modules that add commands, each with ``register(add_command)`` where ``add_command(name, fn,
-#: help)`` returns the subparser, and the commands each adds (a test keeps this list true). Keep
-#: them light: import what a command needs inside it.
+#: help)`` returns the subparser, and the commands each adds (a test keeps this list true). Only
+#: the module of the command being run is imported (see :func:`build_parser`), so each imports
+#: what its commands need at its top: ``blockferry backup`` never loads the daemon or the restore.
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "blockferry.cli.lifecycle": ("prune", "gc", "delete", "repair", "copy"),
     "blockferry.cli.recovery": ("serve", "restore-image"),
