@@ -227,13 +227,13 @@ def _retryable(exc: BaseException) -> bool:
         return code in _RETRY_CODES or status in (429, 500, 502, 503, 504)
     if isinstance(exc, (BotoConnectionError, HTTPClientError)):
         return True  # connect/read timeouts, refused and dropped connections
-    # aiohttp comes with aiobotocore, which _new_session loads in a thread: imported here it
-    # would cost 140 ms on the event loop, and while it is not loaded no exception is its own
+    if isinstance(exc, asyncio.TimeoutError):
+        return True
+    # a body cut short while reading it, a server that closed the connection. aiohttp comes with
+    # aiobotocore, which _new_session loads in a thread: imported here it would cost 140 ms on
+    # the event loop, and while it is not loaded no exception is one of its own
     aiohttp = sys.modules.get("aiohttp")
-    if aiohttp is None:
-        return False
-    # a body cut short while reading it, a server that closed the connection
-    return isinstance(exc, (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError))
+    return aiohttp is not None and isinstance(exc, (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError))
 
 
 def _translate(exc: BaseException, what: str, bucket: str) -> BlockferryError:
