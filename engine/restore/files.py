@@ -42,7 +42,6 @@ from blockferry.repo.format import DIGEST_SIZE, HOLE, DiskRecord, Manifest
 from blockferry.repo.store import RepositoryStore
 from blockferry.runtime.resources import Runtime
 
-_BLKZEROOUT = 0x127F
 _BLKGETSIZE64 = 0x80081272
 _ALIGN = 4096
 
@@ -130,20 +129,6 @@ def _open_target(path: Path, size: int, *, overwrite: bool, into_existing: bool,
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     os.ftruncate(fd, size)
     return _Target(path=path, fd=fd, direct=_open_direct(temp), temp=temp, sparse=sparse, device=False)
-
-
-def _zero_fill(fd: int, offset: int, length: int, block_size: int, device: bool) -> None:
-    if device:
-        try:
-            fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
-            return
-        except OSError:
-            pass  # not supported by this device: write zeros
-    zero = bytes(min(length, 8 * block_size))
-    end = offset + length
-    while offset < end:
-        n = os.pwrite(fd, memoryview(zero)[: min(len(zero), end - offset)], offset)
-        offset += n
 
 
 class _StagePool:
