@@ -66,8 +66,8 @@ from blockferry.jobs.catalog import (
     item_from_data,
     item_to_data,
     load_toml,
-    repository_from_data,
     parse_sizes,
+    repository_from_data,
 )
 from blockferry.jobs.config import RepositorySettings, ServerConfig
 from blockferry.jobs.messages import RemoveProxy, RemoveRepository, UpdateProxy, UpdateRepository
