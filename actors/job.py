@@ -16,6 +16,8 @@ from typing import Any
 import anyio
 import msgspec
 from blockferry.actors.repository import copy_points, repository_work
+from blockferry.actors.source_mover import DownstreamClosedError
+from blockferry.actors.target_mover import UpstreamEndedError
 from blockferry.datapath.hints import load_hints
 from blockferry.errors import BlockferryError, unwrap_group
 from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, expand_disks
@@ -62,9 +64,6 @@ def immutable_until(created: str, *days: int | None) -> str | None:
 def primary_error(exc: BaseException) -> BaseException:
     """The error worth reporting for a task: a mover that only saw its peer go away is not the
     cause."""
-    from blockferry.actors.source_mover import DownstreamClosedError
-    from blockferry.actors.target_mover import UpstreamEndedError
-
     if isinstance(exc, (DownstreamClosedError, UpstreamEndedError)) or isinstance(exc, BaseExceptionGroup):
         return unwrap_group(BaseExceptionGroup("task", [exc]), secondary=(DownstreamClosedError, UpstreamEndedError))
     return exc

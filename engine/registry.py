@@ -66,13 +66,19 @@ def _load(group: str, scheme: str) -> Any:
         module, _, cls = _BUILTIN[key].partition(":")
         plugin = _loaded[key] = getattr(import_module(module), cls)()
         return plugin
+    # importlib.metadata and the scan cost 25 ms (see the module docstring): only for a scheme
+    # that is not built in
     from importlib.metadata import entry_points
 
+    kind = "source" if group == SOURCES else "repository"
     for ep in entry_points(group=group, name=scheme):
-        plugin = _loaded[key] = ep.load()()
+        try:
+            plugin = _loaded[key] = ep.load()()
+        except ImportError as exc:  # a plugin whose optional dependencies are not installed
+            raise ConfigError(f"the {kind} plugin for scheme {scheme!r} cannot be loaded: {exc} "
+                              f"(is the 'blockferry[{scheme}]' extra installed?)") from exc
         return plugin
     known = sorted({ep.name for ep in entry_points(group=group)} | {s for g, s in _registered if g == group})
-    kind = "source" if group == SOURCES else "repository"
     raise ConfigError(f"no {kind} plugin for scheme {scheme!r} (installed: {', '.join(known) or 'none'})")
 
 

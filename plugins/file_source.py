@@ -27,6 +27,7 @@ from typing import Any
 import anyio.to_thread
 from blockferry.datapath.source import Buffer, Extent
 from blockferry.errors import ConfigError, SourceChangedError, SourceError
+from blockferry.fileio import read_into
 from blockferry.registry import path_from_url
 
 _BLKGETSIZE64 = 0x80081272
@@ -78,23 +79,12 @@ class FileDisk:
         return f"<FileDisk {self.path} size={self.size}>"
 
     def read_blocking(self, offset: int, buffers: Sequence[Buffer]) -> int:
-        want = sum(len(b) for b in buffers)
-        total = 0
-        bufs = [memoryview(b) for b in buffers]
+        # fewer bytes than asked at the end of the file: the disk shrank under us, the caller checks sizes
         try:
-            while total < want:
-                n = os.preadv(self._fd, bufs[:1024], offset + total)  # at most IOV_MAX buffers
-                if n == 0:
-                    break  # end of file: the disk shrank under us, the caller checks sizes
-                total += n
-                while bufs and n >= len(bufs[0]):
-                    n -= len(bufs[0])
-                    bufs.pop(0)
-                if n:
-                    bufs[0] = bufs[0][n:]
+            return read_into(self._fd, buffers, offset)
         except OSError as exc:
-            raise SourceError(f"{self.path}: read error at offset {offset + total}: {exc.strerror}") from exc
-        return total
+            want = sum(len(b) for b in buffers)
+            raise SourceError(f"{self.path}: read error in the {want} bytes at offset {offset}: {exc.strerror}") from exc
 
     async def read_into(self, offset: int, buffers: Sequence[Buffer]) -> int:
         return await anyio.to_thread.run_sync(self.read_blocking, offset, buffers)

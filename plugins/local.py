@@ -22,6 +22,7 @@ import os
 import shutil
 import stat as stat_mod
 import threading
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from blockferry.errors import ConfigError, CorruptionError, ImmutableError, NotFoundError, RepositoryError
+from blockferry.fileio import write_all
 from blockferry.registry import path_from_url
 from blockferry.repo.backend import BackendCapabilities, KeyExistsError, ObjectInfo
 
@@ -115,9 +117,7 @@ class LocalUpload:
 
     def _write_stage(self, upto: int) -> None:
         assert self._fd is not None
-        done = 0
-        while done < upto:
-            done += os.pwrite(self._fd, self._view[done:upto], self._flushed + done)
+        write_all(self._fd, [self._view[:upto]], self._flushed)
         self._flushed += upto
         rest = self._fill - upto
         if rest:
@@ -130,7 +130,7 @@ class LocalUpload:
             raise RepositoryError(f"upload of {self.key} is closed")
         try:
             if self._stage is None:
-                return _writev_all(self._fd, parts)
+                return write_all(self._fd, parts)
             total = 0
             for part in parts:
                 src = memoryview(part)
@@ -190,21 +190,6 @@ class LocalUpload:
 
     async def abort(self) -> None:
         self.abort_sync()
-
-
-def _writev_all(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> int:
-    """writev until everything is written (it takes at most IOV_MAX buffers and may write less)."""
-    total = 0
-    pending = [memoryview(p) for p in parts if len(p)]
-    while pending:
-        n = os.writev(fd, pending[:1024])
-        total += n
-        while pending and n >= len(pending[0]):
-            n -= len(pending[0])
-            pending.pop(0)
-        if n:
-            pending[0] = pending[0][n:]
-    return total
 
 
 class LocalBackend:
@@ -403,8 +388,6 @@ class LocalBackend:
         """Remove temporary files left by dead writers; returns how many. A file is named after
         its writer's pid: those of live processes are kept, unless older than ``older_than``
         seconds (the pid was reused: only the lock holder writes, and it calls this)."""
-        import time
-
         removed = 0
         if not self._tmp_dir.is_dir():
             return 0

@@ -48,12 +48,15 @@ import hashlib
 import os
 import random
 import re
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import aiofiles
+import aiofiles.os
 import anyio
 import msgspec
 from blockferry.errors import (
@@ -68,6 +71,8 @@ from blockferry.errors import (
 )
 from blockferry.log import get_logger
 from blockferry.repo.backend import BackendCapabilities, KeyExistsError, ObjectInfo
+from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError, PartialCredentialsError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 log = get_logger(component="s3")
 
@@ -81,7 +86,7 @@ def _new_session() -> Any:
     half a second here. :meth:`S3Backend._connect` runs this in a worker thread, so the event
     loop (a daemon's other jobs) is not blocked meanwhile. (Starting it in a thread at process
     start, to overlap the rest of the start, was measured slower: both halves hold the GIL.)"""
-    from aiobotocore.session import get_session
+    from aiobotocore.session import get_session  # 210 ms of imports: here, in a worker thread
 
     session = get_session()
     with contextlib.suppress(Exception):  # warm-ups only: create_client loads whatever is missing
@@ -217,25 +222,21 @@ def _code(exc: BaseException) -> tuple[str, int]:
 
 
 def _retryable(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError, HTTPClientError
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-
     if isinstance(exc, ClientError):
         code, status = _code(exc)
         return code in _RETRY_CODES or status in (429, 500, 502, 503, 504)
     if isinstance(exc, (BotoConnectionError, HTTPClientError)):
         return True  # connect/read timeouts, refused and dropped connections
-    try:
-        import aiohttp
-    except ImportError:  # pragma: no cover
-        return False
-    # a body cut short while reading it, a server that closed the connection
-    return isinstance(exc, (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError))
+    if isinstance(exc, asyncio.TimeoutError):
+        return True
+    # a body cut short while reading it, a server that closed the connection. aiohttp comes with
+    # aiobotocore, which _new_session loads in a thread: imported here it would cost 140 ms on
+    # the event loop, and while it is not loaded no exception is one of its own
+    aiohttp = sys.modules.get("aiohttp")
+    return aiohttp is not None and isinstance(exc, (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError))
 
 
 def _translate(exc: BaseException, what: str, bucket: str) -> BlockferryError:
-    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
-
     if isinstance(exc, BlockferryError):
         return exc
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
@@ -279,8 +280,6 @@ class _Cache:
         return self.root / f"{key}@{re.sub(r'[^0-9A-Za-z-]', '', etag)}"
 
     async def read(self, key: str, etag: str) -> bytes | None:
-        import aiofiles
-
         try:
             async with aiofiles.open(self._path(key, etag), "rb") as f:
                 return await f.read()
@@ -288,9 +287,6 @@ class _Cache:
             return None
 
     async def write(self, key: str, etag: str, data: bytes) -> None:
-        import aiofiles
-        import aiofiles.os
-
         path = self._path(key, etag)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -576,6 +572,8 @@ class S3Backend:
             session = await anyio.to_thread.run_sync(_new_session)
         except Exception as exc:
             raise _translate(exc, f"connecting to S3 for {self.url}", self.bucket) from exc
+        # loaded with the session (in the thread above): at the top of the module it would load
+        # aiobotocore, 260 ms, on the event loop when the plugin is found
         from aiobotocore.config import AioConfig
 
         s = self.settings

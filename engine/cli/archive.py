@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from blockferry.cli.core import EXIT_OK, _json_out
+from blockferry.api import open_repository
+from blockferry.cli.core import EXIT_OK, json_out
 
 
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -22,8 +23,6 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 async def cmd_archive(a: argparse.Namespace) -> int:
-    from blockferry.api import open_repository
-
     def say(text: str) -> None:
         if not (a.quiet or a.json):
             print(text, file=sys.stderr)
@@ -32,7 +31,7 @@ async def cmd_archive(a: argparse.Namespace) -> int:
         report = await repo.archive(older_than_days=a.older_than, points=a.point, storage_class=a.storage_class,
                                     back=a.back, progress=say)
     if a.json:
-        _json_out(report)
+        json_out(report)
         return EXIT_OK
     print(f"{len(report.points)} point(s): {report.packs_moved} pack(s) moved to {report.storage_class}, "
           f"{report.packs_already} already there, {report.packs_shared} kept (newer points use them), "

@@ -13,36 +13,46 @@ missing source or point); 3 damaged data found; 4 the repository is locked by an
 from __future__ import annotations
 
 import argparse
+import atexit
+import ctypes
+import importlib
 import os
+import select
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 import anyio
 import msgspec
 from blockferry import __version__
+from blockferry.api import init_repository, open_repository
 from blockferry.errors import BlockferryError, ConfigError, unwrap_group
+from blockferry.jobs.messages import JobStatus
+from blockferry.log import configure, quiet_cli_defaults
+from blockferry.registry import scheme_of
 from blockferry.repo.format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, stats_dict
 from blockferry.units import human, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_IMMUTABLE = 0, 1, 2, 3, 4, 5
 
 #: modules that add commands, each with ``register(add_command)`` where ``add_command(name, fn,
-#: help)`` returns the subparser, and the commands each adds (a test keeps this list true). Keep
-#: them light: import what a command needs inside it.
+#: help)`` returns the subparser, and the commands each adds (a test keeps this list true). Only
+#: the module of the command being run is imported (see :func:`build_parser`), so each imports
+#: what its commands need at its top: ``blockferry backup`` never loads the daemon or the restore.
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "blockferry.cli.lifecycle": ("prune", "gc", "delete", "repair", "copy"),
     "blockferry.cli.recovery": ("serve", "restore-image"),
     "blockferry.cli.archive": ("archive",),
     "blockferry.cli.daemon": ("daemon", "status", "repo", "proxy", "source", "job", "session", "config",
                               "settings", "clock"),
+    "blockferry.cli.demo": ("demo",),
 }
-CORE_COMMANDS = ("init", "backup", "points", "restore", "verify", "unlock", "demo")
+CORE_COMMANDS = ("init", "backup", "points", "restore", "verify", "unlock")
 
 
-def _json_out(obj: Any) -> None:
+def json_out(obj: Any) -> None:
     sys.stdout.write(msgspec.json.format(msgspec.json.encode(obj), indent=2).decode() + "\n")
 
 
@@ -88,19 +98,15 @@ class Progress:
 
 
 async def cmd_init(a: argparse.Namespace) -> int:
-    from blockferry.api import init_repository
-
     options = {}
     if a.create_bucket or a.object_lock:
-        from blockferry.registry import scheme_of
-
         if scheme_of(a.repo) != "s3":
             raise ConfigError("--create-bucket and --object-lock are for s3:// repositories")
         options = {"create_bucket": True, "object_lock": a.object_lock}
     cfg = await init_repository(a.repo, block_size=a.block_size, compression=a.compression,
                                 immutable_days=a.immutable_days, backend_options=options)
     if a.json:
-        _json_out({"repository": a.repo, "config": cfg})
+        json_out({"repository": a.repo, "config": cfg})
     else:
         print(f"created repository {a.repo} (id {cfg.id[:12]}, block size {human(cfg.block_size)}, "
               f"compression {cfg.compression})")
@@ -118,9 +124,6 @@ def _parse_hints(items: Sequence[str]) -> dict[str, str]:
 
 
 async def cmd_backup(a: argparse.Namespace) -> int:
-    from blockferry.api import open_repository
-    from blockferry.jobs.messages import JobStatus
-
     progress = Progress(quiet=a.json or a.quiet)
     seen: dict[str, str] = {}
 
@@ -146,7 +149,7 @@ async def cmd_backup(a: argparse.Namespace) -> int:
         for o, oo in zip(session.objects, out["objects"]):
             for d, dd in zip(o.disks, oo["disks"]):
                 dd["stats"] = stats_dict(d.stats)
-        _json_out(out)
+        json_out(out)
     else:
         print_session(session)
     return EXIT_OK if session.state in ("success", "warning") else EXIT_FAILED
@@ -179,12 +182,10 @@ def print_session(session: Any) -> None:
 
 
 async def cmd_points(a: argparse.Namespace) -> int:
-    from blockferry.api import open_repository
-
     async with open_repository(a.repo) as repo:
         pts = await repo.points(object=a.object)
     if a.json:
-        _json_out(pts)
+        json_out(pts)
         return EXIT_OK
     if not pts:
         print("no restore points")
@@ -199,14 +200,12 @@ async def cmd_points(a: argparse.Namespace) -> int:
 
 
 async def cmd_restore(a: argparse.Namespace) -> int:
-    from blockferry.api import open_repository
-
     if (a.to is None) == (a.to_file is None):
         raise ConfigError("give either --to DIR or --to-file PATH")
     progress = Progress(quiet=a.json or a.quiet, every=10.0)
     async with open_repository(a.repo) as repo:
         if not a.json:  # waits for an archive tier are worth saying, even with -q
-            repo._archive_progress = lambda text: print(text, file=sys.stderr, flush=True)
+            repo.archive_progress = lambda text: print(text, file=sys.stderr, flush=True)
         m = await repo.point(a.point)
         disks = [m.disk(a.disk)] if a.disk else m.disks
         total = sum(d.size for d in disks)
@@ -223,19 +222,22 @@ async def cmd_restore(a: argparse.Namespace) -> int:
                                          allow_damaged=a.allow_damaged, progress=tick)
     progress.done()
     if a.json:
-        _json_out(results)
+        json_out(results)
     else:
         for r in results:
-            print(f"restored {r.disk} of point {r.point} to {r.path}: {human(r.size)} "
-                  f"({human(r.data_bytes)} data, {human(r.hole_bytes)} holes) in {r.duration:.2f} s")
-            for off, n in r.damaged_ranges:
-                print(f"  DAMAGED: {human(n)} at offset {off} written as zeros")
+            print_restored(r)
     return EXIT_DAMAGED if any(r.damaged_ranges for r in results) else EXIT_OK
 
 
-async def cmd_verify(a: argparse.Namespace) -> int:
-    from blockferry.api import open_repository
+def print_restored(r: Any) -> None:
+    """The lines of one restored disk (a RestoreResult)."""
+    print(f"restored {r.disk} of point {r.point} to {r.path}: {human(r.size)} "
+          f"({human(r.data_bytes)} data, {human(r.hole_bytes)} holes) in {r.duration:.2f} s")
+    for off, n in r.damaged_ranges:
+        print(f"  DAMAGED: {human(n)} at offset {off} written as zeros")
 
+
+async def cmd_verify(a: argparse.Namespace) -> int:
     progress = Progress(quiet=a.json or a.quiet)
     async with open_repository(a.repo) as repo:
         report = await repo.verify(sample=a.sample,
@@ -244,7 +246,7 @@ async def cmd_verify(a: argparse.Namespace) -> int:
     if a.json:
         out = msgspec.to_builtins(report)
         out["healthy"] = report.healthy
-        _json_out(out)
+        json_out(out)
     else:
         print(f"{report.points} points, {report.chunks_checked} chunks ({human(report.bytes_checked)}) checked "
               f"in {report.duration:.2f} s")
@@ -258,30 +260,19 @@ async def cmd_verify(a: argparse.Namespace) -> int:
 
 
 async def cmd_unlock(a: argparse.Namespace) -> int:
-    from blockferry.registry import backend_plugin
-    from blockferry.repo.store import LOCK_KEY, RepositoryStore
-
-    backend = await backend_plugin(a.repo).open(a.repo, {})
-    store = await RepositoryStore.open(backend)
-    holder = await store.read_lock()
+    async with open_repository(a.repo) as repo:
+        holder = await repo.break_lock()
     if holder is None:
         print("the repository is not locked")
-        return EXIT_OK
-    await backend.delete(LOCK_KEY)
-    print(f"removed the lock of pid {holder.pid} on {holder.host} ({holder.purpose}, since {holder.created})")
+    else:
+        print(f"removed the lock of pid {holder.pid} on {holder.host} ({holder.purpose}, since {holder.created})")
     return EXIT_OK
-
-
-async def cmd_demo(a: argparse.Namespace) -> int:
-    from blockferry.cli.demo import run_demo
-
-    return await run_demo(Path(a.dir), size=a.size)
 
 
 # -- wiring --------------------------------------------------------------------------------------
 
 
-def _size_arg(text: str) -> int:
+def size_arg(text: str) -> int:
     try:
         return parse_size(text)
     except ConfigError as exc:
@@ -335,7 +326,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     sp = cmd("init", cmd_init, "create a repository")
     sp.add_argument("repo", help="directory (created if missing) or URL")
-    sp.add_argument("--block-size", type=_size_arg, default=DEFAULT_BLOCK_SIZE,
+    sp.add_argument("--block-size", type=size_arg, default=DEFAULT_BLOCK_SIZE,
                     help="block size, a power of two from 256KiB to 8MiB (default 1MiB)")
     sp.add_argument("--compression", choices=list(COMPRESSION_LEVELS), default="default",
                     help="none, fast (zstd 1), default (zstd 3), high (zstd 9)")
@@ -379,15 +370,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp = cmd("unlock", cmd_unlock, "remove the writer lock left by a process that is gone")
     sp.add_argument("repo")
 
-    import importlib
-
     for module, names in COMMAND_MODULES.items():
         if only is None or only in names:
             importlib.import_module(module).register(cmd)
-
-    sp = cmd("demo", cmd_demo, "back up and restore two generated disk images, end to end")
-    sp.add_argument("dir", nargs="?", default="blockferry-demo", help="work directory (default ./blockferry-demo)")
-    sp.add_argument("--size", type=_size_arg, default=64 << 20, help="size of each demo disk (default 64MiB)")
     return p
 
 
@@ -403,8 +388,6 @@ def one_malloc_arena() -> bool:
     already set is left alone. No library wraps ``mallopt``, hence ctypes."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
-    import ctypes
-
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not a C library with mallopt
@@ -424,8 +407,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         getattr(a, tail).extend(extra)
-    from blockferry.log import configure, quiet_cli_defaults
-
     level = ("warning", "info", "debug")[min(a.verbose, 2)]
     if a.verbose or a.log_json:
         configure(level=level, json=a.log_json)
@@ -452,8 +433,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def stdout_unread() -> bool:
     """True when nobody reads stdout any more (a pipe whose reader is gone reports an error to
     ``poll``): a broken pipe elsewhere is not the output's and stays an error of its own."""
-    import select
-
     try:
         poller = select.poll()
         poller.register(sys.stdout.fileno(), select.POLLOUT)
@@ -500,9 +479,6 @@ def leave(code: int) -> NoReturn:
 
     Output that cannot be flushed (its reader is gone) ends with exit status 1, as when a command
     meets that while running; the interpreter would say 120, which is not one of ours."""
-    import atexit
-    import threading
-
     main_thread = threading.main_thread()
     for t in threading.enumerate():
         if t is not main_thread and not t.daemon:

@@ -21,16 +21,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from blockferry.cli.core import EXIT_FAILED, EXIT_OK, _json_out
-from blockferry.jobs.catalog import JOB_TYPES
+import anyio
+from blockferry.cli.core import EXIT_FAILED, EXIT_OK, json_out, size_arg
+from blockferry.daemon.client import connect, default_paths, default_socket
+from blockferry.errors import ConfigError, NotFoundError
+from blockferry.jobs.calendars import ManualClock, SystemClock, zone
+from blockferry.jobs.catalog import JOB_TYPES, load_toml
+from blockferry.repo.format import COMPRESSION_LEVELS
+from blockferry.runtime.events import EventBus
+from blockferry.runtime.settings import EngineSettings
 from blockferry.units import human
 
 FINAL = ("success", "warning", "failed", "stopped", "missed", "skipped")
 
 
 def _socket(a: argparse.Namespace) -> Path:
-    from blockferry.daemon.assembly import default_socket
-
     return Path(a.socket) if a.socket else default_socket()
 
 
@@ -47,8 +52,6 @@ def _value(text: str) -> Any:
 
 
 def _pairs(items: list[str]) -> dict[str, Any]:
-    from blockferry.errors import ConfigError
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -59,8 +62,6 @@ def _pairs(items: list[str]) -> dict[str, Any]:
 
 
 async def _call(a: argparse.Namespace, method: str, **params: Any) -> Any:
-    from blockferry.daemon.client import connect
-
     async with connect(_socket(a), client="blockferry-cli") as c:
         return await c.call(method, **params)
 
@@ -80,10 +81,9 @@ def _print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
 
 
 async def cmd_daemon(a: argparse.Namespace) -> int:
-    from blockferry.daemon.assembly import Daemon, DaemonOptions, configure_logging, default_paths
-    from blockferry.jobs.calendars import ManualClock, SystemClock, zone
-    from blockferry.runtime.events import EventBus
-    from blockferry.runtime.settings import EngineSettings
+    # the daemon's assembly (actors, scheduler, state database, control server): 31 ms of imports
+    # on top of this module's, which the client commands (status, job run...) do not need
+    from blockferry.daemon.assembly import Daemon, DaemonOptions, configure_logging
 
     sock, state = default_paths()
     opts = DaemonOptions(
@@ -100,8 +100,6 @@ async def cmd_daemon(a: argparse.Namespace) -> int:
         try:
             clock = ManualClock(dt.datetime.fromisoformat(a.manual_clock))
         except ValueError:
-            from blockferry.errors import ConfigError
-
             raise ConfigError(f"--manual-clock takes an ISO 8601 time with a zone, not {a.manual_clock!r}") from None
     else:
         clock = SystemClock(zone(a.timezone))
@@ -120,7 +118,7 @@ async def cmd_daemon(a: argparse.Namespace) -> int:
 async def cmd_status(a: argparse.Namespace) -> int:
     st = await _call(a, "status")
     if a.json:
-        _json_out(st)
+        json_out(st)
         return EXIT_OK
     print(f"{st['version'] if str(st['version']).startswith('blockferry') else 'blockferry ' + st['version']} "
           f"pid {st['pid']}, up {st['uptime']:.0f} s, socket {st['socket']}, state {st['state_dir']}")
@@ -153,7 +151,7 @@ def _item_commands(kind: str) -> dict[str, Callable[[argparse.Namespace], Any]]:
     async def do_list(a: argparse.Namespace) -> int:
         items = await _call(a, f"{kind}.list")
         if a.json:
-            _json_out(items)
+            json_out(items)
         else:
             for i in items:
                 if kind == "job":
@@ -168,17 +166,17 @@ def _item_commands(kind: str) -> dict[str, Callable[[argparse.Namespace], Any]]:
 
     async def do_remove(a: argparse.Namespace) -> int:
         out = await _call(a, f"{kind}.remove", name=a.name)
-        _json_out(out) if a.json else print(f"removed {kind} {a.name}")
+        json_out(out) if a.json else print(f"removed {kind} {a.name}")
         return EXIT_OK
 
     async def do_show(a: argparse.Namespace) -> int:
         out = await _call(a, f"{kind}.show", name=a.name)
-        _json_out(out) if a.json else print(json.dumps(out, indent=2))
+        json_out(out) if a.json else print(json.dumps(out, indent=2))
         return EXIT_OK
 
     async def do_set(a: argparse.Namespace) -> int:
         out = await _call(a, f"{kind}.set", name=a.name, changes=_pairs(a.changes))
-        _json_out(out) if a.json else print(f"changed {kind} {a.name}")
+        json_out(out) if a.json else print(f"changed {kind} {a.name}")
         return EXIT_OK
 
     return {"list": do_list, "remove": do_remove, "show": do_show, "set": do_set}
@@ -186,7 +184,7 @@ def _item_commands(kind: str) -> dict[str, Callable[[argparse.Namespace], Any]]:
 
 async def _add(a: argparse.Namespace, kind: str, params: dict[str, Any]) -> int:
     out = await _call(a, f"{kind}.add", **{k: v for k, v in params.items() if v is not None})
-    _json_out(out) if a.json else print(f"added {kind} {out['name']}")
+    json_out(out) if a.json else print(f"added {kind} {out['name']}")
     return EXIT_OK
 
 
@@ -209,8 +207,6 @@ _KEEP_RULES = ("last", "days", "daily", "weekly", "monthly", "yearly")
 
 
 async def cmd_job_add(a: argparse.Namespace) -> int:
-    from blockferry.errors import ConfigError
-
     if a.type != "backup":
         return await _add(a, "job", _lifecycle_params(a))
     if not a.sources:
@@ -243,8 +239,6 @@ async def cmd_job_add(a: argparse.Namespace) -> int:
 def _lifecycle_params(a: argparse.Namespace) -> dict[str, Any]:
     """A prune, gc, verify or copy job's table from the flags given (the daemon refuses those that
     do not fit the type, naming them)."""
-    from blockferry.errors import ConfigError
-
     if a.sources:
         raise ConfigError(f"a {a.type} job reads no SOURCE (it works on the repository --repo)")
     params: dict[str, Any] = {"name": a.name, "type": a.type, "repository": a.repo, "schedule": a.schedule,
@@ -264,12 +258,10 @@ def _lifecycle_params(a: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_job_run(a: argparse.Namespace) -> int:
-    from blockferry.daemon.client import connect
-
     async with connect(_socket(a), client="blockferry-cli") as c:
         if not a.wait:
             out = await c.call("job.run", name=a.name)
-            _json_out(out) if a.json else print(f"job {a.name}: session {out['session']} started")
+            json_out(out) if a.json else print(f"job {a.name}: session {out['session']} started")
             return EXIT_OK
         async with c.subscribe(["session", "progress"], job=a.name) as events:
             sid = (await c.call("job.run", name=a.name))["session"]
@@ -278,7 +270,7 @@ async def cmd_job_run(a: argparse.Namespace) -> int:
             state = await _follow(c, events, sid, quiet=a.json or a.quiet)
         rec = await c.call("session.show", id=sid)
     if a.json:
-        _json_out(rec)
+        json_out(rec)
     else:
         _print_session(rec)
     return EXIT_OK if state in ("success", "warning") else EXIT_FAILED
@@ -286,7 +278,7 @@ async def cmd_job_run(a: argparse.Namespace) -> int:
 
 async def cmd_job_stop(a: argparse.Namespace) -> int:
     out = await _call(a, "job.stop", name=a.name, reason=a.reason)
-    _json_out(out) if a.json else print(f"job {a.name}: stopping session {out['session']}")
+    json_out(out) if a.json else print(f"job {a.name}: stopping session {out['session']}")
     return EXIT_OK
 
 
@@ -298,7 +290,7 @@ async def cmd_session_list(a: argparse.Namespace) -> int:
         params["state"] = a.state
     rows = await _call(a, "session.list", **params)
     if a.json:
-        _json_out(rows)
+        json_out(rows)
         return EXIT_OK
     for r in rows:
         r["written"] = human(r["written_bytes"])
@@ -341,7 +333,7 @@ def _print_session(rec: dict[str, Any]) -> None:
 
 async def cmd_session_show(a: argparse.Namespace) -> int:
     rec = await _call(a, "session.show", id=a.id)
-    _json_out(rec) if a.json else _print_session(rec)
+    json_out(rec) if a.json else _print_session(rec)
     return EXIT_OK
 
 
@@ -380,8 +372,6 @@ def _bar(label: str, done: int, total: int, extra: str) -> str:
 
 async def _follow(c: Any, events: Any, sid: int, *, quiet: bool) -> str:
     """Show a session's progress until it ends; its final state."""
-    import anyio
-
     screen = _Screen(quiet)
     while True:
         with anyio.move_on_after(2.0):
@@ -400,9 +390,6 @@ async def _follow(c: Any, events: Any, sid: int, *, quiet: bool) -> str:
 
 
 async def cmd_session_watch(a: argparse.Namespace) -> int:
-    from blockferry.daemon.client import connect
-    from blockferry.errors import NotFoundError
-
     async with connect(_socket(a), client="blockferry-cli") as c:
         sid = a.id
         if sid is None:
@@ -415,32 +402,30 @@ async def cmd_session_watch(a: argparse.Namespace) -> int:
             rec = await c.call("session.show", id=sid)
             state = rec["state"] if rec["state"] in FINAL else await _follow(c, events, sid, quiet=a.json)
         rec = await c.call("session.show", id=sid)
-    _json_out(rec) if a.json else _print_session(rec)
+    json_out(rec) if a.json else _print_session(rec)
     return EXIT_OK if state in ("success", "warning") else EXIT_FAILED
 
 
 async def cmd_config_show(a: argparse.Namespace) -> int:
-    _json_out(await _call(a, "config.get"))
+    json_out(await _call(a, "config.get"))
     return EXIT_OK
 
 
 async def cmd_config_apply(a: argparse.Namespace) -> int:
-    from blockferry.jobs.catalog import load_toml
-
     out = await _call(a, "config.apply", config=load_toml(Path(a.file)), replace=a.replace)
-    _json_out(out) if a.json else print("configuration applied")
+    json_out(out) if a.json else print("configuration applied")
     return EXIT_OK
 
 
 async def cmd_config_reload(a: argparse.Namespace) -> int:
     out = await _call(a, "config.reload")
-    _json_out(out) if a.json else print("configuration reloaded")
+    json_out(out) if a.json else print("configuration reloaded")
     return EXIT_OK
 
 
 async def cmd_settings_set(a: argparse.Namespace) -> int:
     out = await _call(a, "settings.set", changes=_pairs(a.changes))
-    _json_out(out) if a.json else print(json.dumps(out))
+    json_out(out) if a.json else print(json.dumps(out))
     return EXIT_OK
 
 
@@ -451,7 +436,7 @@ async def cmd_clock(a: argparse.Namespace) -> int:
     if a.to:
         params["time"] = a.to
     out = await _call(a, "clock.advance", **params)
-    _json_out(out) if a.json else print(out["now"])
+    json_out(out) if a.json else print(out["now"])
     return EXIT_OK
 
 
@@ -459,9 +444,6 @@ async def cmd_clock(a: argparse.Namespace) -> int:
 
 
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
-    from blockferry.cli.core import _size_arg
-    from blockferry.repo.format import COMPRESSION_LEVELS
-
     sp = command("daemon", cmd_daemon, "run the backup server: scheduler, sessions, control socket")
     sp.add_argument("--socket", help="control socket (default $XDG_RUNTIME_DIR/blockferry/blockferry.sock, "
                                      "/run/blockferry/blockferry.sock as root)")
@@ -508,7 +490,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
             ap.add_argument("path", help="directory or URL")
             ap.add_argument("--max-tasks", type=int)
             ap.add_argument("--no-create", action="store_true", help="refuse a location that holds no repository")
-            ap.add_argument("--block-size", type=_size_arg)
+            ap.add_argument("--block-size", type=size_arg)
             ap.add_argument("--compression", choices=list(COMPRESSION_LEVELS))
         elif kind == "proxy":
             ap = action("add", cmd_proxy_add, "add a proxy")
@@ -539,7 +521,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
             ap.add_argument("--retries", type=int)
             ap.add_argument("--retry-delay", type=float)
             ap.add_argument("--max-tasks", type=int)
-            ap.add_argument("--throttle", type=_size_arg, help="bytes per second for the job, e.g. 50MiB")
+            ap.add_argument("--throttle", type=size_arg, help="bytes per second for the job, e.g. 50MiB")
             ap.add_argument("--immutable-days", type=int)
             ap.add_argument("--type", choices=JOB_TYPES, default="backup",
                             help="backup (the default), or a lifecycle job on --repo: prune, gc, verify, copy")

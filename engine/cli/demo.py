@@ -7,13 +7,27 @@ points and compares every byte with the images as they were.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+from blockferry.api import init_repository, open_repository
+from blockferry.cli.core import size_arg
 from blockferry.units import MiB
+
+
+def register(command: Callable[..., argparse.ArgumentParser]) -> None:
+    sp = command("demo", cmd_demo, "back up and restore two generated disk images, end to end")
+    sp.add_argument("dir", nargs="?", default="blockferry-demo", help="work directory (default ./blockferry-demo)")
+    sp.add_argument("--size", type=size_arg, default=64 << 20, help="size of each demo disk (default 64MiB)")
+
+
+async def cmd_demo(a: argparse.Namespace) -> int:
+    return await run_demo(Path(a.dir), size=a.size)
 
 LINES = [b"Nov 21 10:00:%02d vm sshd[%d]: Accepted publickey for admin from 10.0.0.%d\n",
          b"Nov 21 10:00:%02d vm kernel: [%d.%d] eth0: link up\n"]
@@ -45,8 +59,6 @@ def sha256(path: Path) -> str:
 
 
 async def run_demo(work: Path, *, size: int = 64 * MiB) -> int:
-    from blockferry import init_repository, open_repository
-
     if work.exists():
         shutil.rmtree(work)
     (work / "disks").mkdir(parents=True)

@@ -7,7 +7,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from blockferry.cli.core import EXIT_OK, _json_out
+from blockferry.api import open_repository
+from blockferry.cli.core import EXIT_DAMAGED, EXIT_OK, json_out
+from blockferry.errors import ConfigError
+from blockferry.repo.gc import GcReport
+from blockferry.repo.lifecycle import CopyReport
+from blockferry.repo.retention import RetentionPolicy
+from blockferry.units import human
 
 
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -55,9 +61,6 @@ def _keep_arguments(sp: argparse.ArgumentParser, verb: str) -> None:
 
 
 def _policy(a: argparse.Namespace, *, required: bool = True) -> Any:
-    from blockferry.errors import ConfigError
-    from blockferry.repo.retention import RetentionPolicy
-
     rules = {f"keep_{r}": getattr(a, f"keep_{r}") for r, _ in _RULES}
     if all(v is None for v in rules.values()):
         if not required:
@@ -70,13 +73,11 @@ def _policy(a: argparse.Namespace, *, required: bool = True) -> Any:
 
 
 async def cmd_prune(a: argparse.Namespace) -> int:
-    from blockferry.api import open_repository
-
     policy = _policy(a)
     async with open_repository(a.repo) as repo:
         report = await repo.prune(policy, object=a.object, dry_run=a.dry_run)
     if a.json:
-        _json_out(report)
+        json_out(report)
         return EXIT_OK
     verb = "would remove" if a.dry_run else "removed"
     for d in report.decisions:
@@ -91,30 +92,35 @@ async def cmd_prune(a: argparse.Namespace) -> int:
 
 
 async def cmd_gc(a: argparse.Namespace) -> int:
-    from blockferry.api import open_repository
-
     async with open_repository(a.repo) as repo:
         report = await repo.gc(rewrite_threshold=a.rewrite_threshold, wait=a.wait,
                                progress=None if a.json else (lambda s: print(s, file=sys.stderr)))
     if a.json:
-        _json_out(report)
+        json_out(report)
         return EXIT_OK
     if report.state == "deferred":
         print(f"collection deferred: {report.reason}")
         return 1
-    print(report.summary())
+    print(gc_summary(report))
     return EXIT_OK
 
 
-async def cmd_delete(a: argparse.Namespace) -> int:
-    from blockferry.api import open_repository
+def gc_summary(report: GcReport) -> str:
+    text = (f"{report.state}: {human(report.bytes_freed)} freed; {report.packs_deleted} pack(s) deleted, "
+            f"{report.packs_rewritten} rewritten into {report.packs_written}, {report.chunks_removed} chunk(s) "
+            f"removed, {report.orphan_packs_deleted} orphan pack(s)")
+    if report.packs_kept_immutable:
+        text += f"; {report.packs_kept_immutable} pack(s) kept for immutable points"
+    return text
 
+
+async def cmd_delete(a: argparse.Namespace) -> int:
     removed = []
     async with open_repository(a.repo) as repo:
         for p in a.points:
             removed.append(await repo.delete(p))
     if a.json:
-        _json_out({"removed": removed})
+        json_out({"removed": removed})
     else:
         for p in removed:
             print(f"removed point {p} (its data is freed by the next gc)")
@@ -122,27 +128,28 @@ async def cmd_delete(a: argparse.Namespace) -> int:
 
 
 async def cmd_copy(a: argparse.Namespace) -> int:
-    from blockferry.api import open_repository
-
     async with open_repository(a.source) as repo:
         report = await repo.copy_to(a.target, a.point, latest=a.latest, retention=_policy(a, required=False))
     if a.json:
-        _json_out(report)
+        json_out(report)
         return EXIT_OK
-    print(f"{report.summary()}, in {report.duration:.2f} s")
+    print(f"{copy_summary(report)}, in {report.duration:.2f} s")
     if report.pruned:
         print(f"the target's retention removed {len(report.pruned)} point(s): {', '.join(report.pruned)}")
     return EXIT_OK
 
 
-async def cmd_repair(a: argparse.Namespace) -> int:
-    from blockferry.api import open_repository
-    from blockferry.cli.core import EXIT_DAMAGED
+def copy_summary(report: CopyReport) -> str:
+    return (f"copied {len(report.points)} point(s) ({len(report.skipped)} already there): "
+            f"{report.chunks_copied} chunk(s) sent ({human(report.bytes_written)}), "
+            f"{report.chunks_present} already present")
 
+
+async def cmd_repair(a: argparse.Namespace) -> int:
     async with open_repository(a.repo) as repo:
         report = await repo.repair()
     if a.json:
-        _json_out(report)
+        json_out(report)
     else:
         print(f"index rebuilt from {report.packs} pack(s): {report.chunks} chunk(s) in {report.duration:.2f} s")
         for u in report.unreadable:

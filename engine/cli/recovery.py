@@ -11,8 +11,10 @@ from typing import Any
 
 import anyio
 import msgspec
-from blockferry.cli.core import EXIT_DAMAGED, EXIT_OK, _json_out
-from blockferry.units import human
+from blockferry.api import open_repository
+from blockferry.cli.core import EXIT_DAMAGED, EXIT_OK, json_out, print_restored, size_arg
+from blockferry.restore.image import restore_image
+from blockferry.restore.serve import serve_repository
 
 
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -38,15 +40,10 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def _size(text: str) -> int:
-    from blockferry.cli.core import _size_arg
-
-    return int(_size_arg(text))
+    return int(size_arg(text))
 
 
 async def cmd_serve(a: argparse.Namespace) -> int:
-    from blockferry.api import open_repository
-    from blockferry.restore.serve import serve_repository
-
     async with open_repository(a.repo) as repo:
         m = await repo.point(a.point)
         names = [a.disk] if a.disk else [d.name for d in m.disks]
@@ -76,18 +73,12 @@ async def cmd_serve(a: argparse.Namespace) -> int:
 
 
 async def cmd_restore_image(a: argparse.Namespace) -> int:
-    from blockferry.api import open_repository
-    from blockferry.restore.image import restore_image
-
     async with open_repository(a.repo) as repo:
         r = await restore_image(repo, a.point, a.target, disk=a.disk, fmt=a.format, allow_damaged=a.allow_damaged)
     if a.json:
-        _json_out(r)
+        json_out(r)
     else:
-        print(f"restored {r.disk} of point {r.point} to {r.path}: {human(r.size)} "
-              f"({human(r.data_bytes)} data, {human(r.hole_bytes)} holes) in {r.duration:.2f} s")
-        for off, n in r.damaged_ranges:
-            print(f"  DAMAGED: {human(n)} at offset {off} written as zeros")
+        print_restored(r)
     return EXIT_DAMAGED if r.damaged_ranges else EXIT_OK
 
 

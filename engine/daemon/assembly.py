@@ -36,14 +36,29 @@ from typing import Any, TextIO
 import anyio
 import msgspec
 from blockferry import __version__
+from blockferry.actors.scheduler import Scheduler
+from blockferry.actors.server import BackupServer
+from blockferry.api import init_repository
+from blockferry.daemon.client import default_paths, default_socket
 from blockferry.daemon.control import AccessPolicy, ControlServer, resolve_group
-from blockferry.daemon.protocol import NameParams, SessionListParams, SessionShowParams, SetParams, StopParams
+from blockferry.daemon.protocol import (
+    ApplyParams,
+    ClockParams,
+    NameParams,
+    SessionListParams,
+    SessionShowParams,
+    SetParams,
+    SettingsParams,
+    StopParams,
+    UnknownMethodError,
+)
 from blockferry.errors import BlockferryError, ConfigError, ConflictError, FieldError, NotFoundError, plain_errors
 from blockferry.jobs.calendars import Clock, ManualClock, SystemClock
 from blockferry.jobs.catalog import (
     KINDS,
     Catalog,
     JobConfig,
+    Settings,
     catalog_from_data,
     catalog_to_data,
     check,
@@ -51,6 +66,7 @@ from blockferry.jobs.catalog import (
     item_from_data,
     item_to_data,
     load_toml,
+    parse_sizes,
     repository_from_data,
 )
 from blockferry.jobs.config import RepositorySettings, ServerConfig
@@ -71,28 +87,15 @@ from blockferry.jobs.messages import (
     UpdateRepository,
 )
 from blockferry.jobs.statedb import StateDB
-from blockferry.log import LEVELS, get_logger
+from blockferry.log import LEVELS, configure, get_logger
+from blockferry.registry import backend_plugin
+from blockferry.repo.format import stats_dict
+from blockferry.repo.store import CONFIG_KEY
 from blockferry.runtime.events import EventBus
 from blockferry.runtime.settings import EngineSettings
 from blockferry.runtime.throttle import Throttle
 
 log = get_logger(actor="daemon")
-
-
-def default_paths() -> tuple[Path, Path]:
-    """(socket, state directory): /run/blockferry and /var/lib/blockferry as root; else under
-    $XDG_RUNTIME_DIR (or /tmp/blockferry-UID) and $XDG_STATE_HOME (or ~/.local/state)."""
-    if os.geteuid() == 0:
-        return Path("/run/blockferry/blockferry.sock"), Path("/var/lib/blockferry")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    run_dir = Path(runtime) / "blockferry" if runtime else Path(f"/tmp/blockferry-{os.getuid()}")
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return run_dir / "blockferry.sock", Path(state) / "blockferry"
-
-
-def default_socket() -> Path:
-    env = os.environ.get("BLOCKFERRY_SOCKET")
-    return Path(env) if env else default_paths()[0]
 
 
 class DaemonOptions(msgspec.Struct, kw_only=True):
@@ -155,20 +158,9 @@ def configure_logging(log_file: Path, *, level: str, stderr: bool, bus: EventBus
     """structlog JSON lines to ``log_file`` (and stderr in the foreground), each also offered to
     ``log`` subscribers; ``extra`` processors run first. Returns the open log file. (A job run's
     lines name its session: the scheduler gives it to the run, whose actors bind it.)"""
-    import structlog
-    from blockferry import log as logmod
-
     f = open(log_file, "a", buffering=1)
-    lvl = LEVELS.get(level, 20)
-    structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True), *(extra or ()), bus.log_processor,
-                    structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=_Tee(f, sys.stderr) if stderr else f),  # type: ignore[arg-type]
-        cache_logger_on_first_use=False,
-    )
-    logmod._min_level, logmod._checked = lvl, True
+    configure(level=level if level in LEVELS else "info", json=True, file=_Tee(f, sys.stderr) if stderr else f,
+              extra=[*(extra or ()), bus.log_processor], cache=False)  # type: ignore[arg-type]
     return f
 
 
@@ -239,9 +231,6 @@ class Daemon:
 
     async def _serve(self, *, access: AccessPolicy, group: int | None, handle_signals: bool, failed: list[int],
                      task_status: anyio.abc.TaskStatus[Any]) -> None:
-        from blockferry.actors.scheduler import Scheduler
-        from blockferry.actors.server import BackupServer
-
         o = self.options
         assert self.db is not None
         async with anyio.create_task_group() as tg:
@@ -387,10 +376,6 @@ class Daemon:
             await self.server.ask(RemoveProxy(name))
 
     async def _create_repository(self, r: RepositorySettings, init: Any) -> None:
-        from blockferry.api import init_repository
-        from blockferry.registry import backend_plugin
-        from blockferry.repo.store import CONFIG_KEY
-
         try:
             backend = await backend_plugin(r.url).open(r.url, dict(r.options))
         except BlockferryError:
@@ -408,8 +393,6 @@ class Daemon:
             log.info("repository_created", repository=r.name, url=r.url)
 
     async def _open_repository(self, r: RepositorySettings, *, quiet: bool) -> None:
-        from blockferry.errors import plain_errors
-
         try:
             with plain_errors():
                 await self.server.add_repository(r)
@@ -432,8 +415,6 @@ class Daemon:
     async def _handle(self, conn: Any, method: str, params: dict[str, Any]) -> Any:
         fn = _METHODS.get(method)
         if fn is None:
-            from blockferry.daemon.protocol import UnknownMethodError
-
             raise UnknownMethodError(f"unknown method {method!r} (see docs/protocol.md)")
         if not isinstance(params, dict):
             raise FieldError("params", "expected a map")
@@ -454,8 +435,6 @@ class Daemon:
         return catalog_to_data(self.catalog)
 
     async def m_config_apply(self, params: dict[str, Any]) -> dict[str, Any]:
-        from blockferry.daemon.protocol import ApplyParams
-
         p = convert(params, ApplyParams)
         if p.replace:
             cat, inits = catalog_from_data(p.config)
@@ -470,8 +449,6 @@ class Daemon:
         return await self.reload()
 
     async def m_settings_set(self, params: dict[str, Any]) -> dict[str, Any]:
-        from blockferry.daemon.protocol import SettingsParams
-
         p = convert(params, SettingsParams)
         data = {**msgspec.to_builtins(self.catalog.settings), **p.changes}
         settings = item_settings(data)
@@ -480,8 +457,6 @@ class Daemon:
 
     async def m_clock_advance(self, params: dict[str, Any]) -> dict[str, Any]:
         """Move a manual clock (a daemon started with --manual-clock, for tests and demos)."""
-        from blockferry.daemon.protocol import ClockParams
-
         p = convert(params, ClockParams)
         if not isinstance(self.clock, ManualClock):
             raise ConfigError("the daemon runs on the system clock; start it with --manual-clock to move time")
@@ -607,8 +582,6 @@ class Daemon:
             if running.result is not None:
                 out["result"] = msgspec.to_builtins(running.result)
         if rec.result is not None and rec.state != "running":
-            from blockferry.repo.format import stats_dict
-
             out["result"]["stats"] = stats_dict(rec.result.stats)  # with rate and bottleneck
         return out
 
@@ -618,9 +591,7 @@ class _Empty(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def item_settings(data: dict[str, Any]) -> Any:
-    from blockferry.jobs.catalog import Settings, _sizes
-
-    return convert(_sizes(data, ""), Settings)
+    return convert(parse_sizes(data, ""), Settings)
 
 
 def _kind_methods() -> dict[str, Callable[..., Any]]:

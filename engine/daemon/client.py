@@ -45,6 +45,22 @@ from blockferry.errors import BlockferryError, plain_errors
 from blockferry.runtime.actor import Completion
 
 
+def default_paths() -> tuple[Path, Path]:
+    """(socket, state directory): /run/blockferry and /var/lib/blockferry as root; else under
+    $XDG_RUNTIME_DIR (or /tmp/blockferry-UID) and $XDG_STATE_HOME (or ~/.local/state)."""
+    if os.geteuid() == 0:
+        return Path("/run/blockferry/blockferry.sock"), Path("/var/lib/blockferry")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    run_dir = Path(runtime) / "blockferry" if runtime else Path(f"/tmp/blockferry-{os.getuid()}")
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return run_dir / "blockferry.sock", Path(state) / "blockferry"
+
+
+def default_socket() -> Path:
+    env = os.environ.get("BLOCKFERRY_SOCKET")
+    return Path(env) if env else default_paths()[0]
+
+
 class DaemonError(BlockferryError):
     """The daemon answered a request with an error: ``code`` (docs/protocol.md), ``field`` for
     invalid configuration; ``exit_code`` is the CLI's for that code."""
@@ -197,4 +213,4 @@ async def connect(path: str | os.PathLike[str], *, client: str = "blockferry-pyt
                     tg.cancel_scope.cancel()
 
 
-__all__ = ["Client", "DaemonError", "NoDaemonError", "connect"]
+__all__ = ["Client", "DaemonError", "NoDaemonError", "connect", "default_paths", "default_socket"]

@@ -48,6 +48,7 @@ from blockferry.daemon.protocol import (
     read_frame,
 )
 from blockferry.errors import BlockferryError, ConfigError
+from blockferry.jobs.catalog import convert
 from blockferry.log import get_logger
 from blockferry.runtime.events import EventBus, Subscription
 
@@ -371,8 +372,6 @@ class Connection:
     # -- subscriptions ---------------------------------------------------------------------------
 
     def _subscribe(self, params: dict[str, Any], tg: TaskGroup) -> dict[str, int]:
-        from blockferry.jobs.catalog import convert
-
         p = convert(params, SubscribeParams)
         if len(self.subscriptions) >= 16:
             raise ConfigError("at most 16 subscriptions per connection")
@@ -382,8 +381,6 @@ class Connection:
         return {"subscription": sub.id}
 
     def _unsubscribe(self, params: dict[str, Any]) -> dict[str, bool]:
-        from blockferry.jobs.catalog import convert
-
         p = convert(params, UnsubscribeParams)
         sub = self.subscriptions.pop(p.subscription, None)
         if sub is not None:

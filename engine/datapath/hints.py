@@ -15,9 +15,8 @@ import re
 from pathlib import Path
 
 import msgspec
+from blockferry.datapath.extents import Extent, merge
 from blockferry.errors import HintError
-
-Extent = tuple[int, int]
 
 
 class _RbdExtent(msgspec.Struct):
@@ -69,17 +68,6 @@ def parse_hints(data: str, source: str = "hints") -> list[Extent]:
                 raise HintError(f"{where}: expected 'OFFSET LENGTH', got {line!r}")
             extents.append((_int(parts[0], where), _int(parts[1], where)))
     return merge(extents)
-
-
-def merge(extents: list[Extent]) -> list[Extent]:
-    out: list[Extent] = []
-    for off, n in sorted(e for e in extents if e[1] > 0):
-        if out and off <= out[-1][0] + out[-1][1]:
-            last_off, last_n = out[-1]
-            out[-1] = (last_off, max(last_n, off + n - last_off))
-        else:
-            out.append((off, n))
-    return out
 
 
 def load_hints(path: str | Path) -> list[Extent]:

@@ -1,6 +1,6 @@
 """Which blocks of a disk a task reads, which it marks as holes, which it keeps from the base.
 
-Runs are ``(first block, count)`` pairs, sorted and disjoint.
+Runs are extents of blocks, ``(first block, count)``, in extent lists (engine/datapath/extents.py).
 """
 
 from __future__ import annotations
@@ -8,76 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import msgspec
+from blockferry.datapath.extents import Extent, count, intersect, subtract, to_blocks, union
 from blockferry.repo.format import DiskRecord
 
-Run = tuple[int, int]
-Extent = tuple[int, int]
-
-
-def runs_of(extents: list[Extent], block_size: int, nblocks: int) -> list[Run]:
-    """The blocks that byte extents touch, merged into runs."""
-    out: list[Run] = []
-    for off, n in extents:
-        if n <= 0:
-            continue
-        a = off // block_size
-        b = min(nblocks, -(-(off + n) // block_size))
-        if a >= b:
-            continue
-        if out and a <= out[-1][0] + out[-1][1]:
-            s, c = out[-1]
-            out[-1] = (s, max(c, b - s))
-        else:
-            out.append((a, b - a))
-    return out
-
-
-def union(x: list[Run], y: list[Run]) -> list[Run]:
-    out: list[Run] = []
-    for s, c in sorted(x + y):
-        if out and s <= out[-1][0] + out[-1][1]:
-            ps, pc = out[-1]
-            out[-1] = (ps, max(pc, s + c - ps))
-        else:
-            out.append((s, c))
-    return out
-
-
-def intersect(x: list[Run], y: list[Run]) -> list[Run]:
-    out: list[Run] = []
-    i = j = 0
-    while i < len(x) and j < len(y):
-        a = max(x[i][0], y[j][0])
-        b = min(x[i][0] + x[i][1], y[j][0] + y[j][1])
-        if a < b:
-            out.append((a, b - a))
-        if x[i][0] + x[i][1] < y[j][0] + y[j][1]:
-            i += 1
-        else:
-            j += 1
-    return out
-
-
-def subtract(x: list[Run], y: list[Run]) -> list[Run]:
-    out: list[Run] = []
-    j = 0
-    for s, c in x:
-        cur, end = s, s + c
-        while j < len(y) and y[j][0] + y[j][1] <= cur:
-            j += 1
-        k = j
-        while k < len(y) and y[k][0] < end:
-            if y[k][0] > cur:
-                out.append((cur, y[k][0] - cur))
-            cur = max(cur, y[k][0] + y[k][1])
-            k += 1
-        if cur < end:
-            out.append((cur, end - cur))
-    return out
-
-
-def count(runs: list[Run]) -> int:
-    return sum(c for _, c in runs)
+#: an extent of blocks: (first block, count)
+Run = Extent
 
 
 class ReadPlan(msgspec.Struct):
@@ -108,12 +43,12 @@ def make_plan(
     them whatever the hints say (that heals the repository)."""
     nblocks = -(-size // block_size)
     everything = [(0, nblocks)] if nblocks else []
-    data_runs = everything if data is None else runs_of(data, block_size, nblocks)
+    data_runs = everything if data is None else to_blocks(data, block_size, nblocks)
     if hints is None:
         return ReadPlan(nblocks, data_runs, [], False, "full read: no changed-extent hints")
     if base is None:
         return ReadPlan(nblocks, data_runs, [], False, "full read: no earlier point of this disk to apply hints to")
-    candidates = runs_of(hints, block_size, nblocks)
+    candidates = to_blocks(hints, block_size, nblocks)
     heal = [(s, min(c, nblocks - s)) for s, c in (must_read or []) if s < nblocks]
     if heal:
         candidates = union(candidates, heal)
@@ -142,3 +77,7 @@ def batches(runs: list[Run], per_batch: int) -> Iterator[Run]:
             yield (s, k)
             s += k
             c -= k
+
+
+# ``count`` is the extents' (engine/datapath/extents.py), named here for the source mover
+__all__ = ["ReadPlan", "Run", "batches", "count", "make_plan"]

@@ -25,8 +25,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from blockferry.datapath.blocks import NEW, BlockProcessor, PreparedChunks
+from blockferry.datapath.extents import intersect, to_blocks
 from blockferry.datapath.hints import load_hints
-from blockferry.datapath.plan import Run, batches, intersect, runs_of
+from blockferry.datapath.plan import Run, batches
 from blockferry.datapath.source import MapsBlocking, ReadsBlocking
 from blockferry.log import get_logger
 from blockferry.registry import scheme_of, source_plugin
@@ -86,10 +87,10 @@ async def _setup(stack: AsyncExitStack, source: str, hint_file: str, block_size:
     disk = await source_plugin(source).open(source, {})
     stack.push_async_callback(disk.aclose)
     nblocks = -(-disk.size // block_size)
-    runs = runs_of(extents, block_size, nblocks)
+    runs = to_blocks(extents, block_size, nblocks)
     data = await disk.data_extents()
     if data is not None:
-        runs = intersect(runs, runs_of(data, block_size, nblocks))
+        runs = intersect(runs, to_blocks(data, block_size, nblocks))
     read = disk.read_blocking if isinstance(disk, ReadsBlocking) else None
     mapped = disk.map_blocking if isinstance(disk, MapsBlocking) else None
     if not runs or (read is None and mapped is None):

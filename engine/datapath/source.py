@@ -23,11 +23,12 @@ import mmap
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from blockferry.datapath.extents import Extent
+
 if TYPE_CHECKING:
     from blockferry.repo.format import DiskRecord
 
 Buffer = bytearray | memoryview
-Extent = tuple[int, int]  # (offset, length) in bytes
 
 
 @runtime_checkable

@@ -23,6 +23,7 @@ import os
 import re
 from pathlib import Path
 from typing import Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 import msgspec
@@ -257,8 +258,6 @@ class ManualClock:
 
 def local_zone() -> dt.tzinfo:
     """The host's time zone: $TZ, else /etc/localtime's zone name, else the current UTC offset."""
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
     names = [os.environ.get("TZ", "").removeprefix(":")]
     try:
         names.append(str(Path("/etc/localtime").resolve()).split("/zoneinfo/", 1)[1])
@@ -277,8 +276,6 @@ def zone(name: str | None) -> dt.tzinfo:
     """A time zone by IANA name (``Europe/Paris``, ``UTC``), or the host's for None."""
     if not name:
         return local_zone()
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):

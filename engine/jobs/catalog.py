@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+import msgspec.inspect as mi
 from blockferry.errors import ConfigError, FieldError
 from blockferry.jobs.calendars import parse_schedule, parse_window
 from blockferry.jobs.config import JobSpec, Name, ProxyConfig, RepositorySettings
+from blockferry.registry import source_plugin
 from blockferry.repo.format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, check_block_size
 from blockferry.repo.retention import RetentionPolicy
 from blockferry.units import Positive, Seconds, parse_size
@@ -164,8 +166,6 @@ _AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.S)
 def _unknown_keys(data: Any, info: Any, path: str) -> None:
     """Refuse keys a struct does not have, at any depth: the engine's structs ignore them, and a
     typo (``max_task = 2``) silently ignored is a setting silently lost."""
-    import msgspec.inspect as mi
-
     if isinstance(info, mi.UnionType):
         for t in info.types:
             if isinstance(t, (mi.StructType, mi.ListType)):
@@ -184,8 +184,6 @@ def _unknown_keys(data: Any, info: Any, path: str) -> None:
 def convert(data: Any, kind: type[T], where: str = "") -> T:
     """``msgspec.convert`` with a FieldError naming the field (prefixed with ``where``); keys the
     struct does not know are refused too."""
-    import msgspec.inspect as mi
-
     _unknown_keys(data, mi.type_info(kind), where)
     try:
         return msgspec.convert(data, kind)
@@ -202,7 +200,8 @@ def convert(data: Any, kind: type[T], where: str = "") -> T:
         raise FieldError(where, str(exc)) from None
 
 
-def _sizes(data: Any, where: str) -> Any:
+def parse_sizes(data: Any, where: str) -> Any:
+    """``data`` (a table) with its size settings (such as ``"4GiB"``) as numbers of bytes."""
     if not isinstance(data, dict):
         return data
     out = dict(data)
@@ -242,7 +241,7 @@ def _type_fields(data: dict[str, Any], kind: str, where: str) -> None:
 
 
 def job_from_data(data: Any, where: str = "") -> JobConfig:
-    data = _sizes(data, where)
+    data = parse_sizes(data, where)
     if not isinstance(data, dict):
         raise FieldError(where, f"expected a table, not {type(data).__name__}")
     kind = data.get("type", "backup")
@@ -266,7 +265,7 @@ def job_from_data(data: Any, where: str = "") -> JobConfig:
 
 
 def repository_from_data(data: Any, where: str = "") -> tuple[RepositorySettings, RepositoryInit]:
-    data = _sizes(data, where)
+    data = parse_sizes(data, where)
     base, rest = _split(data, RepositorySettings, where)
     init = convert(rest, RepositoryInit, where)
     try:
@@ -286,7 +285,7 @@ def item_from_data(kind: str, data: Any, where: str = "") -> Any:
     if kind == "repo":
         return repository_from_data(data, where)[0]
     if kind == "proxy":
-        return convert(_sizes(data, where), ProxyConfig, where)
+        return convert(parse_sizes(data, where), ProxyConfig, where)
     if kind == "source":
         return convert(data, SourceConfig, where)
     raise ConfigError(f"unknown kind {kind!r}")
@@ -329,7 +328,7 @@ def catalog_from_data(data: Any) -> tuple[Catalog, dict[str, RepositoryInit]]:
         proxies=[item_from_data("proxy", d, f"proxies[{i}]") for i, d in enumerate(lists["proxies"])],
         sources=[item_from_data("source", d, f"sources[{i}]") for i, d in enumerate(lists["sources"])],
         jobs=[job_from_data(d, f"jobs[{i}]") for i, d in enumerate(lists["jobs"])],
-        settings=convert(_sizes(data.get("settings", {}), "settings"), Settings, "settings"),
+        settings=convert(parse_sizes(data.get("settings", {}), "settings"), Settings, "settings"),
     )
     check(cat)
     return cat, inits
@@ -387,8 +386,6 @@ def _check_job_fields(spec: JobSpec | None, settings: JobSettings, where: str) -
 def check(cat: Catalog) -> None:
     """Refuse a catalog that does not hold together: duplicate names, a job naming a repository
     or a chained job that does not exist, a chain that loops, a source nobody can read."""
-    from blockferry.registry import SOURCES, _load, scheme_of
-
     for kind in KINDS.values():
         seen: set[str] = set()
         for i, item in enumerate(getattr(cat, kind.attr)):
@@ -400,7 +397,7 @@ def check(cat: Catalog) -> None:
     jobs = {j.name: j for j in cat.jobs}
     for i, s in enumerate(cat.sources):
         try:
-            _load(SOURCES, scheme_of(s.url))
+            source_plugin(s.url)
         except ConfigError as exc:
             raise FieldError(f"sources[{i}].url", str(exc)) from None
     for i, job in enumerate(cat.jobs):
@@ -413,7 +410,7 @@ def check(cat: Catalog) -> None:
                 if disk.source in sources:
                     continue
                 try:
-                    _load(SOURCES, scheme_of(disk.source))
+                    source_plugin(disk.source)
                 except ConfigError as exc:
                     raise FieldError(f"{at}.objects[{j}].disks[{k}].source", str(exc)) from None
         after = chained_to(job)

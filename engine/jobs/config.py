@@ -12,7 +12,8 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 from blockferry.datapath.source import Expands
-from blockferry.errors import ConfigError
+from blockferry.errors import BlockferryError, ConfigError
+from blockferry.registry import source_plugin
 from blockferry.repo.retention import RetentionPolicy
 from blockferry.runtime.settings import EngineSettings
 from blockferry.units import MiB, NonNegative, Positive, Seconds
@@ -129,10 +130,6 @@ async def expand_disks(disks: Sequence[DiskSpec]) -> list[DiskSpec]:
     plugin's optional :class:`~blockferry.datapath.source.Expands`); specs with a name or hints
     stay as they are. A source that cannot be expanded now (a VM not running) also stays, so
     opening it fails in its task, where retries apply."""
-    from blockferry.errors import BlockferryError
-    from blockferry.jobs.config import DiskSpec
-    from blockferry.registry import source_plugin
-
     out: list[DiskSpec] = []
     for d in disks:
         plugin = source_plugin(d.source)

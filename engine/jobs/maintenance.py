@@ -37,9 +37,12 @@ import anyio
 import msgspec
 from blockferry.jobs.catalog import LifecycleSpec
 from blockferry.jobs.messages import CopyPoints, Outcome, SessionResult
+from blockferry.repo.gc import DEFAULT_REWRITE_THRESHOLD, collect
 from blockferry.repo.lifecycle import CopyReport, copy_to_url, points_to_copy, prune
 from blockferry.repo.store import RepositoryStore
+from blockferry.repo.verify import verify
 from blockferry.runtime.resources import Runtime
+from blockferry.units import human
 
 
 async def run_lifecycle(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime, result: SessionResult,
@@ -84,8 +87,6 @@ async def _prune(spec: LifecycleSpec, store: RepositoryStore, result: SessionRes
 
 
 async def _gc(spec: LifecycleSpec, store: RepositoryStore, result: SessionResult, say: Callable[[str], None]) -> Outcome:
-    from blockferry.repo.gc import DEFAULT_REWRITE_THRESHOLD, collect
-
     own = RepositoryStore(store.backend, store.config)  # see the module docstring
     threshold = spec.rewrite_threshold if spec.rewrite_threshold is not None else DEFAULT_REWRITE_THRESHOLD
     try:
@@ -95,11 +96,12 @@ async def _gc(spec: LifecycleSpec, store: RepositoryStore, result: SessionResult
             # daemon backup that started after it must keep not deduplicating against it)
             store.condemned = set()
     finally:
-        if store._index_loaded:  # a sweep, even a partial one, may have moved or deleted packs
+        if store.index_loaded:  # a sweep, even a partial one, may have moved or deleted packs
             with anyio.CancelScope(shield=True):
                 await store.load_index(reload=True)
     result.report = _report(report)
-    result.summary = report.summary()
+    result.summary = (f"{report.state}: {human(report.bytes_freed)} freed, {report.packs_deleted} pack(s) deleted, "
+                      f"{report.packs_rewritten} rewritten")
     if report.state == "deferred":
         result.warnings.append(f"sweep deferred: {report.reason}")
         return Outcome(state="warning", note=f"sweep deferred to the next run: {report.reason}"[:1000])
@@ -108,9 +110,6 @@ async def _gc(spec: LifecycleSpec, store: RepositoryStore, result: SessionResult
 
 async def _verify(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime, result: SessionResult,
                   say: Callable[[str], None]) -> Outcome:
-    from blockferry.repo.verify import verify
-    from blockferry.units import human
-
     report = await verify(store, runtime, sample=spec.sample,
                           progress=lambda done, total: say(f"checked {done} of {total} chunk(s)"))
     result.report = _report(report)
@@ -146,7 +145,8 @@ async def _copy(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime, r
         progress=lambda done, total: say(f"copied {done} of {total} point(s)")))
     result.report = _report(report)
     result.copied[spec.to], result.pruned = list(report.points), list(report.pruned)
-    result.summary = report.summary()
+    result.summary = (f"copied {len(report.points)} point(s) ({len(report.skipped)} already there), "
+                      f"{human(report.bytes_written)} sent")
     if report.pruned:
         result.summary += f"; the target's retention removed {len(report.pruned)}"
     return Outcome()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import msgspec
-from blockferry.datapath.hints import Extent
+from blockferry.datapath.extents import Extent
 from blockferry.jobs.config import DiskSpec
 from blockferry.registry import scheme_of
 from blockferry.repo.format import DiskRecord, TaskStats

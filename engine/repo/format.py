@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 import zstandard
-from blockferry.errors import ConfigError, CorruptionError, UnsupportedFormatError
+from blockferry.errors import ConfigError, CorruptionError, NotFoundError, UnsupportedFormatError
 from blockferry.units import KiB, MiB
 
 FORMAT_NAME = "blockferry-repository"
@@ -215,8 +215,6 @@ class Manifest(msgspec.Struct, kw_only=True):
         for d in self.disks:
             if d.name == name:
                 return d
-        from blockferry.errors import NotFoundError
-
         raise NotFoundError(f"point {self.id} has no disk {name!r} (it has: {', '.join(d.name for d in self.disks)})")
 
 

@@ -67,16 +67,6 @@ class GcReport(msgspec.Struct, kw_only=True):
     packs_kept_immutable: int = 0
     duration: float = 0.0
 
-    def summary(self) -> str:
-        from blockferry.units import human
-
-        text = (f"{self.state}: {human(self.bytes_freed)} freed; {self.packs_deleted} pack(s) deleted, "
-                f"{self.packs_rewritten} rewritten into {self.packs_written}, {self.chunks_removed} chunk(s) "
-                f"removed, {self.orphan_packs_deleted} orphan pack(s)")
-        if self.packs_kept_immutable:
-            text += f"; {self.packs_kept_immutable} pack(s) kept for immutable points"
-        return text
-
 
 async def _live(store: RepositoryStore, now: str | None = None) -> tuple[set[bytes], set[bytes]]:
     """(chunks any point references, chunks a point immutable now references)."""
@@ -159,7 +149,7 @@ async def collect(
     t0 = anyio.current_time()
     report = GcReport()
     say = progress or (lambda _: None)
-    gc_lock = await store._take_lock(GC_LOCK_KEY, "garbage collection")
+    gc_lock = await store.take_lock(GC_LOCK_KEY, "garbage collection")
     try:
         plan = await store.load_gc_plan()
         if plan is None:
@@ -185,7 +175,7 @@ async def collect(
         report.state = "done"
     finally:
         with anyio.CancelScope(shield=True):
-            await store._release(GC_LOCK_KEY, gc_lock)
+            await store.release_lock(GC_LOCK_KEY, gc_lock)
     report.duration = anyio.current_time() - t0
     return report
 
@@ -233,8 +223,7 @@ async def _sweep(store: RepositoryStore, plan: GcPlan, report: GcReport, say: Ca
         data = await backend.get_ranges(pack_key(p), [(e.offset, e.length) for e in keep])
         await writer.add([(e.digest, d, e.raw_len, e.flags) for e, d in zip(keep, data)], dedup=False)
     await writer.close()
-    new_packs = [store.index.packs[pno] for pno, _ in store._unindexed]
-    await store._write_index()
+    new_packs = await store.write_index()
     report.packs_written = len(new_packs)
     # one index without the old packs; then the files it replaces; then the packs
     files, now_packs = await read_index_files(store)

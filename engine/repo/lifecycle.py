@@ -10,6 +10,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 from blockferry.errors import ConfigError, CorruptionError, ImmutableError
+from blockferry.registry import backend_plugin
 from blockferry.repo.chunks import compressor, decode_chunk
 from blockferry.repo.format import FLAG_ZSTD
 from blockferry.repo.retention import RetentionDecision, RetentionPolicy, decide
@@ -67,13 +68,6 @@ class CopyReport(msgspec.Struct, kw_only=True):
     bytes_written: int = 0  #: stored bytes written to the target
     duration: float = 0.0
     pruned: list[str] = msgspec.field(default_factory=list)  #: removed from the target by its retention
-
-    def summary(self) -> str:
-        from blockferry.units import human
-
-        return (f"copied {len(self.points)} point(s) ({len(self.skipped)} already there): "
-                f"{self.chunks_copied} chunk(s) sent ({human(self.bytes_written)}), "
-                f"{self.chunks_present} already present")
 
 
 def _reencode(stored: bytes, raw_len: int, flags: int, digest: bytes, level: int | None,
@@ -163,8 +157,6 @@ async def copy_to_url(
 ) -> CopyReport:
     """Copy points to the repository at ``url``, then apply the copy's own retention to the
     objects copied (immediate and periodic copies, the CLI and the API all come here)."""
-    from blockferry.registry import backend_plugin
-
     backend = await backend_plugin(url).open(url, {"limiter": runtime.io})
     try:
         target = await RepositoryStore.open(backend)

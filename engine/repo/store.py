@@ -70,6 +70,7 @@ from blockferry.repo.health import Health
 from blockferry.repo.index import INDEX_COMPACT_AT, ChunkIndex, IndexEntry
 from blockferry.repo.locks import LockInfo, holder_alive, process_start
 from blockferry.repo.packs import PackWriter, Spawn, WriterHandle, pack_key
+from blockferry.repo.retention import parse_time
 
 log = get_logger()
 
@@ -134,7 +135,7 @@ class RepositoryStore:
         self._shared_writer: PackWriter | None = None
         self._unindexed: list[tuple[int, bytes]] = []
         self._index_files: list[str] = []
-        self._index_loaded = False
+        self.index_loaded = False
         self._commit_lock = anyio.Lock()
         self._summaries: dict[str, PointSummary] = {}
         self._point_ids: tuple[float, list[str]] | None = None  # (when listed, ids): see point_ids
@@ -180,7 +181,7 @@ class RepositoryStore:
     async def load_index(self, *, reload: bool = False) -> None:
         """Read every index file (once, or again with ``reload``), leaving out the copies a
         health check found damaged and the chunks a garbage-collection plan condemned."""
-        if self._index_loaded and not reload:
+        if self.index_loaded and not reload:
             return
         if reload:
             self.index.committed.clear()
@@ -198,7 +199,7 @@ class RepositoryStore:
             f = decode_index(await self.backend.get(key), key)
             self.index.load_index_file(f, self.damaged)
             self._index_files.append(key)
-        self._index_loaded = True
+        self.index_loaded = True
         self._mask()
 
     def _mask(self) -> None:
@@ -246,7 +247,7 @@ class RepositoryStore:
         return LockInfo(host=socket.gethostname(), pid=os.getpid(), pid_start=process_start(os.getpid()),
                         created=utc_now(), purpose=purpose)
 
-    async def _take_lock(self, key: str, purpose: str) -> LockInfo:
+    async def take_lock(self, key: str, purpose: str) -> LockInfo:
         """Create ``key`` exclusively; RepositoryLockedError if a live process holds it. A lock
         left by a dead process of this host is removed."""
         info = self._session_info(purpose)
@@ -275,7 +276,7 @@ class RepositoryStore:
         collection reads the locks after writing its plan (see engine/repo/gc.py)."""
         if self._writer is not None:
             return
-        self._writer = await self._take_lock(LOCK_KEY, purpose)
+        self._writer = await self.take_lock(LOCK_KEY, purpose)
         self._point_ids = None  # listed before the lock: another writer may have committed since
         backend = self.backend
         if isinstance(backend, CleansTmp):
@@ -308,7 +309,7 @@ class RepositoryStore:
             async with anyio.create_task_group() as tg:
                 if isinstance(backend, AbortsUploads):
                     tg.start_soon(abort_left_uploads, backend)
-                if self._index_loaded:
+                if self.index_loaded:
                     tg.start_soon(refresh_index)
                 tg.start_soon(read_plan)
         if plan is not None:
@@ -323,7 +324,7 @@ class RepositoryStore:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None  # a damaged lock file protects nothing; treat as stale
 
-    async def _release(self, key: str, info: LockInfo) -> None:
+    async def release_lock(self, key: str, info: LockInfo) -> None:
         # shielded: a cancelled job, copy or collection must not leave its lock behind
         with anyio.CancelScope(shield=True):
             holder = await self.read_lock(key)
@@ -333,8 +334,16 @@ class RepositoryStore:
     async def unlock(self) -> None:
         if self._writer is None:
             return
-        await self._release(LOCK_KEY, self._writer)
+        await self.release_lock(LOCK_KEY, self._writer)
         self._writer = None
+
+    async def break_lock(self) -> LockInfo | None:
+        """Remove the writer lock whoever holds it (``blockferry unlock``, for a holder that is
+        gone); returns the holder, or None if the repository was not locked."""
+        holder = await self.read_lock()
+        if holder is not None:
+            await self.backend.delete(LOCK_KEY)
+        return holder
 
     @contextlib.asynccontextmanager
     async def reading(self, purpose: str) -> AsyncIterator[None]:
@@ -351,7 +360,7 @@ class RepositoryStore:
                 if holder is None or (holder.host == socket.gethostname() and not holder_alive(holder)):
                     break  # that collection died: nothing more will be deleted until the next one
                 await anyio.sleep(0.2)
-            if self._index_loaded:
+            if self.index_loaded:
                 await self.load_index(reload=True)
             yield
         finally:
@@ -395,7 +404,7 @@ class RepositoryStore:
         references is not stored (its writer failed)."""
         async with self._commit_lock:
             await self._make_durable(manifest)
-            await self._write_index()
+            await self.write_index()
             await self.backend.put(f"points/{manifest.id}", encode_manifest(manifest), exclusive=True)
             self._summaries[manifest.id] = summary_of(manifest)
             self._point_ids = None
@@ -425,9 +434,10 @@ class RepositoryStore:
                     await writer.seal(pno)
         raise RepositoryError(f"point {manifest.id}: its packs kept changing while committing")
 
-    async def _write_index(self) -> None:
+    async def write_index(self) -> list[str]:
+        """Write the index file of the packs written since the last one; returns those packs."""
         if not self._unindexed:
-            return
+            return []
         batch, self._unindexed = self._unindexed, []
         packs: list[str] = []
         records = bytearray()
@@ -449,6 +459,7 @@ class RepositoryStore:
                 if loc is not None:
                     committed[digest] = loc
                     del pending[digest]
+        return packs
 
     async def _compact_index(self) -> None:
         """Replace all index files by one, merged from the files themselves (not from this
@@ -686,8 +697,6 @@ async def read_index_files(store: RepositoryStore) -> tuple[list[str], dict[str,
 
 def immutable_now(until: str | None, now: str | None = None) -> bool:
     """Whether an ``immutable_until`` date (ISO 8601) is still in the future."""
-    from blockferry.repo.retention import parse_time
-
     if not until:
         return False
     return parse_time(until) > (parse_time(now) if now else parse_time(utc_now()))

@@ -34,16 +34,17 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import msgspec
-from blockferry.datapath.plan import Run, union
+from blockferry.datapath.extents import Extent, union
 from blockferry.errors import ConfigError, CorruptionError, NotFoundError, RepositoryError
+from blockferry.fileio import write_all
 from blockferry.repo.backend import MapsObjects, ReadsInto
 from blockferry.repo.chunks import decode_chunk_into
 from blockferry.repo.format import DIGEST_SIZE, HOLE, DiskRecord, Manifest
 from blockferry.repo.store import RepositoryStore
 from blockferry.runtime.resources import Runtime
 
-_BLKZEROOUT = 0x127F
 _BLKGETSIZE64 = 0x80081272
+_BLKZEROOUT = 0x127F
 _ALIGN = 4096
 
 
@@ -59,9 +60,9 @@ class RestoreResult(msgspec.Struct, kw_only=True):
     damaged_ranges: list[tuple[int, int]] = msgspec.field(default_factory=list)
 
 
-def data_runs(blocks: bytes, nblocks: int, *, holes: bool = False) -> list[Run]:
+def data_runs(blocks: bytes, nblocks: int, *, holes: bool = False) -> list[Extent]:
     """Runs of consecutive data blocks (or, with ``holes``, of hole blocks) of a block map."""
-    out: list[Run] = []
+    out: list[Extent] = []
     i = 0
     while i < nblocks:
         is_hole = blocks[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE] == HOLE
@@ -132,33 +133,6 @@ def _open_target(path: Path, size: int, *, overwrite: bool, into_existing: bool,
     return _Target(path=path, fd=fd, direct=_open_direct(temp), temp=temp, sparse=sparse, device=False)
 
 
-def _zero_fill(fd: int, offset: int, length: int, block_size: int, device: bool) -> None:
-    if device:
-        try:
-            fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
-            return
-        except OSError:
-            pass  # not supported by this device: write zeros
-    zero = bytes(min(length, 8 * block_size))
-    end = offset + length
-    while offset < end:
-        n = os.pwrite(fd, memoryview(zero)[: min(len(zero), end - offset)], offset)
-        offset += n
-
-
-def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    total = sum(len(v) for v in views)
-    written = 0
-    while written < total:
-        k = os.pwritev(fd, views, offset + written)
-        written += k
-        while views and k >= len(views[0]):
-            k -= len(views[0])
-            views.pop(0)
-        if k:
-            views[0] = views[0][k:]
-
-
 class _StagePool:
     """Page-aligned buffers that hold a window's decoded blocks from decoding to writing
     (O_DIRECT needs aligned memory), reused so their pages stay mapped."""
@@ -223,7 +197,7 @@ class _Spool:
         if self._file is None:
             # beside the restored images: the restore needs that disk anyway, and not a tmpfs
             self._file = tempfile.TemporaryFile(dir=self.directory, prefix=".blockferry-spool-")
-        _pwritev_all(self._file.fileno(), [memoryview(data)], off)
+        write_all(self._file.fileno(), [data], off)
 
     def read(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         return [os.pread(self._file.fileno(), n, off) for off, n in ranges]
@@ -513,7 +487,7 @@ class _PointRestorer:
     def batches(self) -> Iterator[list[tuple[int, int, int]]]:
         """Windows of block numbers, each the (disk, first, count) runs of data inside it."""
         per = max(1, self.batch_bytes // (self.bs * len(self.disks)))
-        everything: list[Run] = []
+        everything: list[Extent] = []
         for runs in self.runs:
             everything = union(everything, runs)
         for s, c in everything:
@@ -623,13 +597,11 @@ class _PointRestorer:
             offset = first * self.bs
             if target.direct is not None:
                 whole = n // _ALIGN * _ALIGN  # a partial last block goes through the page cache
-                done = 0
-                while done < whole:
-                    done += os.pwrite(target.direct, stage[start + done:start + whole], offset + done)
+                write_all(target.direct, [stage[start:start + whole]], offset)
                 if whole < n:
-                    os.pwrite(target.fd, stage[start + whole:start + n], offset + whole)
+                    write_all(target.fd, [stage[start + whole:start + n]], offset + whole)
             else:
-                _pwritev_all(target.fd, [stage[start:start + n]], offset)
+                write_all(target.fd, [stage[start:start + n]], offset)
             written[k] += n
         return written
 
@@ -745,6 +717,21 @@ class _PointRestorer:
                     off = first * self.bs
                     await anyio.to_thread.run_sync(_zero_fill, target.fd, off, min(n * self.bs, disk.size - off),
                                                    self.bs, target.device, limiter=self.runtime.io)
+
+
+def _zero_fill(fd: int, offset: int, length: int, block_size: int, device: bool) -> None:
+    """Zeros over ``length`` bytes at ``offset`` of a target without holes: BLKZEROOUT on a
+    device that supports it, else written (at most 8 blocks of zeros held)."""
+    if device:
+        try:
+            fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+            return
+        except OSError:
+            pass  # not supported by this device: write zeros
+    zero = memoryview(bytes(min(length, 8 * block_size)))
+    end = offset + length
+    while offset < end:
+        offset += write_all(fd, [zero[:min(len(zero), end - offset)]], offset)
 
 
 async def restore_disks(

@@ -24,9 +24,10 @@ import anyio
 import msgspec
 from blockferry.errors import ConfigError, SourceError, plain_errors
 from blockferry.log import get_logger
+from blockferry.nbd.client import NBDClient, is_nbd_url, wait_until_listening
 from blockferry.repo.format import DiskRecord, Manifest
 from blockferry.repo.store import RepositoryStore
-from blockferry.restore.files import RestoreResult
+from blockferry.restore.files import RestoreResult, restore_disk
 from blockferry.restore.serve import ChunkCache, PointDisk
 from blockferry.runtime.resources import Runtime
 
@@ -58,8 +59,6 @@ async def restore_to_nbd(store: RepositoryStore, manifest: Manifest, record: Dis
                          label: str | None = None) -> RestoreResult:
     """Write ``record`` of ``manifest`` onto the NBD export at ``url``. ``fresh``: the target
     reads as zeros already (a new image), so holes are not written."""
-    from blockferry.nbd.client import NBDClient
-
     t0 = time.monotonic()
     client = await NBDClient.connect(url, error=SourceError, max_inflight=16)
     res = RestoreResult(point=manifest.id, disk=record.name, path=label or url, size=record.size)
@@ -116,8 +115,6 @@ async def restore_to_qcow2(store: RepositoryStore, manifest: Manifest, record: D
     proc = await anyio.open_process(["qemu-nbd", "--persistent", "--format=qcow2", "--cache=writeback", "--discard=unmap",
                                      "--socket", str(sock), str(path)])
     try:
-        from blockferry.nbd.client import wait_until_listening
-
         if not await wait_until_listening(str(sock), proc):
             raise ConfigError(f"{path}: qemu-nbd did not start (is a VM using the image?)")
         return await restore_to_nbd(store, manifest, record, f"nbd+unix:///?socket={sock}", runtime=runtime,
@@ -158,12 +155,10 @@ async def restore_image(repo: Any, point: str, target: str, *, disk: str | None 
                         allow_damaged: bool = False) -> RestoreResult:
     """``blockferry restore-image``: one disk of ``point`` onto ``target``, an NBD URL or an image
     path (its format from the file, or ``fmt`` / the ``.qcow2`` suffix for a new one)."""
-    from blockferry.nbd.client import is_nbd_url
-
     m, record = await repo.point_disk(point, disk)
     async with repo.store.reading("restore"):
         await repo.store.load_index()
-        await repo.store.prepare_read([m], repo._archive_progress)
+        await repo.store.prepare_read([m], repo.archive_progress)
         if is_nbd_url(target):
             return await restore_to_nbd(repo.store, m, record, target, runtime=repo.runtime,
                                         allow_damaged=allow_damaged)
@@ -174,8 +169,6 @@ async def restore_image(repo: Any, point: str, target: str, *, disk: str | None 
                                           allow_damaged=allow_damaged)
         if kind != "raw":
             raise ConfigError(f"{path}: a {kind} image; restore into qcow2, raw, a block device or an NBD URL")
-        from blockferry.restore.files import restore_disk
-
         if not path.exists():
             path.touch()
             os.truncate(path, record.size)

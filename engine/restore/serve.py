@@ -25,7 +25,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from blockferry.errors import BlockferryError, ConfigError, CorruptionError, NotFoundError, RepositoryError
+from blockferry.fileio import write_all
 from blockferry.log import get_logger
+from blockferry.nbd.server import NBDServer
 from blockferry.repo.chunks import decode_chunk
 from blockferry.repo.format import DIGEST_SIZE, HOLE, DiskRecord, Manifest
 from blockferry.repo.store import RepositoryStore
@@ -325,26 +327,18 @@ class PointDisk:
                     ov.units[u] = _ZEROED
                 elif whole or ov.units[u] == _DATA:
                     chunk = data[pos - offset:stop - offset] if data is not None else bytes(stop - pos)
-                    await anyio.to_thread.run_sync(_pwrite_all, ov.fd, chunk, pos)
+                    await anyio.to_thread.run_sync(write_all, ov.fd, [chunk], pos)
                     ov.units[u] = _DATA
                 else:
                     buf = await self._unit_content(u)
                     buf[pos - ustart:stop - ustart] = data[pos - offset:stop - offset] if data is not None else bytes(stop - pos)
-                    await anyio.to_thread.run_sync(_pwrite_all, ov.fd, buf, ustart)
+                    await anyio.to_thread.run_sync(write_all, ov.fd, [buf], ustart)
                     ov.units[u] = _DATA
                 ov.written_bytes += stop - pos
                 pos = stop
 
     async def flush(self) -> None:
         """Nothing to make durable: the overlay lives only as long as the server."""
-
-
-def _pwrite_all(fd: int, data: Any, offset: int) -> None:
-    view = memoryview(data)
-    while len(view):
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 async def serve_point(
@@ -362,8 +356,6 @@ async def serve_point(
     """Serve ``disks`` of ``manifest`` on a Unix socket until cancelled. Each disk is an export
     named after it; when there is one disk it is also the default export (the empty name).
     ``task_status.started`` gets the server once clients can connect."""
-    from blockferry.nbd.server import NBDServer
-
     if not disks:
         raise ConfigError(f"point {manifest.id} has no disk to serve")
     await store.load_index()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anyio
 import blockferry
+import msgspec
 import pytest
 from blockferry.errors import (
     ConfigError,
@@ -17,6 +18,7 @@ from blockferry.errors import (
     HintError,
     NotARepositoryError,
     NotFoundError,
+    RepositoryLockedError,
     SourceError,
     UnsupportedFormatError,
 )
@@ -350,6 +352,24 @@ async def test_not_a_repository(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
         await blockferry.init_repository(str(tmp_path))
+
+
+async def test_break_lock_removes_a_dead_writers_lock(tmp_path: Path) -> None:
+    repo = await new_repo(tmp_path / "repo")
+    img = mixed_disk(tmp_path / "a.img", MiB)
+    (repo / "locks").mkdir(exist_ok=True)
+    # a lock of a process on another host: never judged stale, only an operator removes it
+    (repo / "locks" / "writer").write_bytes(msgspec.json.encode(
+        {"host": "elsewhere", "pid": 7, "pid_start": "", "created": "2026-01-01", "purpose": "backup"}))
+    async with blockferry.open_repository(str(repo)) as r:
+        with pytest.raises(RepositoryLockedError):
+            await r.backup([str(img)])
+        holder = await r.break_lock()
+        assert holder is not None and (holder.host, holder.pid, holder.purpose) == ("elsewhere", 7, "backup")
+        assert not (repo / "locks" / "writer").exists()
+        assert await r.break_lock() is None  # nothing left to remove
+        session = await r.backup([str(img)])
+    assert session.state == "success"
 
 
 async def test_unknown_format_version_is_refused(tmp_path: Path) -> None:

@@ -21,15 +21,17 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import anyio.to_thread
 import blockferry
 import pytest
 from blockferry.errors import BlockferryError, ConfigError, ImmutableError
-from blockferry.plugins.s3 import S3Backend, S3BackendPlugin, load_settings, parse_url
+from blockferry.plugins.s3 import S3Backend, S3BackendPlugin, _retryable, load_settings, parse_url
 from blockferry.repo.backend import AbortsUploads, PreparesRead, Protects, ReadsInto, Retention, StorageClasses
 from blockferry.repo.retention import RetentionPolicy
 from blockferry.runtime.settings import EngineSettings
+from botocore.exceptions import ClientError, EndpointConnectionError
 
 from tests.conformance import BackendConformance
 from tests.conftest import KiB, MiB, mixed_disk, same_file, write_disk
@@ -678,3 +680,14 @@ async def test_a_job_runs_into_s3_with_the_repository_settings_options(
     async with blockferry.open_repository(url) as r:
         await r.restore(session.points[0], tmp_path / "out")
     assert same_file(tmp_path / "out" / "d.img", img)
+
+
+def test_which_failures_are_retried() -> None:
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    assert _retryable(client_error("SlowDown", 503)) and _retryable(client_error("", 500))
+    assert not _retryable(client_error("AccessDenied", 403))
+    assert _retryable(EndpointConnectionError(endpoint_url="http://x"))
+    assert _retryable(aiohttp.ClientPayloadError("cut short")) and _retryable(TimeoutError())
+    assert not _retryable(ValueError("a bug, not the network"))

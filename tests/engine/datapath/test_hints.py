@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from blockferry.datapath.hints import check_within, load_hints, merge, parse_hints
+from blockferry.datapath.extents import merge
+from blockferry.datapath.hints import check_within, load_hints, parse_hints
 from blockferry.errors import ConfigError, HintError
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,13 +98,6 @@ def test_results_sorted_and_merged() -> None:
         "300 0",
     ])
     assert parse_hints(text) == [(0, 15), (100, 25), (200, 1)]
-
-
-def test_merge_contained_and_duplicate_extents() -> None:
-    assert merge([(0, 100), (10, 10), (0, 100), (50, 50)]) == [(0, 100)]
-    assert merge([(5, 1), (4, 1), (3, 1)]) == [(3, 3)]
-    assert merge([(0, 0), (7, 0)]) == []
-    assert merge([]) == []
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -199,24 +193,7 @@ def test_check_within_refuses_extent_beyond_the_disk(extent: tuple[int, int]) ->
     assert "100 bytes" in msg
 
 
-# -- property: merge against a set-of-bytes model ------------------------------------------------
-
 extents_st = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 12)), max_size=12)
-
-
-def _bytes_of(extents: list[tuple[int, int]]) -> set[int]:
-    return {b for off, n in extents for b in range(off, off + n)}
-
-
-@settings(max_examples=300, deadline=None)
-@given(extents_st)
-def test_merge_property(extents: list[tuple[int, int]]) -> None:
-    out = merge(extents)
-    assert _bytes_of(out) == _bytes_of(extents)
-    for off, n in out:
-        assert off >= 0 and n > 0
-    for (a, n), (b, _) in zip(out, out[1:]):
-        assert a + n < b  # sorted, disjoint and not adjacent
 
 
 @settings(max_examples=100, deadline=None)

@@ -1,118 +1,18 @@
-"""Read plans (engine/datapath/plan.py): run arithmetic against a set-of-blocks model, batching, and
-make_plan's full and incremental cases."""
+"""Read plans (engine/datapath/plan.py): batching, and make_plan's full and incremental cases
+(the run arithmetic is tested in test_extents.py)."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
 
 import pytest
-from blockferry.datapath.plan import batches, count, intersect, make_plan, runs_of, subtract, union
+from blockferry.datapath.extents import count, union
+from blockferry.datapath.plan import Run, batches, make_plan
 from blockferry.repo.format import DIGEST_SIZE, HOLE, DiskRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-Run = tuple[int, int]
-N = 64  # blocks in the model universe
-BS = 16  # a small block size for the byte-level properties
-
-
-# -- model ---------------------------------------------------------------------------------------
-
-
-def blocks_of(runs: Iterable[Run]) -> set[int]:
-    return {b for s, c in runs for b in range(s, s + c)}
-
-
-def runs_from(blocks: set[int]) -> list[Run]:
-    """The canonical runs of a set: sorted, disjoint, maximal."""
-    out: list[Run] = []
-    for b in sorted(blocks):
-        if out and out[-1][0] + out[-1][1] == b:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((b, 1))
-    return out
-
-
-def assert_canonical(runs: list[Run]) -> None:
-    for s, c in runs:
-        assert s >= 0 and c > 0
-    for (a, n), (b, _) in zip(runs, runs[1:]):
-        assert a + n <= b
-
-
-block_sets = st.sets(st.integers(0, N - 1), max_size=N)
-runs_st = block_sets.map(runs_from)
-
-
-def _byte_extents() -> st.SearchStrategy[list[tuple[int, int]]]:
-    """Sorted byte extents, possibly overlapping, touching or running past the disk's end (as
-    data extents and merged hints are: sorted by offset)."""
-    return st.lists(st.tuples(st.integers(0, N * BS + 3 * BS), st.integers(0, 5 * BS)), max_size=10).map(sorted)
-
-
-# -- run arithmetic ------------------------------------------------------------------------------
-
-
-@settings(max_examples=200, deadline=None)
-@given(_byte_extents(), st.integers(0, N))
-def test_runs_of_matches_model(extents: list[tuple[int, int]], nblocks: int) -> None:
-    out = runs_of(extents, BS, nblocks)
-    expected = {b for off, n in extents for x in range(off, off + n) if (b := x // BS) < nblocks}
-    assert blocks_of(out) == expected
-    assert out == runs_from(expected)  # merged into maximal runs
-
-
-def test_runs_of_examples() -> None:
-    assert runs_of([(0, 1)], 100, 10) == [(0, 1)]
-    assert runs_of([(99, 2)], 100, 10) == [(0, 2)]  # straddles a boundary
-    assert runs_of([(100, 100), (200, 50)], 100, 10) == [(1, 2)]  # adjacent blocks merged
-    assert runs_of([(950, 500)], 100, 10) == [(9, 1)]  # clipped at the end of the disk
-    assert runs_of([(1000, 5)], 100, 10) == []  # wholly beyond
-    assert runs_of([(10, 0)], 100, 10) == []  # zero length
-
-
-@settings(max_examples=200, deadline=None)
-@given(runs_st, runs_st)
-def test_union_matches_model(x: list[Run], y: list[Run]) -> None:
-    out = union(x, y)
-    assert blocks_of(out) == blocks_of(x) | blocks_of(y)
-    assert out == runs_from(blocks_of(out))
-
-
-@settings(max_examples=200, deadline=None)
-@given(runs_st, runs_st)
-def test_intersect_matches_model(x: list[Run], y: list[Run]) -> None:
-    out = intersect(x, y)
-    assert blocks_of(out) == blocks_of(x) & blocks_of(y)
-    assert_canonical(out)
-
-
-@settings(max_examples=200, deadline=None)
-@given(runs_st, runs_st)
-def test_subtract_matches_model(x: list[Run], y: list[Run]) -> None:
-    out = subtract(x, y)
-    assert blocks_of(out) == blocks_of(x) - blocks_of(y)
-    assert_canonical(out)
-
-
-@settings(max_examples=100, deadline=None)
-@given(runs_st)
-def test_count_matches_model(x: list[Run]) -> None:
-    assert count(x) == len(blocks_of(x))
-
-
-def test_run_arithmetic_examples() -> None:
-    assert union([(0, 2)], [(2, 3)]) == [(0, 5)]
-    assert union([], []) == []
-    assert intersect([(0, 10)], [(2, 2), (5, 1), (9, 5)]) == [(2, 2), (5, 1), (9, 1)]
-    assert intersect([(0, 10)], []) == []
-    assert subtract([(0, 10)], [(2, 2), (5, 1), (9, 5)]) == [(0, 2), (4, 1), (6, 3)]
-    assert subtract([(0, 3), (5, 3)], [(1, 6)]) == [(0, 1), (7, 1)]
-    assert subtract([(0, 4)], []) == [(0, 4)]
-    assert count([(0, 4), (10, 1)]) == 5
-    assert count([]) == 0
+from tests.engine.datapath.test_extents import BS, assert_canonical, blocks_of, byte_extents, runs_st
 
 
 @settings(max_examples=200, deadline=None)
@@ -266,8 +166,8 @@ def test_disk_shrank_hints_beyond_the_new_end_are_clipped() -> None:
 @given(
     size=st.integers(0, 40 * BS),
     base_size=st.one_of(st.none(), st.integers(0, 40 * BS)),
-    data=st.one_of(st.none(), _byte_extents()),
-    hints=st.one_of(st.none(), _byte_extents()),
+    data=st.one_of(st.none(), byte_extents()),
+    hints=st.one_of(st.none(), byte_extents()),
 )
 def test_make_plan_model(size: int, base_size: int | None, data: list[tuple[int, int]] | None,
                          hints: list[tuple[int, int]] | None) -> None:

@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import blockferry
 import pytest
-from blockferry.restore.files import _SpanReader, _Spool
+from blockferry.restore.files import _SpanReader, _Spool, restore_disks
+
+from tests.conftest import mixed_disk, same_file
 
 pytestmark = pytest.mark.anyio
 
@@ -212,3 +215,17 @@ async def test_buffers_of_spans_let_go_are_reused_only_once_the_batch_is_done() 
     assert len(backend.gets) == 10
     assert len(backend.buffers) < 10  # buffers came back for later spans
     assert reader.held_bytes == 0 and reader.users == {}
+
+
+async def test_a_restore_without_holes_writes_the_zero_blocks(tmp_path: Path) -> None:
+    """``sparse=False`` (what a block device gets): every zero block is written, none left a hole."""
+    img = mixed_disk(tmp_path / "vda.img", 8 * MiB)
+    await blockferry.init_repository(str(tmp_path / "repo"), block_size=256 << 10)
+    async with blockferry.open_repository(str(tmp_path / "repo")) as repo:
+        session = await repo.backup([str(img)], name="vm")
+        m = await repo.point(session.points[0])
+        out = tmp_path / "out.img"
+        await restore_disks(repo.store, m, m.disks, [out], runtime=repo.runtime, sparse=False)
+    assert same_file(out, img)
+    assert out.stat().st_blocks * 512 >= out.stat().st_size  # fully allocated: no holes left
+    assert img.stat().st_blocks * 512 < img.stat().st_size  # (the source has holes)
