@@ -385,7 +385,7 @@ class Repository:
         """Rebuild the index from the packs; report unreadable packs and the points they hurt."""
         from blockferry.repo.verify import repair
 
-        return await repair(self.store)
+        return await repair(self.store, self.runtime)
 
 
 __all__ = ["Repository", "init_repository", "open_repository", "NotFoundError"]

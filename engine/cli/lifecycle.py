@@ -137,7 +137,7 @@ async def cmd_copy(a: argparse.Namespace) -> int:
 
 async def cmd_repair(a: argparse.Namespace) -> int:
     from blockferry.api import open_repository
-    from blockferry.cli.core import EXIT_DAMAGED
+    from blockferry.cli.core import EXIT_DAMAGED, EXIT_FAILED
 
     async with open_repository(a.repo) as repo:
         report = await repo.repair()
@@ -145,9 +145,22 @@ async def cmd_repair(a: argparse.Namespace) -> int:
         _json_out(report)
     else:
         print(f"index rebuilt from {report.packs} pack(s): {report.chunks} chunk(s) in {report.duration:.2f} s")
+        for k in report.damaged_index_files:
+            print(f"damaged index file {k}: replaced")
+        for s in report.salvaged:
+            print(f"damaged pack {s.pack}: {s.reason}; {s.salvaged} chunk(s) salvaged into a new pack, "
+                  f"{s.lost} lost" + ("" if s.removed else " (the damaged pack could not be removed)"))
         for u in report.unreadable:
-            print(f"unreadable pack {u.pack}: {u.reason}")
+            print(f"unreadable pack {u.pack}: {u.reason} (its index entries are kept; run repair again once it "
+                  "can be read)")
         for x in report.affected:
             print(f"  point {x.point} ({x.object}) disk {x.disk}: {x.damaged_blocks} block(s) lost, "
                   f"at {', '.join(str(o) for o in x.offsets)}")
-    return EXIT_DAMAGED if report.unreadable or report.missing_chunks else EXIT_OK
+        if report.health_rebuilt:
+            print("the damaged health record was written again by a full check"
+                  + ("" if report.verify is None or not report.verify.has_damage else ": damage remains "
+                     "(see 'blockferry verify')"))
+    if report.missing_chunks or any(s.lost for s in report.salvaged) or (
+            report.verify is not None and report.verify.has_damage):
+        return EXIT_DAMAGED
+    return EXIT_FAILED if report.unreadable else EXIT_OK

@@ -542,7 +542,9 @@ class _PointRestorer:
                 expect = min(self.bs, disk.size - b * self.bs)
                 if d in first_use:
                     continue
-                loc = self.store.locate(d)
+                # a copy a health check found damaged is still tried when it is the only one: a
+                # transient read error may have marked it, and every chunk is checked anyway
+                loc = self.store.locate(d, suspect=True)
                 if loc is None:
                     if self.allow_damaged:  # left as zeros, reported
                         continue
@@ -598,6 +600,10 @@ class _PointRestorer:
                 except CorruptionError as exc:
                     if self.allow_damaged:
                         continue
+                    if self.store.index.lookup(d) is None:
+                        raise CorruptionError(
+                            f"{self._where(*first_use[d])}: chunk {d.hex()[:16]} has no good copy in the repository "
+                            f"({exc}; restore with allow_damaged to skip it)") from None
                     raise CorruptionError(f"{self._where(*first_use[d])}: {exc}") from None
                 decoded[d] = (dest, raw_len)
         for k, first, count in work:
@@ -686,9 +692,12 @@ class _PointRestorer:
         for work in todo:
             try:
                 written = await self._batch(work)
-            except (RepositoryError, NotFoundError) as exc:
+            except NotFoundError as exc:  # a pack is gone: its chunks are lost
                 k, first, _ = work[0]
                 raise CorruptionError(f"{self._where(k, first)}: cannot read its data ({exc})") from exc
+            except RepositoryError as exc:  # unreadable now (permissions, I/O, a timeout): not damage
+                k, first, _ = work[0]
+                raise type(exc)(f"{self._where(k, first)}: cannot read its data ({exc})") from exc
             except OSError as exc:
                 k, first, _ = work[0]
                 raise RepositoryError(
