@@ -285,6 +285,7 @@ class Repository:
 
         async with self.store.reading("restore"):
             await self.store.load_index()
+            await self.store.find_unindexed(self.store.referenced(m))
             await self.store.prepare_read([m], self._archive_progress)
             return await restore_disks(self.store, m, disks, [out / d.name for d in disks], runtime=self.runtime,
                                        overwrite=overwrite, allow_damaged=allow_damaged, progress=progress)
@@ -307,6 +308,7 @@ class Repository:
 
         async with self.store.reading("restore"):
             await self.store.load_index()
+            await self.store.find_unindexed(self.store.referenced(m))
             await self.store.prepare_read([m], self._archive_progress)
             return await restore_disk(self.store, m, record, Path(target), runtime=self.runtime, into_existing=True,
                                       progress=progress)

@@ -354,7 +354,7 @@ async def _delete_orphans(store: RepositoryStore, report: GcReport) -> int:
         return 0
     _, packs = await _index(store)
     freed = 0
-    listing = [o async for o in store.backend.list("packs/")]
+    listing = await store.pack_objects()
     present = {o.key.rsplit("/", 1)[-1] for o in listing}
     live: set[bytes] | None = None
     safe: set[bytes] = set()

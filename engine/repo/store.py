@@ -34,7 +34,7 @@ from blockferry.errors import (
     plain_errors,
 )
 from blockferry.log import get_logger
-from blockferry.repo.backend import Backend, KeyExistsError
+from blockferry.repo.backend import Backend, KeyExistsError, ObjectInfo
 from blockferry.repo.format import (
     DEFAULT_PACK_SIZE,
     DIGEST_SIZE,
@@ -81,6 +81,9 @@ POINT_LISTING_REUSE = 1.0
 HEALTH_KEY = "health/damaged"
 #: what a point's manifest is named (its id: 16 hex digits); other names in points/ are strays
 POINT_ID = re.compile(r"[0-9a-f]{16}")
+#: what packs and index files are named; other files under packs/ and index/ are strays
+PACK_KEY = re.compile(r"packs/([0-9a-f]{2})/(\1[0-9a-f]{30})")
+INDEX_KEY = re.compile(r"index/[0-9a-f]{32}")
 
 
 class GcPlan(msgspec.Struct, kw_only=True):
@@ -149,6 +152,8 @@ class RepositoryStore:
         #: index files that would not decode (key → why): their packs are read from their own
         #: records instead, until ``repair`` rebuilds the index
         self.damaged_index: dict[str, str] = {}
+        self._indexed_packs: set[str] = set()  # packs the good index files list
+        self._packs_scanned = False  # the others' records were read (see find_unindexed)
         #: the health record would not decode (why), or None: it is ignored until verify or
         #: repair writes a new one
         self.health_damaged: str | None = None
@@ -199,7 +204,7 @@ class RepositoryStore:
         keys: list[str] = []
 
         async def list_index() -> None:
-            keys.extend([o.key async for o in self.backend.list("index/")])
+            keys.extend(await self.index_keys())
 
         with plain_errors():
             async with anyio.create_task_group() as tg:  # two round trips at once
@@ -222,10 +227,57 @@ class RepositoryStore:
             self.index.load_index_file(f, self.damaged)
             indexed.update(f.packs)
             self._index_files.append(key)
+        self._indexed_packs = indexed
+        self._packs_scanned = False
         if self.damaged_index:
             await self._index_from_packs(indexed)
+            self._packs_scanned = True
         self._index_loaded = True
         self._mask()
+
+    def _stray(self, key: str) -> None:
+        if key not in self._strays:
+            self._strays.add(key)
+            self.log.warning("stray_file_ignored", key=key,
+                             help="not a file of the repository format (see docs/format.md for the names); "
+                                  "it is ignored and can be removed")
+
+    async def pack_objects(self) -> list[ObjectInfo]:
+        """Every pack (files under packs/ not named like one are ignored, with a warning)."""
+        out = []
+        async for o in self.backend.list("packs/"):
+            if PACK_KEY.fullmatch(o.key):
+                out.append(o)
+            else:
+                self._stray(o.key)
+        return out
+
+    async def index_keys(self) -> list[str]:
+        """Every index file's key (others under index/ are ignored, with a warning)."""
+        out = []
+        async for o in self.backend.list("index/"):
+            if INDEX_KEY.fullmatch(o.key):
+                out.append(o.key)
+            else:
+                self._stray(o.key)
+        return out
+
+    async def find_unindexed(self, digests: Iterable[bytes]) -> int:
+        """Chunks among ``digests`` that the index does not know (an index file lost or damaged):
+        look for them once in the packs no index file lists, by their own records. Returns how
+        many were found that way (``repair`` indexes them for good)."""
+        index = self.index
+        missing = [d for d in digests if index.lookup(d) is None and d not in index.masked]
+        if not missing or self._packs_scanned:
+            return 0
+        await self._index_from_packs(self._indexed_packs)
+        self._packs_scanned = True
+        self._mask()
+        found = sum(1 for d in missing if index.lookup(d) is not None or d in index.masked)
+        if found:
+            self.log.warning("chunks_found_in_unindexed_packs", count=found,
+                             help=f"no index file lists them; 'blockferry repair {self.backend.url}' indexes them")
+        return found
 
     async def _index_from_packs(self, indexed: set[str]) -> None:
         """An index file is damaged: take the chunks of the packs no good index file lists from
@@ -233,7 +285,7 @@ class RepositoryStore:
         whose frame is damaged are used only as a last resort, like damaged copies (each chunk
         is checked against its id when read)."""
         committed, masked = self.index.committed, self.index.masked
-        async for o in self.backend.list("packs/"):
+        for o in await self.pack_objects():
             pack = o.key.rsplit("/", 1)[-1]
             if pack in indexed:
                 continue
@@ -377,7 +429,7 @@ class RepositoryStore:
             # a store kept open between writer sessions (a daemon, an embedding program) may have
             # an index that another process changed since: a collection that swept packs this
             # index still lists would have it deduplicate against chunks that are gone
-            keys = [o.key async for o in self.backend.list("index/")]
+            keys = await self.index_keys()
             if sorted(keys) != sorted([*self._index_files, *self.damaged_index]):
                 self.condemned = set()
                 await self.load_index(reload=True)
@@ -581,11 +633,8 @@ class RepositoryStore:
             name = o.key.removeprefix("points/")
             if POINT_ID.fullmatch(name):
                 ids.append(name)
-            elif name not in self._strays:
-                self._strays.add(name)
-                self.log.warning("stray_file_ignored", key=o.key,
-                                 help="not a restore point (manifests are named by 16 hex digits); "
-                                      "it can be removed")
+            else:
+                self._stray(o.key)
         self._point_ids = (anyio.current_time(), ids)
         return list(ids)
 
@@ -796,7 +845,7 @@ def summary_of(m: Manifest) -> PointSummary:
 async def read_index_files(store: RepositoryStore) -> tuple[list[str], dict[str, list[IndexEntry]], dict[str, str]]:
     """Every index file in the repository now, every pack's entries according to them (no
     masks, nothing from memory), and the index files that are damaged (key → why)."""
-    files = sorted([o.key async for o in store.backend.list("index/")])
+    files = sorted(await store.index_keys())
     packs: dict[str, list[IndexEntry]] = {}
     damaged: dict[str, str] = {}
     for key in files:

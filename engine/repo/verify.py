@@ -231,7 +231,7 @@ async def _check_all_packs(store: RepositoryStore, runtime: Runtime, report: Ver
                            referenced: set[bytes], progress: Callable[[int, int], None] | None) -> None:
     """Read every pack whole: its frame, and every chunk its records or the index name."""
     _, indexed, _ = await read_index_files(store)
-    listing = {o.key.rsplit("/", 1)[-1]: o.size async for o in store.backend.list("packs/")}
+    listing = {o.key.rsplit("/", 1)[-1]: o.size for o in await store.pack_objects()}
     plan = await store.load_gc_plan()
     explained = set(plan.delete_packs) if plan is not None else set()
     for pack in sorted(set(indexed) - set(listing)):
@@ -396,7 +396,7 @@ async def repair(store: RepositoryStore, runtime: Runtime | None = None) -> Repa
         table: list[str] = []
         records: list[tuple[int, Record]] = []
         rewrite: list[tuple[str, list[Record], str, int]] = []
-        async for o in backend.list("packs/"):
+        for o in await store.pack_objects():
             pack = o.key.rsplit("/", 1)[-1]
             try:
                 frame = await read_trailer(backend, o.key, o.size)
@@ -441,7 +441,7 @@ async def repair(store: RepositoryStore, runtime: Runtime | None = None) -> Repa
         for no, (digest, off, length, raw_len, flags) in records:
             out += INDEX_RECORD.pack(digest, no, off, length, raw_len, flags)
         report.chunks = len(records)
-        old = [o.key async for o in backend.list("index/")]
+        old = await store.index_keys()
         key = f"index/{new_id()}"
         await backend.put(key, encode_index(table, bytes(out)))
         for k in old:
