@@ -159,6 +159,10 @@ def base_point(p: Pristine, repo: Path) -> Path:
     return repo / "points" / p.order[0]  # the base of the incremental
 
 
+def only_point_of_b(p: Pristine, repo: Path) -> Path:
+    return repo / "points" / p.order[1]  # its chunks are used by no other point
+
+
 Damage = Callable[[Pristine, Path], None]
 
 
@@ -230,7 +234,7 @@ CASES: list[tuple[str, Damage, int]] = [
     ("pack-appended", _pack_other("appended"), 3),
     *[(f"index-{h}", _file(lambda p, repo: first_index(repo), h), 3) for h in ("junk", "flip", "truncate", "deleted")],
     *[(f"manifest-{h}", _file(base_point, h), 3) for h in ("junk", "flip", "truncate", "empty")],
-    ("manifest-deleted", _file(base_point, "deleted"), 0),
+    ("manifest-deleted", _file(only_point_of_b, "deleted"), 0),
     ("lock-writer-junk", _file(_at("locks/writer"), "junk"), 0),
     ("lock-gc-junk", _file(_at("locks/gc"), "junk"), 0),
     ("lock-reader-junk", _file(_at("locks/read-0123456789abcdef"), "junk"), 0),
@@ -287,10 +291,23 @@ async def test_damage(tmp_path: Path, pristine: Pristine, case: str, damage: Dam
     intact = p.intact(repo)
     alive = set(p.order)
 
+    strays = [f for f in repo.rglob("*") if f.is_file() and f.name in ("hello.txt", "notapack", "README")]
+
     # verify: the damage is reported (3), or it is harmless (0)
     assert await cli("verify", str(repo)) == code, case
+    if case == "manifest-deleted":  # nothing to see but data no point uses: verify says so
+        async with blockferry.open_repository(str(repo)) as r:
+            report = await r.verify()
+        assert report.unreferenced_packs and any("manifests may be lost" in n for n in report.notes)
     # every point that does not need the damaged bytes comes back bit-exact
     await check_points(p, repo, tmp_path / "before", intact, alive=alive)
+    # backups go on, before any repair (a damaged base is skipped)
+    img = write_disk(tmp_path / "a0.img", DISK, [(0, "random", DISK)], seed=8)
+    async with blockferry.open_repository(str(repo)) as r:
+        s = await r.backup([str(img)], name="a")
+        assert s.state == "success", s
+        (res,) = await r.restore(s.points[0], tmp_path / "early")
+        assert Path(res.path).read_bytes() == img.read_bytes()
 
     # repair, then gc (which refuses while a manifest is damaged: such a point is deleted first,
     # as docs/lifecycle.md says), never lose an intact chunk
@@ -315,6 +332,8 @@ async def test_damage(tmp_path: Path, pristine: Pristine, case: str, damage: Dam
         assert s.state == "success", s
         (res,) = await r.restore(s.points[0], tmp_path / "next")
         assert Path(res.path).read_bytes() == img.read_bytes()
+    # stray files are ignored, never deleted
+    assert all(f.exists() for f in strays)
 
 
 async def test_config_damage_is_reported(tmp_path: Path, pristine: Pristine) -> None:
