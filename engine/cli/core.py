@@ -191,6 +191,9 @@ async def cmd_points(a: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'ID':16}  {'CREATED (UTC)':19}  {'OBJECT':20}  DISKS")
     for p in pts:
+        if p.error:
+            print(f"{p.id:16}  {'?':19}  {'?':20}  [DAMAGED: {p.error}]")
+            continue
         disks = ", ".join(f"{d.name} ({human(d.size)}{', incremental' if d.hinted else ''})" for d in p.disks)
         flags = "".join(f" [{f}]" for f, on in (("DAMAGED", p.damaged), ("immutable", bool(p.immutable_until)))
                         if on)

@@ -713,7 +713,11 @@ class RepositoryStore:
         """The newest point of ``object_name`` that has ``disk_name``, with that disk's record."""
         for s in reversed(await self.summaries(with_health=False, readable=True)):
             if s.object == object_name and any(d.name == disk_name for d in s.disks):
-                m = await self.manifest(s.id)
+                try:
+                    m = await self.manifest(s.id)
+                except CorruptionError as exc:  # never a base: the one before it is
+                    self.log.warning("point_damaged", point=s.id, error=str(exc))
+                    continue
                 return m.id, m.disk(disk_name)
         return None
 
