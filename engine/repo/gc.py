@@ -46,6 +46,7 @@ import anyio
 import msgspec
 from blockferry.errors import CorruptionError, NotFoundError, RepositoryError
 from blockferry.repo.format import DIGEST_SIZE, INDEX_RECORD, encode_index, new_id, utc_now
+from blockferry.repo.index import IndexEntry
 from blockferry.repo.packs import pack_key
 from blockferry.repo.packscan import read_trailer
 from blockferry.repo.store import (
@@ -169,7 +170,7 @@ async def mark(store: RepositoryStore, *, rewrite_threshold: float = DEFAULT_REW
     return plan, kept_immutable
 
 
-async def _index(store: RepositoryStore) -> tuple[list[str], dict]:
+async def _index(store: RepositoryStore) -> tuple[list[str], dict[str, list[IndexEntry]]]:
     """The index files and every pack's entries; CorruptionError if an index file is damaged
     (its packs' chunks would look unreferenced or unindexed)."""
     files, packs, damaged = await read_index_files(store)

@@ -426,3 +426,28 @@ async def test_gc_keeps_an_unindexed_pack_that_points_need(tmp_path: Path, prist
         for pid in pristine.order:
             (res,) = await r.restore(pid, tmp_path / pid)
             assert Path(res.path).read_bytes() == pristine.images[pid].read_bytes()
+
+
+async def test_records_that_disable_nothing(tmp_path: Path, pristine: Pristine) -> None:
+    """A damaged health record is written again by repair; a damaged gc plan is discarded by the
+    next gc; a damaged manifest makes gc refuse (it cannot know what is live) until the point is
+    deleted, and the rest of the repository goes on meanwhile."""
+    repo = tmp_path / "repo"
+    shutil.copytree(pristine.repo, repo)
+    junk(repo / "health" / "damaged")
+    junk(repo / "gc" / "plan")
+    assert await cli("repair", str(repo)) == 0
+    assert not (repo / "health" / "damaged").exists()  # a healthy repository needs no record
+    assert await cli("gc", str(repo)) == 0
+    assert not (repo / "gc" / "plan").exists()
+    junk(base_point(pristine, repo))
+    assert await cli("gc", str(repo)) == 3
+    assert await cli("points", str(repo)) == 0
+    async with blockferry.open_repository(str(repo)) as r:
+        report = await r.repair()
+        assert not report.missing_chunks and not report.unreadable
+        await r.delete(pristine.order[0])
+        assert (await r.gc()).state in ("done", "nothing to do")
+        for pid in pristine.order[1:]:
+            (res,) = await r.restore(pid, tmp_path / pid)
+            assert Path(res.path).read_bytes() == pristine.images[pid].read_bytes()
