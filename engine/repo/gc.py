@@ -340,7 +340,7 @@ async def _holds_only(store: RepositoryStore, pack: str, safe: set[bytes], live:
     except RepositoryError as exc:
         store.log.warning("pack_unreadable_kept", key=key, error=str(exc))
         return False
-    if frame.problem is not None and not frame.records:
+    if not frame.complete:  # part of its data is described by no surviving record
         store.log.warning("damaged_pack_kept", key=key, problem=frame.problem,
                           help=f"'blockferry repair {store.backend.url}' salvages its chunks")
         return False

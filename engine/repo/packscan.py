@@ -20,8 +20,10 @@ from collections.abc import Iterable
 import msgspec
 from blockferry.errors import CorruptionError
 from blockferry.repo.backend import Backend
-from blockferry.repo.chunks import decode_chunk
+import zstandard
+from blockferry.repo.chunks import decode_chunk, decompressor, digest
 from blockferry.repo.format import (
+    FLAG_ZSTD,
     PACK_FOOTER,
     PACK_FOOTER_MAGIC,
     PACK_HEADER,
@@ -47,6 +49,12 @@ class PackFrame(msgspec.Struct, kw_only=True):
     #: where the records start (the end of the chunk data), as far as it is known
     data_end: int = 0
 
+    @property
+    def complete(self) -> bool:
+        """Whether the records account for every byte of chunk data (always, for a whole
+        frame): a damaged pack whose records do not may hold chunks nobody can name any more."""
+        return self.problem is None or accounts(covering(self.records), self.data_end)
+
 
 def tiles(records: list[Record], data_end: int) -> bool:
     """Whether the records' chunks lie back to back from the header to ``data_end``."""
@@ -56,6 +64,17 @@ def tiles(records: list[Record], data_end: int) -> bool:
             return False
         pos += n
     return pos == data_end
+
+
+def accounts(records: Iterable[Record], end: int) -> bool:
+    """Whether ``records`` (one per offset) lie back to back from the header and reach ``end``
+    at least: every byte of chunk data up to there belongs to a known record."""
+    pos = len(PACK_HEADER)
+    for _, off, n, _, _ in sorted(records, key=lambda r: r[1]):
+        if off != pos or n <= 0:
+            return False
+        pos += n
+    return pos >= end
 
 
 def _plausible(records: Iterable[Record], data_end: int) -> list[Record]:
@@ -162,3 +181,68 @@ async def read_span(backend: Backend, key: str, span: list[Record]) -> tuple[int
     base = span[0][1]
     end = max(r[1] + r[2] for r in span)
     return base, await backend.get(key, base, end - base)
+
+
+def content_id(stored: bytes | memoryview, raw_len: int, flags: int) -> bytes | None:
+    """The id of the block a stored chunk holds (the hash of what it decodes to), when its
+    record's id was damaged; None if it does not decode to ``raw_len`` bytes."""
+    if flags & FLAG_ZSTD:
+        try:
+            data = decompressor().decompress(stored, max_output_size=raw_len)
+        except zstandard.ZstdError:
+            return None
+    else:
+        data = bytes(stored)
+    return digest(data) if len(data) == raw_len and raw_len > 0 else None
+
+
+def covering(records: Iterable[Record]) -> list[Record]:
+    """One record per offset (the first seen), by offset."""
+    by_off: dict[int, Record] = {}
+    for r in records:
+        by_off.setdefault(r[1], r)
+    return [by_off[k] for k in sorted(by_off)]
+
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def scan_chunks(data: bytes | memoryview, end: int, known: Iterable[Record], block_size: int,
+                tails: set[int], live: set[bytes]) -> list[Record]:
+    """Chunks of a pack whose records are gone, found by walking its data from the header
+    (``data`` is the pack from offset 0, ``end`` where its chunk data ends at most): a known
+    record is stepped over; a zstd frame is self-delimiting; a raw chunk is a block
+    (``block_size``, or a disk's last, shorter block: ``tails``). A chunk found is named by what
+    it decodes to and kept when a point uses it (``live``). The walk stops where nothing fits."""
+    view = memoryview(data)
+    at = {r[1]: r for r in known}
+    end = min(end, len(view))
+    pos = len(PACK_HEADER)
+    found: list[Record] = []
+    while pos < end:
+        rec = at.get(pos)
+        if rec is not None and rec[2] > 0:
+            pos += rec[2]
+            continue
+        if bytes(view[pos:pos + 4]) == ZSTD_MAGIC:
+            d = zstandard.ZstdDecompressor().decompressobj()
+            piece = view[pos:min(end, pos + block_size + 4096)]
+            try:
+                out = d.decompress(piece)
+            except zstandard.ZstdError:
+                out = b""
+            if out and getattr(d, "eof", True):
+                n = len(piece) - len(d.unused_data)
+                cid = digest(out)
+                if cid in live:
+                    found.append((cid, pos, n, len(out), FLAG_ZSTD))
+                pos += n
+                continue
+        for n in (block_size, *sorted(tails, reverse=True)):
+            if 0 < n and pos + n <= end and (cid := digest(view[pos:pos + n])) in live:
+                found.append((cid, pos, n, n, 0))
+                pos += n
+                break
+        else:
+            break
+    return found

@@ -44,7 +44,17 @@ from blockferry.repo.format import (
 )
 from blockferry.repo.health import DamagedChunk, Health
 from blockferry.repo.packs import pack_key
-from blockferry.repo.packscan import Record, check_chunks, read_span, read_trailer, spans
+from blockferry.repo.packscan import (
+    Record,
+    accounts,
+    check_chunks,
+    content_id,
+    covering,
+    read_span,
+    read_trailer,
+    scan_chunks,
+    spans,
+)
 from blockferry.repo.store import HEALTH_KEY, RepositoryStore, read_index_files
 from blockferry.runtime.resources import Runtime
 
@@ -367,16 +377,24 @@ class RepairReport(msgspec.Struct, kw_only=True):
     duration: float = 0.0
 
 
-async def _salvage(store: RepositoryStore, key: str, candidates: list[Record]) -> tuple[list[Record], int]:
+async def _salvage(store: RepositoryStore, key: str, candidates: list[Record],
+                   live: set[bytes]) -> tuple[list[Record], int]:
     """The chunks of a damaged pack that decode to their id (one per offset), and how many
-    offsets hold none."""
+    offsets hold none. A chunk whose record's id is damaged is named by what it decodes to,
+    when a point uses that."""
     good: dict[int, Record] = {}
     offsets = {r[1] for r in candidates}
     for span in spans(candidates):
         base, data = await read_span(store.backend, key, span)
-        ok, _ = check_chunks(data, base, span)
+        ok, bad = check_chunks(data, base, span)
         for r in ok:
             good.setdefault(r[1], r)
+        for r, _ in bad:
+            if r[1] in good:
+                continue
+            stored = memoryview(data)[r[1] - base:r[1] - base + r[2]]
+            if len(stored) == r[2] and (cid := content_id(stored, r[3], r[4])) is not None and cid in live:
+                good[r[1]] = (cid, r[1], r[2], r[3], r[4])
     return sorted(good.values(), key=lambda r: r[1]), len(offsets - set(good))
 
 
@@ -395,7 +413,16 @@ async def repair(store: RepositoryStore, runtime: Runtime | None = None) -> Repa
         report.damaged_index_files = sorted(damaged_files)
         table: list[str] = []
         records: list[tuple[int, Record]] = []
-        rewrite: list[tuple[str, list[Record], str, int]] = []
+        rewrite: list[tuple[str, list[Record], str, int, bool]] = []
+        live: set[bytes] = set()
+        tails: set[int] = set()  # lengths of disks' last, partial blocks
+        for pid in await store.point_ids():
+            try:
+                m = await store.manifest(pid)
+            except (CorruptionError, NotFoundError):
+                continue
+            live |= store.referenced(m)
+            tails |= {d.size % m.block_size for d in m.disks} - {0}
         for o in await store.pack_objects():
             pack = o.key.rsplit("/", 1)[-1]
             try:
@@ -405,8 +432,17 @@ async def repair(store: RepositoryStore, runtime: Runtime | None = None) -> Repa
                 else:
                     candidates = set(frame.records)
                     candidates.update((e.digest, e.offset, e.length, e.raw_len, e.flags) for e in indexed.get(pack, []))
-                    recs, lost = await _salvage(store, o.key, sorted(candidates, key=lambda r: r[1]))
-                    rewrite.append((pack, recs, frame.problem, lost))
+                    if not accounts(covering(candidates), frame.data_end):
+                        # neither the index nor the chunk list names every chunk: walk the data
+                        data = await backend.get(o.key)
+                        candidates.update(await anyio.to_thread.run_sync(
+                            scan_chunks, data, frame.data_end, covering(candidates), store.config.block_size,
+                            tails, live))
+                    recs, lost = await _salvage(store, o.key, sorted(candidates, key=lambda r: r[1]), live)
+                    # removed only when every byte of its data is accounted for: else a chunk
+                    # nobody can name any more may still be whole in it
+                    whole = accounts(covering(candidates), frame.data_end) or frame.complete
+                    rewrite.append((pack, recs, frame.problem, lost, whole))
                     continue
             except NotFoundError:
                 continue  # gone since the listing
@@ -423,7 +459,7 @@ async def repair(store: RepositoryStore, runtime: Runtime | None = None) -> Repa
         # the good chunks of damaged packs move to new packs (stored bytes copied as they are)
         writer = store.writer()
         store.condemned = set()
-        for pack, recs, _, _ in rewrite:
+        for pack, recs, _, _, _ in rewrite:
             data = await backend.get_ranges(pack_key(pack), [(r[1], r[2]) for r in recs])
             for i in range(0, len(recs), 64):
                 await writer.add([(r[0], d, r[3], r[4]) for r, d in zip(recs[i:i + 64], data[i:i + 64])],
@@ -446,10 +482,15 @@ async def repair(store: RepositoryStore, runtime: Runtime | None = None) -> Repa
         await backend.put(key, encode_index(table, bytes(out)))
         for k in old:
             await backend.delete(k)
-        for pack, recs, problem, lost in rewrite:
-            removed = True
+        for pack, recs, problem, lost, whole in rewrite:
+            removed = whole
             try:
-                await backend.delete(pack_key(pack))
+                if whole:
+                    await backend.delete(pack_key(pack))
+                else:
+                    store.log.warning("damaged_pack_kept", pack=pack, problem=problem,
+                                      help="part of its data is described by no record that survived: it is "
+                                           "kept, unindexed, for forensic recovery; delete it by hand if not needed")
             except BlockferryError as exc:  # protected by the storage, say: it stays, unindexed
                 store.log.warning("damaged_pack_kept", pack=pack, error=str(exc))
                 removed = False

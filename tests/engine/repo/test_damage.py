@@ -451,3 +451,31 @@ async def test_records_that_disable_nothing(tmp_path: Path, pristine: Pristine) 
         for pid in pristine.order[1:]:
             (res,) = await r.restore(pid, tmp_path / pid)
             assert Path(res.path).read_bytes() == pristine.images[pid].read_bytes()
+
+
+@pytest.mark.parametrize("how", ["trailer-zeroed", "record-id-flipped"])
+async def test_repair_finds_chunks_whose_records_and_index_are_gone(tmp_path: Path, pristine: Pristine,
+                                                                     how: str) -> None:
+    """Every index file lost and a pack's chunk list damaged: repair still finds every whole
+    chunk (by walking the data, or by what a chunk decodes to), and a pack whose bytes it cannot
+    all account for is kept, by repair and by gc."""
+    repo = tmp_path / "repo"
+    shutil.copytree(pristine.repo, repo)
+    for f in (repo / "index").iterdir():
+        f.unlink()
+    path = busiest_pack(pristine, repo)
+    first, n, records = pack_layout(pristine, path)
+    data = bytearray(path.read_bytes())
+    if how == "trailer-zeroed":
+        data[records:] = bytes(len(data) - records)
+    else:
+        data[records + 7] ^= 0x41  # the first record's id
+    path.write_bytes(bytes(data))
+    assert await cli("repair", str(repo)) == 0
+    assert path.exists() == (how == "trailer-zeroed")  # kept when its bytes are not all accounted for
+    assert await cli("gc", str(repo)) == 0
+    assert path.exists() == (how == "trailer-zeroed")
+    async with blockferry.open_repository(str(repo)) as r:
+        for pid in pristine.order:
+            (res,) = await r.restore(pid, tmp_path / pid)
+            assert Path(res.path).read_bytes() == pristine.images[pid].read_bytes()
