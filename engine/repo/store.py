@@ -235,6 +235,11 @@ class RepositoryStore:
         self._index_loaded = True
         self._mask()
 
+    @property
+    def strays(self) -> set[str]:
+        """Files seen under points/, packs/ or index/ that are not named like the format's."""
+        return set(self._strays)
+
     def _stray(self, key: str) -> None:
         if key not in self._strays:
             self._strays.add(key)

@@ -231,6 +231,8 @@ async def verify(store: RepositoryStore, runtime: Runtime, *, sample: float | No
         report.notes.append(f"{report.unreferenced_packs} pack(s) hold only chunks no restore point uses: after "
                             "prune or delete, gc frees them; if no point was deleted, manifests may be lost "
                             "(see docs/lifecycle.md)")
+    for key in sorted(store.strays):
+        report.notes.append(f"{key} is not a file of the repository format: ignored (it can be removed)")
     if record:
         await _record(store, report, found, full=full and not report.unreadable)
     report.duration = anyio.current_time() - t0
