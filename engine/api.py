@@ -288,6 +288,7 @@ class Repository:
 
         async with self.store.reading("restore"):
             await self.store.load_index()
+            await self.store.find_unindexed(self.store.referenced(m))
             await self.store.prepare_read([m], self.archive_progress)
             return await restore_disks(self.store, m, disks, [out / d.name for d in disks], runtime=self.runtime,
                                        overwrite=overwrite, allow_damaged=allow_damaged, progress=progress)
@@ -310,6 +311,7 @@ class Repository:
 
         async with self.store.reading("restore"):
             await self.store.load_index()
+            await self.store.find_unindexed(self.store.referenced(m))
             await self.store.prepare_read([m], self.archive_progress)
             return await restore_disk(self.store, m, record, Path(target), runtime=self.runtime, into_existing=True,
                                       progress=progress)
@@ -383,7 +385,7 @@ class Repository:
     @_plain
     async def repair(self) -> RepairReport:
         """Rebuild the index from the packs; report unreadable packs and the points they hurt."""
-        return await repair(self.store)
+        return await repair(self.store, self.runtime)
 
 
 __all__ = ["Repository", "init_repository", "open_repository", "NotFoundError"]

@@ -192,6 +192,9 @@ async def cmd_points(a: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'ID':16}  {'CREATED (UTC)':19}  {'OBJECT':20}  DISKS")
     for p in pts:
+        if p.error:
+            print(f"{p.id:16}  {'?':19}  {'?':20}  [DAMAGED: {p.error}]")
+            continue
         disks = ", ".join(f"{d.name} ({human(d.size)}{', incremental' if d.hinted else ''})" for d in p.disks)
         flags = "".join(f" [{f}]" for f, on in (("DAMAGED", p.damaged), ("immutable", bool(p.immutable_until)))
                         if on)
@@ -250,13 +253,32 @@ async def cmd_verify(a: argparse.Namespace) -> int:
     else:
         print(f"{report.points} points, {report.chunks_checked} chunks ({human(report.bytes_checked)}) checked "
               f"in {report.duration:.2f} s")
+        for f in report.damaged_files:
+            print(f"damaged {f.key}: {f.reason}")
         for d in report.damaged:
             print(f"damaged chunk {d.chunk[:16]}{' in ' + d.pack if d.pack else ''}: {d.reason}")
         for x in report.affected:
+            if x.damaged_blocks < 0:
+                print(f"  point {x.point}: its manifest is damaged (it cannot be restored; delete it, or put "
+                      "back a copy of its manifest)")
+                continue
             offs = ", ".join(str(o) for o in x.offsets)
             print(f"  affects point {x.point} ({x.object}) disk {x.disk}: {x.damaged_blocks} block(s) at {offs}")
-        print("repository is healthy" if report.healthy else "repository is DAMAGED")
-    return EXIT_OK if report.healthy else EXIT_DAMAGED
+        for f in report.unreadable:
+            print(f"unreadable {f.key}: {f.reason} (not recorded as damage; verify again once it can be read)")
+        if report.cleared:
+            print(f"{report.cleared} chunk copy(ies) marked damaged read back correctly: the mark is cleared")
+        for n in report.notes:
+            print(f"note: {n}")
+        if report.has_damage:
+            print("repository is DAMAGED")
+        elif report.unreadable:
+            print("check incomplete: some objects could not be read")
+        else:
+            print("repository is healthy")
+    if report.has_damage:
+        return EXIT_DAMAGED
+    return EXIT_FAILED if report.unreadable else EXIT_OK
 
 
 async def cmd_unlock(a: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blockferry.api import open_repository
-from blockferry.cli.core import EXIT_DAMAGED, EXIT_OK, json_out
+from blockferry.cli.core import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK, json_out
 from blockferry.errors import ConfigError
 from blockferry.repo.gc import GcReport
 from blockferry.repo.lifecycle import CopyReport
@@ -111,6 +111,13 @@ def gc_summary(report: GcReport) -> str:
             f"removed, {report.orphan_packs_deleted} orphan pack(s)")
     if report.packs_kept_immutable:
         text += f"; {report.packs_kept_immutable} pack(s) kept for immutable points"
+    if report.orphan_packs_kept:
+        text += (f"; {report.orphan_packs_kept} pack(s) no index lists kept: they hold chunks points use "
+                 "(run 'blockferry repair')")
+    if report.packs_kept_live:
+        text += f"; {report.packs_kept_live} pack(s) kept: they hold chunks points use"
+    for n in report.notes:
+        text += f"; {n}"
     return text
 
 
@@ -152,9 +159,22 @@ async def cmd_repair(a: argparse.Namespace) -> int:
         json_out(report)
     else:
         print(f"index rebuilt from {report.packs} pack(s): {report.chunks} chunk(s) in {report.duration:.2f} s")
+        for k in report.damaged_index_files:
+            print(f"damaged index file {k}: replaced")
+        for s in report.salvaged:
+            print(f"damaged pack {s.pack}: {s.reason}; {s.salvaged} chunk(s) salvaged into a new pack, "
+                  f"{s.lost} lost" + ("" if s.removed else " (the damaged pack could not be removed)"))
         for u in report.unreadable:
-            print(f"unreadable pack {u.pack}: {u.reason}")
+            print(f"unreadable pack {u.pack}: {u.reason} (its index entries are kept; run repair again once it "
+                  "can be read)")
         for x in report.affected:
             print(f"  point {x.point} ({x.object}) disk {x.disk}: {x.damaged_blocks} block(s) lost, "
                   f"at {', '.join(str(o) for o in x.offsets)}")
-    return EXIT_DAMAGED if report.unreadable or report.missing_chunks else EXIT_OK
+        if report.health_rebuilt:
+            print("the damaged health record was written again by a full check"
+                  + ("" if report.verify is None or not report.verify.has_damage else ": damage remains "
+                     "(see 'blockferry verify')"))
+    if report.missing_chunks or any(s.lost for s in report.salvaged) or (
+            report.verify is not None and report.verify.has_damage):
+        return EXIT_DAMAGED
+    return EXIT_FAILED if report.unreadable else EXIT_OK

@@ -116,13 +116,23 @@ async def _verify(spec: LifecycleSpec, store: RepositoryStore, runtime: Runtime,
     what = "every chunk" if spec.sample is None else f"a {spec.sample:g}% sample"
     result.summary = (f"checked {report.chunks_checked} chunk(s) ({human(report.bytes_checked)}, {what}) of "
                       f"{report.points} point(s): "
-                      + ("healthy" if report.healthy else f"{len(report.damaged)} damaged"))
+                      + ("healthy" if report.healthy else
+                         f"{len(report.damaged)} damaged chunk(s), {len(report.damaged_files)} damaged file(s), "
+                         f"{len(report.unreadable)} unreadable"))
+    result.warnings += report.notes
     if report.healthy:
         return Outcome()
+    for u in report.unreadable:
+        result.warnings.append(f"{u.key} could not be read: {u.reason} (not recorded as damage)")
+    if not report.has_damage:
+        return Outcome(state="failed", note=f"check incomplete: {len(report.unreadable)} object(s) could not be read")
     points = sorted({a.point for a in report.affected})
+    for f in report.damaged_files:
+        result.warnings.append(f"damaged {f.key}: {f.reason}")
     for a in report.affected:
         result.warnings.append(f"point {a.point} ({a.object}) disk {a.disk}: {a.damaged_blocks} damaged block(s)")
     note = f"damage found: {len(report.damaged)} chunk(s)"
+    note += f", {len(report.damaged_files)} damaged file(s)" if report.damaged_files else ""
     note += f"; damaged point(s): {', '.join(points)}" if points else "; no point uses them"
     return Outcome(state="failed", note=note[:1000])
 

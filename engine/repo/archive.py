@@ -49,7 +49,7 @@ async def archive_points(store: RepositoryStore, *, older_than_days: float | Non
         raise ConfigError(f"{backend.url}: this storage has no storage classes (the archive tier needs s3)")
     t0 = anyio.current_time()
     target = "STANDARD" if back else (storage_class or backend.archive_class)
-    summaries = await store.summaries()
+    summaries = await store.summaries(readable=True)
     if points is not None:
         chosen = {await store.resolve_point(p) for p in points}
     elif older_than_days is not None:

@@ -26,6 +26,14 @@ pack is deleted only when no index file names it. A collection killed at any mom
 the next one (the plan is still there). Packs that no index lists (left by a backup that died
 before its commit) are deleted when no writer is running.
 
+Whatever the index says, a pack holding a chunk some point references is never deleted unless
+that chunk is safe elsewhere: before a pack goes, its own records are read and checked against
+the manifests (an index can be damaged or incomplete; the manifests decide what is live). A
+collection refuses to start while a manifest or an index file cannot be read (it could not know
+what is live), naming the file and the fix. A damaged plan is discarded: the sweep either had
+not started, or had got as far as its own records show (the packs it deleted are gone, the
+rest are still indexed or are orphans checked as above), so a fresh mark is always safe.
+
 Why not generations or a grace period alone: a grace period must outlast the longest backup, which
 nobody knows; the session check makes the wait exactly as long as needed.
 """
@@ -36,10 +44,12 @@ from collections.abc import Callable
 
 import anyio
 import msgspec
-from blockferry.errors import NotFoundError
+from blockferry.errors import CorruptionError, NotFoundError, RepositoryError
 from blockferry.repo.backend import Protects, Retention
 from blockferry.repo.format import DIGEST_SIZE, INDEX_RECORD, encode_index, new_id, utc_now
+from blockferry.repo.index import IndexEntry
 from blockferry.repo.packs import pack_key
+from blockferry.repo.packscan import read_trailer
 from blockferry.repo.store import (
     GC_LOCK_KEY,
     GC_PLAN_KEY,
@@ -62,6 +72,11 @@ class GcReport(msgspec.Struct, kw_only=True):
     packs_rewritten: int = 0
     packs_written: int = 0
     orphan_packs_deleted: int = 0
+    #: packs no index lists that hold chunks points use: kept ('blockferry repair' indexes them)
+    orphan_packs_kept: int = 0
+    #: packs the plan named that turned out to hold chunks points use: kept
+    packs_kept_live: int = 0
+    notes: list[str] = msgspec.field(default_factory=list)
     chunks_removed: int = 0
     bytes_freed: int = 0  #: bytes of packs deleted minus bytes of packs written
     packs_kept_immutable: int = 0
@@ -73,7 +88,15 @@ async def _live(store: RepositoryStore, now: str | None = None) -> tuple[set[byt
     live: set[bytes] = set()
     frozen: set[bytes] = set()
     for pid in await store.point_ids():
-        m = await store.manifest(pid)
+        try:
+            m = await store.manifest(pid)
+        except NotFoundError:
+            continue  # deleted since the listing
+        except CorruptionError as exc:
+            raise CorruptionError(
+                f"{exc}: garbage collection cannot know which chunks it uses, so it does not run; "
+                f"delete the point ('blockferry delete {store.backend.url} {pid}') or put back a good copy "
+                "of its manifest first") from None
         refs = store.referenced(m)
         live |= refs
         if immutable_now(m.immutable_until, now):
@@ -86,14 +109,21 @@ async def mark(store: RepositoryStore, *, rewrite_threshold: float = DEFAULT_REW
     """Decide what to remove; write and return the plan (None: nothing to remove), and the
     number of packs kept for immutable points."""
     created = utc_now()
-    _, packs = await read_index_files(store)
+    _, packs = await _index(store)
     live, frozen = await _live(store, now)
     delete, rewrite, condemned = [], [], bytearray()
     kept_immutable = freed = 0
     # a backend with server-side retention (S3 object lock) can say what it would refuse to delete
     retention = store.backend if isinstance(store.backend, Retention) else None
+    good_copies: dict[bytes, int] = {}  # chunk → packs holding a copy not found damaged
+    for pack, entries in packs.items():
+        for e in entries:
+            if (e.digest, pack) not in store.damaged:
+                good_copies[e.digest] = good_copies.get(e.digest, 0) + 1
     for pack, entries in sorted(packs.items()):
-        dead = [e for e in entries if e.digest not in live]
+        # a damaged copy of a chunk with a good copy elsewhere is dead: nobody reads it
+        dead = [e for e in entries if e.digest not in live
+                or ((e.digest, pack) in store.damaged and good_copies.get(e.digest, 0) > 0)]
         if not dead:
             continue
         if any(e.digest in frozen for e in entries):
@@ -102,7 +132,8 @@ async def mark(store: RepositoryStore, *, rewrite_threshold: float = DEFAULT_REW
         if retention is not None and await retention.locked_until(pack_key(pack)):
             kept_immutable += 1
             continue
-        if any(e.digest in live and (e.digest, pack) in store.damaged for e in entries):
+        if any(e.digest in live and (e.digest, pack) in store.damaged and not good_copies.get(e.digest)
+               for e in entries):
             continue  # moving a damaged copy of a live chunk would carry the damage to a new place
         total = sum(e.length for e in entries)
         dead_bytes = sum(e.length for e in dead)
@@ -121,6 +152,17 @@ async def mark(store: RepositoryStore, *, rewrite_threshold: float = DEFAULT_REW
                   rewrite_packs=rewrite, freed_bytes=freed)
     await store.backend.put(GC_PLAN_KEY, msgspec.msgpack.encode(plan))
     return plan, kept_immutable
+
+
+async def _index(store: RepositoryStore) -> tuple[list[str], dict[str, list[IndexEntry]]]:
+    """The index files and every pack's entries; CorruptionError if an index file is damaged
+    (its packs' chunks would look unreferenced or unindexed)."""
+    files, packs, damaged = await read_index_files(store)
+    if damaged:
+        key, why = sorted(damaged.items())[0]
+        raise CorruptionError(f"{why}: garbage collection does not run on a damaged index; run "
+                              f"'blockferry repair {store.backend.url}' first")
+    return files, packs
 
 
 async def _blockers(store: RepositoryStore, plan: GcPlan) -> list[str]:
@@ -151,7 +193,14 @@ async def collect(
     say = progress or (lambda _: None)
     gc_lock = await store.take_lock(GC_LOCK_KEY, "garbage collection")
     try:
+        await store.load_health()  # damaged copies: never moved, never counted as safe
         plan = await store.load_gc_plan()
+        if plan is None and store.gc_plan_damaged:
+            # see the module's description: discarding it and marking afresh is safe
+            store.log.warning("gc_plan_discarded", reason=store.gc_plan_damaged)
+            report.notes.append(f"{store.gc_plan_damaged}: discarded")
+            await store.backend.delete(GC_PLAN_KEY)
+            store.gc_plan_damaged = None
         if plan is None:
             say("marking: reading every restore point")
             plan, report.packs_kept_immutable = await mark(store, rewrite_threshold=rewrite_threshold)
@@ -191,7 +240,7 @@ async def _sweep(store: RepositoryStore, plan: GcPlan, report: GcReport, say: Ca
     say("sweeping: reading every restore point again")
     live, _ = await _live(store)
     condemned = {plan.condemned[i:i + DIGEST_SIZE] for i in range(0, len(plan.condemned), DIGEST_SIZE)} - live
-    _, packs = await read_index_files(store)
+    _, packs = await _index(store)
     targets = [p for p in plan.delete_packs + plan.rewrite_packs if p in packs]
     old_bytes = 0
     for p in targets:
@@ -203,7 +252,8 @@ async def _sweep(store: RepositoryStore, plan: GcPlan, report: GcReport, say: Ca
     # when the chunk has a copy in a pack that stays; the others move to new packs, their stored
     # bytes copied as they are
     going = set(targets)
-    elsewhere = {e.digest for p, entries in packs.items() if p not in going for e in entries}
+    elsewhere = {e.digest for p, entries in packs.items() if p not in going for e in entries
+                 if (e.digest, p) not in store.damaged}
     await store.load_index()
     writer = store.writer()
     moved: set[bytes] = set()
@@ -226,7 +276,14 @@ async def _sweep(store: RepositoryStore, plan: GcPlan, report: GcReport, say: Ca
     new_packs = await store.write_index()
     report.packs_written = len(new_packs)
     # one index without the old packs; then the files it replaces; then the packs
-    files, now_packs = await read_index_files(store)
+    # a pack goes only if its own records agree that every chunk of it a point uses is safe
+    # elsewhere (an index entry missing for it would otherwise cost that chunk)
+    safe = elsewhere | moved
+    for p in targets:
+        if not await _holds_only(store, p, safe, live):
+            going.discard(p)
+            report.packs_kept_live += 1
+    files, now_packs = await _index(store)
     table = [p for p in sorted(now_packs) if p not in going]
     records = bytearray()
     for no, pack in enumerate(table):
@@ -243,6 +300,8 @@ async def _sweep(store: RepositoryStore, plan: GcPlan, report: GcReport, say: Ca
     # attribute; no pack chosen here holds a chunk of a point that is immutable now (see mark)
     protects = backend if isinstance(backend, Protects) else None
     for p in targets:
+        if p not in going:
+            continue
         if protects is not None:
             await protects.unprotect(pack_key(p))
         await backend.delete(pack_key(p))
@@ -252,17 +311,48 @@ async def _sweep(store: RepositoryStore, plan: GcPlan, report: GcReport, say: Ca
     await store.load_index(reload=True)
 
 
+async def _holds_only(store: RepositoryStore, pack: str, safe: set[bytes], live: set[bytes]) -> bool:
+    """Whether every chunk of ``pack`` that a point uses (``live``) is in ``safe``, by the pack's
+    own records. A pack whose records cannot be read or recovered is not known to: it stays."""
+    key = pack_key(pack)
+    try:
+        size = (await store.backend.stat(key)).size
+        frame = await read_trailer(store.backend, key, size)
+    except NotFoundError:
+        return True  # already gone
+    except RepositoryError as exc:
+        store.log.warning("pack_unreadable_kept", key=key, error=str(exc))
+        return False
+    if not frame.complete:  # part of its data is described by no surviving record
+        store.log.warning("damaged_pack_kept", key=key, problem=frame.problem,
+                          help=f"'blockferry repair {store.backend.url}' salvages its chunks")
+        return False
+    return all(r[0] in safe for r in frame.records if r[0] in live)
+
+
 async def _delete_orphans(store: RepositoryStore, report: GcReport) -> int:
     """Packs no index lists are left by backups that died before their commit; delete them when
-    no writer runs (a running one may still index its packs)."""
+    no writer runs (a running one may still index its packs), and when they hold no chunk a
+    point uses that has no indexed copy elsewhere (the index may have lost them: repair)."""
     if any(key == LOCK_KEY for key, _ in await store.sessions()):
         return 0
-    _, packs = await read_index_files(store)
+    _, packs = await _index(store)
     freed = 0
     retention = store.backend if isinstance(store.backend, Retention) else None
-    async for o in store.backend.list("packs/"):
+    listing = await store.pack_objects()
+    present = {o.key.rsplit("/", 1)[-1] for o in listing}
+    live: set[bytes] | None = None
+    safe: set[bytes] = set()
+    for o in listing:
         pack = o.key.rsplit("/", 1)[-1]
         if pack not in packs:
+            if live is None:
+                live, _ = await _live(store)
+                safe = {e.digest for p, entries in packs.items() if p in present for e in entries
+                        if (e.digest, p) not in store.damaged}
+            if not await _holds_only(store, pack, safe, live):
+                report.orphan_packs_kept += 1
+                continue
             if retention is not None and await retention.locked_until(o.key):
                 report.packs_kept_immutable += 1
                 continue

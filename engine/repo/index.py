@@ -43,6 +43,10 @@ class ChunkIndex:
         self.committed: dict[bytes, int] = {}
         self.pending: dict[bytes, int] = {}
         self.claims: dict[bytes, Claim] = {}
+        #: copies a health check found damaged (never deduplicated against; read only as a last
+        #: resort, and kept only if they decode to their id: a transient read error may have
+        #: marked a good copy)
+        self.masked: dict[bytes, int] = {}
         self._changed: anyio.Event | None = None
         #: chunks compressed ahead for the next backup (a blocks.PreparedChunks), if any
         self.prepared: Any = None
@@ -108,9 +112,11 @@ class ChunkIndex:
         n = 0
         committed = self.committed
         for digest, pno, off, length, raw_len, flags in INDEX_RECORD.iter_unpack(f.records):
+            loc = pack_loc(nos[pno], off, length, raw_len, flags)
             if damaged and (digest, f.packs[pno]) in damaged:
+                self.masked[digest] = loc
                 continue
-            committed[digest] = pack_loc(nos[pno], off, length, raw_len, flags)
+            committed[digest] = loc
             n += 1
         return n
 

@@ -43,7 +43,7 @@ async def prune(
     rule keeps. Immutable points are always kept. The chunks of removed points stay until
     garbage collection."""
     wanted = set(objects) if objects is not None else None
-    points = [s for s in await store.summaries() if wanted is None or s.object in wanted]
+    points = [s for s in await store.summaries(readable=True) if wanted is None or s.object in wanted]
     decisions = decide(points, policy, now=now)
     report = PruneReport(policy=policy.describe(), dry_run=dry_run, decisions=decisions)
     if dry_run:
@@ -139,7 +139,7 @@ async def points_to_copy(store: RepositoryStore, *, objects: Iterable[str] | Non
     """The points a copy sends, oldest first: all of them, or with ``latest`` the newest of each
     object (what a periodic copy sends each time); only ``objects``' if given."""
     wanted = set(objects) if objects is not None else None
-    summaries = [s for s in await store.summaries() if wanted is None or s.object in wanted]  # oldest first
+    summaries = [s for s in await store.summaries(readable=True) if wanted is None or s.object in wanted]  # oldest first
     if latest:
         newest = {s.object: s for s in summaries}  # the last one of each object wins
         summaries = sorted(newest.values(), key=lambda s: (s.created, s.id))

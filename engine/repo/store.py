@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -29,6 +30,7 @@ from blockferry.errors import (
     NotFoundError,
     RepositoryError,
     RepositoryLockedError,
+    UnsupportedFormatError,
     plain_errors,
 )
 from blockferry.log import get_logger
@@ -37,6 +39,7 @@ from blockferry.repo.backend import (
     Backend,
     CleansTmp,
     KeyExistsError,
+    ObjectInfo,
     PreparesRead,
     Protects,
     Retention,
@@ -63,6 +66,7 @@ from blockferry.repo.format import (
     encode_index,
     encode_manifest,
     new_id,
+    pack_loc,
     unpack_loc,
     utc_now,
 )
@@ -70,6 +74,7 @@ from blockferry.repo.health import Health
 from blockferry.repo.index import INDEX_COMPACT_AT, ChunkIndex, IndexEntry
 from blockferry.repo.locks import LockInfo, holder_alive, process_start
 from blockferry.repo.packs import PackWriter, Spawn, WriterHandle, pack_key
+from blockferry.repo.packscan import read_trailer
 from blockferry.repo.retention import parse_time
 
 log = get_logger()
@@ -84,6 +89,11 @@ GC_PLAN_KEY = "gc/plan"
 #: seconds a writer reuses its listing of points (see RepositoryStore.point_ids)
 POINT_LISTING_REUSE = 1.0
 HEALTH_KEY = "health/damaged"
+#: what a point's manifest is named (its id: 16 hex digits); other names in points/ are strays
+POINT_ID = re.compile(r"[0-9a-f]{16}")
+#: what packs and index files are named; other files under packs/ and index/ are strays
+PACK_KEY = re.compile(r"packs/([0-9a-f]{2})/(\1[0-9a-f]{30})")
+INDEX_KEY = re.compile(r"index/[0-9a-f]{32}")
 
 
 class GcPlan(msgspec.Struct, kw_only=True):
@@ -122,6 +132,8 @@ class PointSummary(msgspec.Struct, kw_only=True):
     stats: TaskStats = msgspec.field(default_factory=TaskStats)
     #: a health check found a chunk it uses with no good copy (not part of the manifest)
     damaged: bool = False
+    #: the manifest itself cannot be read (why): only ``id`` is known (not part of the manifest)
+    error: str | None = None
 
 
 class RepositoryStore:
@@ -140,11 +152,23 @@ class RepositoryStore:
         self._summaries: dict[str, PointSummary] = {}
         self._point_ids: tuple[float, list[str]] | None = None  # (when listed, ids): see point_ids
         self._manifests: dict[str, Manifest] = {}  # the few most recently used, decoded
+        self._strays: set[str] = set()  # names in points/ that are not points (warned about once)
         self._writer: LockInfo | None = None  # the writer lock, while this store holds it
         #: chunks a garbage-collection plan condemned (never deduplicated against)
         self.condemned: set[bytes] = set()
-        #: (chunk, pack) copies a health check found damaged (never read, never deduplicated)
+        #: (chunk, pack) copies a health check found damaged (never deduplicated; read only as
+        #: a last resort, see ChunkIndex.masked)
         self.damaged: set[tuple[bytes, str]] = set()
+        #: index files that would not decode (key → why): their packs are read from their own
+        #: records instead, until ``repair`` rebuilds the index
+        self.damaged_index: dict[str, str] = {}
+        self._indexed_packs: set[str] = set()  # packs the good index files list
+        self._packs_scanned = False  # the others' records were read (see find_unindexed)
+        #: the health record would not decode (why), or None: it is ignored until verify or
+        #: repair writes a new one
+        self.health_damaged: str | None = None
+        #: the garbage-collection plan would not decode (why), or None (see load_gc_plan)
+        self.gc_plan_damaged: str | None = None
         self.log = log.bind(repository=backend.url)
 
     def __repr__(self) -> str:
@@ -185,22 +209,113 @@ class RepositoryStore:
             return
         if reload:
             self.index.committed.clear()
+            self.index.masked.clear()
             self._index_files.clear()
         keys: list[str] = []
 
         async def list_index() -> None:
-            keys.extend([o.key async for o in self.backend.list("index/")])
+            keys.extend(await self.index_keys())
 
         with plain_errors():
             async with anyio.create_task_group() as tg:  # two round trips at once
                 tg.start_soon(self.load_health)
                 tg.start_soon(list_index)
+        self.damaged_index = {}
+        indexed: set[str] = set()
         for key in sorted(keys):
-            f = decode_index(await self.backend.get(key), key)
+            try:
+                f = decode_index(await self.backend.get(key), key)
+            except UnsupportedFormatError:
+                raise
+            except CorruptionError as exc:
+                # the others still hold; the packs it listed describe themselves
+                self.damaged_index[key] = str(exc)
+                self.log.warning("index_file_damaged", key=key, error=str(exc),
+                                 help="chunks are found from the packs' own records meanwhile; "
+                                      f"'blockferry repair {self.backend.url}' rebuilds the index")
+                continue
             self.index.load_index_file(f, self.damaged)
+            indexed.update(f.packs)
             self._index_files.append(key)
+        self._indexed_packs = indexed
+        self._packs_scanned = False
+        if self.damaged_index:
+            await self._index_from_packs(indexed)
+            self._packs_scanned = True
         self.index_loaded = True
         self._mask()
+
+    @property
+    def strays(self) -> set[str]:
+        """Files seen under points/, packs/ or index/ that are not named like the format's."""
+        return set(self._strays)
+
+    def _stray(self, key: str) -> None:
+        if key not in self._strays:
+            self._strays.add(key)
+            self.log.warning("stray_file_ignored", key=key,
+                             help="not a file of the repository format (see docs/format.md for the names); "
+                                  "it is ignored and can be removed")
+
+    async def pack_objects(self) -> list[ObjectInfo]:
+        """Every pack (files under packs/ not named like one are ignored, with a warning)."""
+        out = []
+        async for o in self.backend.list("packs/"):
+            if PACK_KEY.fullmatch(o.key):
+                out.append(o)
+            else:
+                self._stray(o.key)
+        return out
+
+    async def index_keys(self) -> list[str]:
+        """Every index file's key (others under index/ are ignored, with a warning)."""
+        out = []
+        async for o in self.backend.list("index/"):
+            if INDEX_KEY.fullmatch(o.key):
+                out.append(o.key)
+            else:
+                self._stray(o.key)
+        return out
+
+    async def find_unindexed(self, digests: Iterable[bytes]) -> int:
+        """Chunks among ``digests`` that the index does not know (an index file lost or damaged):
+        look for them once in the packs no index file lists, by their own records. Returns how
+        many were found that way (``repair`` indexes them for good)."""
+        index = self.index
+        missing = [d for d in digests if index.lookup(d) is None and d not in index.masked]
+        if not missing or self._packs_scanned:
+            return 0
+        await self._index_from_packs(self._indexed_packs)
+        self._packs_scanned = True
+        self._mask()
+        found = sum(1 for d in missing if index.lookup(d) is not None or d in index.masked)
+        if found:
+            self.log.warning("chunks_found_in_unindexed_packs", count=found,
+                             help=f"no index file lists them; 'blockferry repair {self.backend.url}' indexes them")
+        return found
+
+    async def _index_from_packs(self, indexed: set[str]) -> None:
+        """An index file is damaged: take the chunks of the packs no good index file lists from
+        the packs' own records (in memory only; ``repair`` writes a new index). Records of a pack
+        whose frame is damaged are used only as a last resort, like damaged copies (each chunk
+        is checked against its id when read)."""
+        committed, masked = self.index.committed, self.index.masked
+        for o in await self.pack_objects():
+            pack = o.key.rsplit("/", 1)[-1]
+            if pack in indexed:
+                continue
+            try:
+                frame = await read_trailer(self.backend, o.key, o.size)
+            except (RepositoryError, NotFoundError) as exc:
+                self.log.warning("pack_unreadable", key=o.key, error=str(exc))
+                continue
+            no = self.index.pack_no(pack)
+            for digest, off, n, raw_len, flags in frame.records:
+                loc = pack_loc(no, off, n, raw_len, flags)
+                if frame.problem is not None or (digest, pack) in self.damaged:
+                    masked.setdefault(digest, loc)
+                elif digest not in committed:
+                    committed[digest] = loc
 
     def _mask(self) -> None:
         committed, packs = self.index.committed, self.index.packs
@@ -209,17 +324,31 @@ class RepositoryStore:
         for d, pack in self.damaged:
             loc = committed.get(d)
             if loc is not None and packs[loc >> 84] == pack:
+                self.index.masked[d] = loc
                 del committed[d]
 
     async def load_health(self) -> Health | None:
+        """The health record, or None. A damaged one is ignored with a warning (``verify`` or
+        ``repair`` writes a new one): it only ever marks copies as suspect."""
         try:
-            health = msgspec.json.decode(await self.backend.get(HEALTH_KEY), type=Health)
+            data = await self.backend.get(HEALTH_KEY)
         except NotFoundError:
             self.damaged = set()
+            self.health_damaged = None
             return None
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise CorruptionError(f"{HEALTH_KEY} is damaged ({exc})") from exc
-        self.damaged = {(bytes.fromhex(d.chunk), d.pack or "") for d in health.damaged}
+        try:
+            health = msgspec.json.decode(data, type=Health)
+            damaged = {(bytes.fromhex(d.chunk), d.pack or "") for d in health.damaged}
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            if self.health_damaged is None:
+                self.log.warning("health_record_damaged", key=HEALTH_KEY, error=str(exc),
+                                 help=f"ignored; 'blockferry verify {self.backend.url}' or 'blockferry repair "
+                                      f"{self.backend.url}' writes a new one")
+            self.health_damaged = f"{HEALTH_KEY} is damaged ({exc})"
+            self.damaged = set()
+            return None
+        self.health_damaged = None
+        self.damaged = damaged
         return health
 
     async def save_health(self, health: Health) -> None:
@@ -227,18 +356,39 @@ class RepositoryStore:
             await self.backend.put(HEALTH_KEY, msgspec.json.encode(health))
         else:
             await self.backend.delete(HEALTH_KEY)
+        self.health_damaged = None
+        before = self.damaged
         self.damaged = {(bytes.fromhex(d.chunk), d.pack or "") for d in health.damaged}
+        if before - self.damaged and self.index_loaded:
+            await self.load_index(reload=True)  # copies found good again are used again
         self._mask()  # copies found bad just now are not used from now on
 
     async def load_gc_plan(self) -> GcPlan | None:
+        """The garbage-collection plan, or None. A damaged plan reads as None, with
+        ``gc_plan_damaged`` set and a warning: the next collection discards it (see
+        engine/repo/gc.py for why that is safe)."""
         try:
             data = await self.backend.get(GC_PLAN_KEY)
         except NotFoundError:
+            self.gc_plan_damaged = None
             return None
         try:
-            return msgspec.msgpack.decode(data, type=GcPlan)
+            plan = msgspec.msgpack.decode(data, type=GcPlan)
+            if len(plan.condemned) % DIGEST_SIZE:
+                raise msgspec.ValidationError("condemned ids are truncated")
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise CorruptionError(f"{GC_PLAN_KEY} is damaged ({exc})") from exc
+            if self.gc_plan_damaged is None:
+                self.log.warning("gc_plan_damaged", key=GC_PLAN_KEY, error=str(exc),
+                                 help=f"ignored; the next 'blockferry gc {self.backend.url}' discards it")
+            self.gc_plan_damaged = f"{GC_PLAN_KEY} is damaged ({exc})"
+            return None
+        self.gc_plan_damaged = None
+        return plan
+
+    async def gc_running(self) -> bool:
+        """Whether a live process holds the collection lock."""
+        holder = await self.read_lock(GC_LOCK_KEY)
+        return holder is not None and (holder.host != socket.gethostname() or holder_alive(holder))
 
     # -- writer lock ---------------------------------------------------------------------------
 
@@ -293,8 +443,8 @@ class RepositoryStore:
             # a store kept open between writer sessions (a daemon, an embedding program) may have
             # an index that another process changed since: a collection that swept packs this
             # index still lists would have it deduplicate against chunks that are gone
-            keys = [o.key async for o in self.backend.list("index/")]
-            if sorted(keys) != sorted(self._index_files):
+            keys = await self.index_keys()
+            if sorted(keys) != sorted([*self._index_files, *self.damaged_index]):
                 self.condemned = set()
                 await self.load_index(reload=True)
 
@@ -312,6 +462,11 @@ class RepositoryStore:
                 if self.index_loaded:
                     tg.start_soon(refresh_index)
                 tg.start_soon(read_plan)
+        if plan is None and self.gc_plan_damaged and await self.gc_running():
+            # its condemned chunks are unknown while its sweep may be deleting them
+            await self.unlock()
+            raise RepositoryLockedError(f"{self.backend.url}: a garbage collection is running and its plan "
+                                        f"cannot be read ({self.gc_plan_damaged}); try again once it has ended")
         if plan is not None:
             self.condemned = {plan.condemned[i:i + DIGEST_SIZE] for i in range(0, len(plan.condemned), DIGEST_SIZE)}
             self._mask()
@@ -355,7 +510,7 @@ class RepositoryStore:
         try:
             # a collection sweeping now may delete packs this reader would read: wait it out
             # (it saw no reader when it started; see engine/repo/gc.py)
-            while (plan := await self.load_gc_plan()) is not None and plan.sweeping:
+            while ((plan := await self.load_gc_plan()) is not None and plan.sweeping) or self.gc_plan_damaged:
                 holder = await self.read_lock(GC_LOCK_KEY)
                 if holder is None or (holder.host == socket.gethostname() and not holder_alive(holder)):
                     break  # that collection died: nothing more will be deleted until the next one
@@ -469,9 +624,11 @@ class RepositoryStore:
         Skipped while a collection's plan exists: its sweep may delete packs and index files
         under the merge. Without a plan now, a collection that plans later waits for this
         writer (it holds the writer lock from before that plan; see engine/repo/gc.py)."""
-        if await self.load_gc_plan() is not None:
+        if await self.load_gc_plan() is not None or self.gc_plan_damaged:
             return
-        files, packs = await read_index_files(self)
+        files, packs, damaged = await read_index_files(self)
+        if damaged:
+            return  # never delete an index file that cannot be read: repair rebuilds it
         table = sorted(packs)
         records = bytearray()
         for no, pack in enumerate(table):
@@ -495,7 +652,13 @@ class RepositoryStore:
         if self._writer is not None and self._point_ids is not None \
                 and anyio.current_time() - self._point_ids[0] < POINT_LISTING_REUSE:
             return list(self._point_ids[1])
-        ids = [o.key.removeprefix("points/") async for o in self.backend.list("points/")]
+        ids = []
+        async for o in self.backend.list("points/"):
+            name = o.key.removeprefix("points/")
+            if POINT_ID.fullmatch(name):
+                ids.append(name)
+            else:
+                self._stray(o.key)
         self._point_ids = (anyio.current_time(), ids)
         return list(ids)
 
@@ -515,17 +678,27 @@ class RepositoryStore:
             self._manifests[point_id] = m
         return m
 
-    async def summaries(self, *, with_health: bool = True) -> list[PointSummary]:
+    async def summaries(self, *, with_health: bool = True, readable: bool = False) -> list[PointSummary]:
         """Every restore point, oldest first, marked damaged from the health record (not read
-        with ``with_health=False``, for callers that do not look). Damaged manifests raise
-        CorruptionError."""
+        with ``with_health=False``, for callers that do not look). A point whose manifest is
+        damaged is listed damaged, with ``error`` saying why and nothing else known (left out
+        with ``readable``: callers that need its object, date or disks)."""
         ids = await self.point_ids()
         out = []
         for pid in ids:
             s = self._summaries.get(pid)
             if s is None:
-                s = self._summaries[pid] = decode_manifest_as(
-                    await self._manifest_bytes(pid), f"restore point {pid}", PointSummary)
+                try:
+                    s = self._summaries[pid] = decode_manifest_as(
+                        await self._manifest_bytes(pid), f"restore point {pid}", PointSummary)
+                except NotFoundError:
+                    continue  # deleted since the listing
+                except CorruptionError as exc:
+                    self.log.warning("point_damaged", point=pid, error=str(exc))
+                    s = PointSummary(id=pid, object="?", created="", block_size=0, disks=[], damaged=True,
+                                     error=str(exc))
+            if readable and s.error is not None:
+                continue
             out.append(s)
         out.sort(key=lambda s: (s.created, s.id))
         if not with_health:
@@ -533,7 +706,7 @@ class RepositoryStore:
         health = await self.load_health()
         bad = set(health.points) if health else set()
         for s in out:
-            s.damaged = s.id in bad
+            s.damaged = s.id in bad or s.error is not None
         return out
 
     async def resolve_point(self, ref: str, *, object_name: str | None = None) -> str:
@@ -541,7 +714,7 @@ class RepositoryStore:
         whose manifest this store has just read (resolved once already) is taken without
         listing the points again."""
         if ref == "latest":
-            summaries = [s for s in await self.summaries(with_health=False)
+            summaries = [s for s in await self.summaries(with_health=False, readable=True)
                          if object_name is None or s.object == object_name]
             if not summaries:
                 raise NotFoundError(f"{self.backend.url} has no restore points" + (f" of {object_name}" if object_name else ""))
@@ -562,9 +735,13 @@ class RepositoryStore:
 
     async def latest_disk(self, object_name: str, disk_name: str) -> tuple[str, DiskRecord] | None:
         """The newest point of ``object_name`` that has ``disk_name``, with that disk's record."""
-        for s in reversed(await self.summaries(with_health=False)):
+        for s in reversed(await self.summaries(with_health=False, readable=True)):
             if s.object == object_name and any(d.name == disk_name for d in s.disks):
-                m = await self.manifest(s.id)
+                try:
+                    m = await self.manifest(s.id)
+                except CorruptionError as exc:  # never a base: the one before it is
+                    self.log.warning("point_damaged", point=s.id, error=str(exc))
+                    continue
                 return m.id, m.disk(disk_name)
         return None
 
@@ -605,6 +782,9 @@ class RepositoryStore:
                 refs = self.referenced(await self.manifest(pid))
             except NotFoundError:
                 continue
+            except CorruptionError:
+                still.append(pid)
+                continue
             if any(self.index.lookup(d) is None for d in refs):
                 still.append(pid)
         if still != health.points:
@@ -638,24 +818,34 @@ class RepositoryStore:
 
     async def delete_point(self, point_id: str, *, now: str | None = None) -> None:
         """Remove a restore point (its chunks stay until garbage collection). ImmutableError if it
-        is immutable until a later date, whoever asks. (``now`` is for tests.)"""
-        m = await self.manifest(point_id)
-        if immutable_now(m.immutable_until, now):
+        is immutable until a later date, whoever asks. A point whose manifest is damaged can be
+        deleted (its date cannot be read: only the storage's own protection applies). (``now`` is
+        for tests.)"""
+        try:
+            m: Manifest | None = await self.manifest(point_id)
+        except CorruptionError as exc:
+            self.log.warning("deleting_damaged_point", point=point_id, error=str(exc))
+            m = None
+        if m is not None and immutable_now(m.immutable_until, now):
             raise ImmutableError(f"restore point {point_id} is immutable until {m.immutable_until}")
         backend = self.backend
         # server-side retention (S3 object lock)
         if isinstance(backend, Retention) and (until := await backend.locked_until(f"points/{point_id}")):
             raise ImmutableError(f"restore point {point_id} is locked by the storage until {until}")
-        if isinstance(backend, Protects) and m.immutable_until:
+        if isinstance(backend, Protects) and m is not None and m.immutable_until:
             await backend.unprotect(f"points/{point_id}")
         await self.backend.delete(f"points/{point_id}")
         self._summaries.pop(point_id, None)
         self._manifests.pop(point_id, None)
         self._point_ids = None
 
-    def locate(self, digest: bytes) -> tuple[str, int, int, int, int] | None:
-        """(pack key, offset, stored length, raw length, flags) of a chunk, or None."""
+    def locate(self, digest: bytes, *, suspect: bool = False) -> tuple[str, int, int, int, int] | None:
+        """(pack key, offset, stored length, raw length, flags) of a chunk, or None. With
+        ``suspect``, a copy a health check found damaged when there is no other (the reader
+        checks it against its id, as it checks every chunk)."""
         loc = self.index.lookup(digest)
+        if loc is None and suspect:
+            loc = self.index.masked.get(digest)
         if loc is None:
             return None
         pno, off, n, raw_len, flags = unpack_loc(loc)
@@ -680,19 +870,25 @@ def summary_of(m: Manifest) -> PointSummary:
     )
 
 
-async def read_index_files(store: RepositoryStore) -> tuple[list[str], dict[str, list[IndexEntry]]]:
-    """Every index file in the repository now, and every pack's entries according to them
-    (no masks, nothing from memory)."""
-    files = sorted([o.key async for o in store.backend.list("index/")])
+async def read_index_files(store: RepositoryStore) -> tuple[list[str], dict[str, list[IndexEntry]], dict[str, str]]:
+    """Every index file in the repository now, every pack's entries according to them (no
+    masks, nothing from memory), and the index files that are damaged (key → why)."""
+    files = sorted(await store.index_keys())
     packs: dict[str, list[IndexEntry]] = {}
+    damaged: dict[str, str] = {}
     for key in files:
         try:
             f = decode_index(await store.backend.get(key), key)
         except NotFoundError:
             continue  # replaced by a concurrent commit's compaction
+        except UnsupportedFormatError:
+            raise
+        except CorruptionError as exc:
+            damaged[key] = str(exc)
+            continue
         for digest, pno, off, n, raw_len, flags in INDEX_RECORD.iter_unpack(f.records):
             packs.setdefault(f.packs[pno], []).append(IndexEntry(digest, off, n, raw_len, flags))
-    return files, packs
+    return files, packs, damaged
 
 
 def immutable_now(until: str | None, now: str | None = None) -> bool:

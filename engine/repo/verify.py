@@ -1,18 +1,28 @@
 """Health checks and repair.
 
-**Verify** re-reads chunks that restore points reference (all of them, or a random sample) and
-checks each against its id. Reads are grouped by pack and coalesced, decoded and hashed in worker
-threads. What it finds goes into the repository's health record (``health/damaged``):
+**Verify** checks the repository against itself. A full check reads every pack whole: the
+header, every chunk against its id (referenced or not: a damaged copy nobody uses yet must not be
+deduplicated against either), the chunk list against its checksum and the data it describes, and
+the footer, so that a change to any byte of a pack is found; it also reads every manifest and
+index file. A sampled check re-reads a random share of the chunks restore points reference.
+Reads are grouped by pack and coalesced, decoded and hashed in worker threads. What it finds
+goes into the repository's health record (``health/damaged``):
 
-* the damaged *copies* (chunk and pack): from then on they are never read and never deduplicated
-  against, so the next backup that meets the block stores it again;
+* the damaged *copies* (chunk and pack): from then on they are never deduplicated against, and
+  read only as a last resort, so the next backup that meets the block stores it again;
 * the restore points that use a chunk with no good copy: ``points`` lists them as damaged; they
   still restore with ``allow_damaged`` (damaged ranges left as zeros and reported).
 
-A point's status is refreshed by the next full check (or by the backup that heals it).
+An object that cannot be read (permission denied, an I/O error, a timeout) is *unreadable*, not
+damaged: it is reported as such and the health record keeps what it said about it. A copy the
+record calls damaged that a later check reads correctly is cleared. A point's status is refreshed
+by the next complete full check (or by the backup that heals it).
 
-**Repair** rebuilds the index from the packs' own trailers when the index is lost or damaged,
-and reports packs it cannot read with the points they affect.
+**Repair** rebuilds the index from the packs' own records. A pack whose frame (header, chunk
+list, footer) is damaged is salvaged: every chunk that still decodes to its id (found from the
+index or from what is left of the chunk list) is copied into a new pack, then the damaged pack
+goes. A pack that cannot be read keeps its index entries. Repair also writes a new health record
+when the old one is damaged, by verifying again.
 """
 
 from __future__ import annotations
@@ -23,61 +33,87 @@ from collections.abc import Callable
 import anyio
 import anyio.to_thread
 import msgspec
-from blockferry.errors import BlockferryError, CorruptionError
-from blockferry.repo.chunks import decode_chunk
+from blockferry.errors import BlockferryError, CorruptionError, NotFoundError, RepositoryError
 from blockferry.repo.format import (
     INDEX_RECORD,
-    PACK_FOOTER,
-    PACK_HEADER,
+    PACK_RECORD,
     encode_index,
     new_id,
-    parse_pack_footer,
-    parse_pack_records,
     unpack_loc,
     utc_now,
 )
 from blockferry.repo.health import DamagedChunk, Health
 from blockferry.repo.packs import pack_key
-from blockferry.repo.store import RepositoryStore
+from blockferry.repo.packscan import (
+    Record,
+    accounts,
+    check_chunks,
+    content_id,
+    covering,
+    read_span,
+    read_trailer,
+    scan_chunks,
+    spans,
+)
+from blockferry.repo.store import HEALTH_KEY, RepositoryStore, read_index_files
 from blockferry.runtime.resources import Runtime
-
-#: largest single read while verifying (bytes)
-READ_SPAN = 8 << 20
 
 
 class AffectedDisk(msgspec.Struct, kw_only=True):
     point: str
     object: str
     disk: str
-    damaged_blocks: int
+    damaged_blocks: int  #: -1: the point's manifest itself is damaged
     offsets: list[int]  #: the first few damaged offsets
+
+
+class FileProblem(msgspec.Struct, kw_only=True):
+    key: str  #: the repository's key (packs/.., index/.., points/..)
+    reason: str
 
 
 class VerifyReport(msgspec.Struct, kw_only=True):
     points: int = 0
     sample: float | None = None  #: percent of the chunks checked, None: all
+    packs_checked: int = 0  #: packs read whole (a full check)
     chunks_checked: int = 0
     bytes_checked: int = 0  #: stored bytes read
     damaged: list[DamagedChunk] = msgspec.field(default_factory=list)
+    #: damaged files: a pack's frame (header, chunk list, footer), a manifest, an index file
+    damaged_files: list[FileProblem] = msgspec.field(default_factory=list)
+    #: objects that could not be read (not damage: nothing was recorded about them)
+    unreadable: list[FileProblem] = msgspec.field(default_factory=list)
     affected: list[AffectedDisk] = msgspec.field(default_factory=list)
+    cleared: int = 0  #: copies the health record called damaged that read back correctly
+    #: copies known damaged (in the health record) whose chunk has a good copy elsewhere
+    superseded: int = 0
+    #: packs holding only chunks no point references (gc frees them; see docs/lifecycle.md)
+    unreferenced_packs: int = 0
+    unreferenced_bytes: int = 0
+    notes: list[str] = msgspec.field(default_factory=list)
     duration: float = 0.0
 
     @property
+    def has_damage(self) -> bool:
+        return bool(self.damaged or self.damaged_files)
+
+    @property
     def healthy(self) -> bool:
-        return not self.damaged
+        return not self.has_damage and not self.unreadable
 
 
-async def _referenced(store: RepositoryStore, report: VerifyReport,
-                      damaged: dict[bytes, DamagedChunk]) -> tuple[list[str], set[bytes]]:
+async def _referenced(store: RepositoryStore, report: VerifyReport) -> tuple[list[str], set[bytes]]:
     ids = await store.point_ids()
     report.points = len(ids)
     refs: set[bytes] = set()
     for pid in ids:
         try:
             refs |= store.referenced(await store.manifest(pid))
+        except NotFoundError:
+            continue  # deleted since the listing
         except CorruptionError as exc:
             report.affected.append(AffectedDisk(point=pid, object="?", disk="?", damaged_blocks=-1, offsets=[]))
-            damaged[pid.encode()] = DamagedChunk(chunk=f"manifest {pid}", pack=None, reason=str(exc), found=utc_now())
+            report.damaged_files.append(FileProblem(key=f"points/{pid}", reason=str(exc)))
     return ids, refs
 
 
@@ -87,7 +123,7 @@ async def _affected(store: RepositoryStore, ids: list[str], bad: set[bytes]) -> 
     for pid in ids:
         try:
             m = await store.manifest(pid)
-        except CorruptionError:
+        except (CorruptionError, NotFoundError):
             continue
         for d in m.disks:
             b = d.blocks
@@ -98,101 +134,218 @@ async def _affected(store: RepositoryStore, ids: list[str], bad: set[bytes]) -> 
     return out
 
 
+class _Findings:
+    """What the reads of one check found, by chunk and copy."""
+
+    def __init__(self) -> None:
+        self.good: set[bytes] = set()  #: chunks with a copy read correctly
+        self.good_copies: set[tuple[bytes, str]] = set()  #: only those the health record named
+        self.bad: dict[tuple[bytes, str], str] = {}  #: copies that do not decode to their id
+        self.unknown: set[bytes] = set()  #: chunks with a copy in a pack that could not be read
+        self.missing: set[bytes] = set()  #: (sampled check) chosen chunks with no copy at all
+
+
+async def _check_items(store: RepositoryStore, runtime: Runtime, report: VerifyReport, found: _Findings,
+                       pack: str, items: list[Record], total: int,
+                       progress: Callable[[int, int], None] | None) -> bool:
+    """Read and check copies of chunks in ``pack`` (several records may describe the same bytes:
+    a copy is bad only when no record of its offset decodes). False if the pack could not be
+    read (its chunks are then unknown)."""
+    key = pack_key(pack)
+    suspects = store.damaged
+    good_offsets: set[int] = set()
+    bad: list[tuple[Record, str]] = []
+    for span in spans(items):
+        try:
+            base, data = await read_span(store.backend, key, span)
+        except NotFoundError as exc:
+            for rec in span:
+                bad.append((rec, f"cannot read: {exc}"))
+            continue
+        except RepositoryError as exc:
+            report.unreadable.append(FileProblem(key=key, reason=str(exc)))
+            found.unknown.update(r[0] for r in items)
+            return False
+        report.bytes_checked += len(data)
+        ok, wrong = await anyio.to_thread.run_sync(check_chunks, data, base, span, limiter=runtime.cpu)
+        for rec in ok:
+            found.good.add(rec[0])
+            good_offsets.add(rec[1])
+            if (rec[0], pack) in suspects:
+                found.good_copies.add((rec[0], pack))
+        bad += wrong
+        report.chunks_checked += len(span)
+        if progress is not None:
+            progress(report.chunks_checked, total)
+    for rec, reason in bad:
+        if rec[1] not in good_offsets:
+            found.bad.setdefault((rec[0], pack), reason)
+    return True
+
+
 async def verify(store: RepositoryStore, runtime: Runtime, *, sample: float | None = None,
                  progress: Callable[[int, int], None] | None = None, record: bool = True) -> VerifyReport:
-    """Check every referenced chunk (or ``sample`` percent of them, chosen at random), and (with
-    ``record``) write what was found to the repository's health record."""
+    """Check the repository (every pack whole, or ``sample`` percent of the referenced chunks,
+    chosen at random), and (with ``record``) write what was found to its health record."""
     t0 = anyio.current_time()
     if sample is not None and not 0 < sample <= 100:
         raise BlockferryError(f"--sample takes a percentage above 0 and at most 100, not {sample}")
+    full = sample is None or sample >= 100
     await store.load_index()
     report = VerifyReport(sample=sample)
-    damaged: dict[bytes, DamagedChunk] = {}
+    for key, why in sorted(store.damaged_index.items()):
+        report.damaged_files.append(FileProblem(key=key, reason=f"{why}; 'blockferry repair' rebuilds the index"))
+    if store.health_damaged:
+        report.notes.append(f"{store.health_damaged}: ignored" + ("; this check writes a new one" if record else ""))
+    if store.gc_plan_damaged:
+        report.notes.append(f"{store.gc_plan_damaged}: ignored; the next gc discards it")
+    ids, referenced = await _referenced(store, report)
+    found = _Findings()
     now = utc_now()
-    ids, referenced = await _referenced(store, report, damaged)
-    chosen = sorted(referenced)
-    if sample is not None and sample < 100 and chosen:
-        chosen = random.sample(chosen, max(1, round(len(chosen) * sample / 100)))
-
-    by_pack: dict[int, list[tuple[int, int, int, int, bytes]]] = {}
-    for digest in chosen:
-        loc = store.index.lookup(digest)
-        if loc is None:  # never indexed, or only damaged copies are left
-            damaged[digest] = DamagedChunk(chunk=digest.hex(), pack=None, found=now,
-                                           reason="no good copy (missing from the index, or damaged)")
-            continue
-        pno, off, n, raw_len, flags = unpack_loc(loc)
-        by_pack.setdefault(pno, []).append((off, n, raw_len, flags, digest))
-    total = len(chosen)
-
-    def check(stored: bytes, items: list[tuple[int, int, int, int, bytes]], base: int, key: str) -> list[tuple[bytes, str]]:
-        bad = []
-        view = memoryview(stored)
-        for off, n, raw_len, flags, digest in items:
-            chunk = view[off - base: off - base + n]
-            if len(chunk) != n:
-                bad.append((digest, f"{key} is truncated"))
-                continue
-            try:
-                decode_chunk(chunk, raw_len, flags, digest)
-            except CorruptionError as exc:
-                bad.append((digest, str(exc)))
-        return bad
-
-    async def verify_pack(pno: int, items: list[tuple[int, int, int, int, bytes]]) -> None:
-        pack = store.index.packs[pno]
-        key = pack_key(pack)
-        items.sort()
-        spans: list[list[tuple[int, int, int, int, bytes]]] = [[]]
-        for it in items:
-            if spans[-1] and it[0] + it[1] - spans[-1][0][0] > READ_SPAN:
-                spans.append([])
-            spans[-1].append(it)
-        for span in spans:
-            base = span[0][0]
-            length = span[-1][0] + span[-1][1] - base
-            try:
-                stored = await store.backend.get(key, base, length)
-            except BlockferryError as exc:
-                for it in span:
-                    damaged[it[4]] = DamagedChunk(chunk=it[4].hex(), pack=pack, reason=f"cannot read: {exc}", found=now)
-                continue
-            report.bytes_checked += len(stored)
-            for digest, reason in await anyio.to_thread.run_sync(check, stored, span, base, key, limiter=runtime.cpu):
-                damaged[digest] = DamagedChunk(chunk=digest.hex(), pack=pack, reason=reason, found=now)
-            report.chunks_checked += len(span)
-            if progress is not None:
-                progress(report.chunks_checked, total)
-
-    packs = iter(sorted(by_pack.items()))
-
-    async def lane() -> None:
-        for pno, items in packs:
-            await verify_pack(pno, items)
 
     async with store.reading("verify"):
-        async with anyio.create_task_group() as tg:
-            for _ in range(runtime.settings.lanes):
-                tg.start_soon(lane)
+        if full:
+            await _check_all_packs(store, runtime, report, found, referenced, progress)
+        else:
+            await _check_sample(store, runtime, report, found, referenced, sample or 100.0, progress)
 
-    report.damaged = sorted(damaged.values(), key=lambda d: d.chunk)
-    bad = {d for d in damaged if len(d) == 32}
+    lost = {d for d in referenced if d not in found.good and d not in found.unknown} if full else found.missing
+    bad_chunks = {d for d, _ in found.bad}
+    # a copy already known damaged whose chunk has a good copy elsewhere (a backup stored it
+    # again) is harmless: gc removes it
+    known = {(d, p) for (d, p), _ in found.bad.items() if (d, p) in store.damaged and d in found.good}
+    report.superseded = len(known)
+    damaged = [DamagedChunk(chunk=d.hex(), pack=p, reason=r, found=now)
+               for (d, p), r in found.bad.items() if (d, p) not in known]
+    damaged += [DamagedChunk(chunk=d.hex(), pack=None, found=now,
+                             reason="no copy in any pack" if full else "no good copy (missing from the index, or damaged)")
+                for d in lost if d not in bad_chunks]
+    report.damaged = sorted(damaged, key=lambda d: (d.chunk, d.pack or ""))
+    report.cleared = len(found.good_copies)
+    bad = (lost | bad_chunks) & referenced - found.good
     if bad:
         report.affected += await _affected(store, ids, bad)
+    if full and not ids and report.packs_checked:
+        report.notes.append(f"no restore points, but {report.packs_checked} pack(s) hold data: if no point was "
+                            "deleted on purpose, manifests are lost (see 'What damage does' in docs/lifecycle.md)")
+    elif report.unreferenced_packs:
+        report.notes.append(f"{report.unreferenced_packs} pack(s) hold only chunks no restore point uses: after "
+                            "prune or delete, gc frees them; if no point was deleted, manifests may be lost "
+                            "(see docs/lifecycle.md)")
+    for key in sorted(store.strays):
+        report.notes.append(f"{key} is not a file of the repository format: ignored (it can be removed)")
     if record:
-        await _record(store, report, full=sample is None or sample >= 100)
+        await _record(store, report, found, full=full and not report.unreadable)
     report.duration = anyio.current_time() - t0
     return report
 
 
-async def _record(store: RepositoryStore, report: VerifyReport, *, full: bool) -> None:
-    """Merge this check into the health record: damaged copies accumulate (they stay masked); the
-    damaged points are this check's (a sampled check only adds)."""
+async def _check_all_packs(store: RepositoryStore, runtime: Runtime, report: VerifyReport, found: _Findings,
+                           referenced: set[bytes], progress: Callable[[int, int], None] | None) -> None:
+    """Read every pack whole: its frame, and every chunk its records or the index name."""
+    _, indexed, _ = await read_index_files(store)
+    listing = {o.key.rsplit("/", 1)[-1]: o.size for o in await store.pack_objects()}
+    plan = await store.load_gc_plan()
+    explained = set(plan.delete_packs) if plan is not None else set()
+    for pack in sorted(set(indexed) - set(listing)):
+        report.damaged_files.append(FileProblem(
+            key=pack_key(pack), reason=f"missing: the index lists {len(indexed[pack])} chunk(s) in it"))
+    frames: dict[str, list[Record]] = {}
+    in_unindexed: set[bytes] = set()
+
+    async def read_frame(pack: str, size: int) -> None:
+        key = pack_key(pack)
+        try:
+            frame = await read_trailer(store.backend, key, size)
+        except NotFoundError:
+            return  # deleted since the listing
+        except RepositoryError as exc:
+            report.unreadable.append(FileProblem(key=key, reason=str(exc)))
+            found.unknown.update(e.digest for e in indexed.get(pack, []))
+            return
+        if frame.problem is not None:
+            report.damaged_files.append(FileProblem(key=key, reason=frame.problem))
+        items = set(frame.records)
+        items.update((e.digest, e.offset, e.length, e.raw_len, e.flags) for e in indexed.get(pack, []))
+        frames[pack] = sorted(items, key=lambda r: r[1])
+        if pack not in indexed:
+            in_unindexed.update(r[0] for r in frame.records)
+
+    todo = iter(sorted(listing.items()))
+
+    async def frame_lane() -> None:
+        for pack, size in todo:
+            await read_frame(pack, size)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(runtime.settings.lanes):
+            tg.start_soon(frame_lane)
+    total = sum(len(v) for v in frames.values())
+    work = iter(sorted(frames.items()))
+
+    async def check_lane() -> None:
+        for pack, items in work:
+            if await _check_items(store, runtime, report, found, pack, items, total, progress):
+                report.packs_checked += 1
+                if not any(r[0] in referenced for r in items) and pack not in explained:
+                    report.unreferenced_packs += 1
+                    report.unreferenced_bytes += listing[pack]
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(runtime.settings.lanes):
+            tg.start_soon(check_lane)
+    indexed_chunks = {e.digest for entries in indexed.values() for e in entries}
+    stray = (referenced & in_unindexed & found.good) - indexed_chunks
+    if stray and not store.damaged_index:
+        report.damaged_files.append(FileProblem(
+            key="index/", reason=f"{len(stray)} chunk(s) restore points use are in packs no index file lists; "
+                                 "'blockferry repair' indexes them"))
+
+
+async def _check_sample(store: RepositoryStore, runtime: Runtime, report: VerifyReport, found: _Findings,
+                        referenced: set[bytes], sample: float, progress: Callable[[int, int], None] | None) -> None:
+    """Read a random share of the referenced chunks (their copy in use, else the suspect one)."""
+    chosen = sorted(referenced)
+    if chosen:
+        chosen = random.sample(chosen, max(1, round(len(chosen) * sample / 100)))
+    by_pack: dict[str, list[Record]] = {}
+    missing: set[bytes] = set()
+    for digest in chosen:
+        loc = store.index.lookup(digest)
+        if loc is None:
+            loc = store.index.masked.get(digest)
+        if loc is None:
+            missing.add(digest)
+            continue
+        pno, off, n, raw_len, flags = unpack_loc(loc)
+        by_pack.setdefault(store.index.packs[pno], []).append((digest, off, n, raw_len, flags))
+    found.missing = missing
+    total = len(chosen)
+    work = iter(sorted(by_pack.items()))
+
+    async def lane() -> None:
+        for pack, items in work:
+            await _check_items(store, runtime, report, found, pack, items, total, progress)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(runtime.settings.lanes):
+            tg.start_soon(lane)
+
+
+async def _record(store: RepositoryStore, report: VerifyReport, found: _Findings, *, full: bool) -> None:
+    """Merge this check into the health record: damaged copies accumulate (they stay masked)
+    until a check reads them correctly; the damaged points are this check's when it was full
+    and complete (else it only adds)."""
     previous = await store.load_health()
     copies = {(d.chunk, d.pack): d for d in (previous.damaged if previous else [])}
+    for (c, p) in list(copies):
+        digest = bytes.fromhex(c) if len(c) == 64 else b""
+        if (digest, p) in found.good_copies or (p is None and digest in found.good):
+            del copies[(c, p)]
     for d in report.damaged:
-        if len(d.chunk) == 64:
-            copies.setdefault((d.chunk, d.pack), d)
+        copies.setdefault((d.chunk, d.pack), d)
+    for (digest, p), reason in found.bad.items():  # superseded copies stay known
+        copies.setdefault((digest.hex(), p), DamagedChunk(chunk=digest.hex(), pack=p, reason=reason, found=utc_now()))
     points = {a.point for a in report.affected}
     if previous is not None and not full:
         points |= set(previous.points)
@@ -204,66 +357,171 @@ class UnreadablePack(msgspec.Struct, kw_only=True):
     reason: str
 
 
+class SalvagedPack(msgspec.Struct, kw_only=True):
+    pack: str
+    reason: str  #: what is damaged in it
+    salvaged: int  #: chunks that decode to their id, now in a new pack
+    lost: int  #: chunks whose bytes are damaged
+    removed: bool  #: the damaged pack was deleted (its good chunks are safe elsewhere)
+
+
 class RepairReport(msgspec.Struct, kw_only=True):
     packs: int = 0  #: packs read
     chunks: int = 0  #: chunks indexed
+    #: packs that could not be read now (their index entries are kept as they were)
     unreadable: list[UnreadablePack] = msgspec.field(default_factory=list)
+    salvaged: list[SalvagedPack] = msgspec.field(default_factory=list)
+    damaged_index_files: list[str] = msgspec.field(default_factory=list)  #: replaced
     missing_chunks: int = 0  #: chunks restore points reference that no readable pack holds
     affected: list[AffectedDisk] = msgspec.field(default_factory=list)
+    #: the health record was damaged and has been written again by a full check
+    health_rebuilt: bool = False
+    verify: VerifyReport | None = None
     duration: float = 0.0
 
 
-async def repair(store: RepositoryStore) -> RepairReport:
-    """Rebuild the index from the packs' trailers (under the writer lock), replacing every index
-    file; report the packs that cannot be read and the points that lost chunks."""
+async def _salvage(store: RepositoryStore, key: str, candidates: list[Record],
+                   live: set[bytes]) -> tuple[list[Record], int]:
+    """The chunks of a damaged pack that decode to their id (one per offset), and how many
+    offsets hold none. A chunk whose record's id is damaged is named by what it decodes to,
+    when a point uses that."""
+    good: dict[int, Record] = {}
+    offsets = {r[1] for r in candidates}
+    for span in spans(candidates):
+        base, data = await read_span(store.backend, key, span)
+        ok, bad = check_chunks(data, base, span)
+        for r in ok:
+            good.setdefault(r[1], r)
+        for r, _ in bad:
+            if r[1] in good:
+                continue
+            stored = memoryview(data)[r[1] - base:r[1] - base + r[2]]
+            if len(stored) == r[2] and (cid := content_id(stored, r[3], r[4])) is not None and cid in live:
+                good[r[1]] = (cid, r[1], r[2], r[3], r[4])
+    return sorted(good.values(), key=lambda r: r[1]), len(offsets - set(good))
+
+
+async def repair(store: RepositoryStore, runtime: Runtime | None = None) -> RepairReport:
+    """Rebuild the index from the packs' own records (under the writer lock), replacing every
+    index file; salvage the chunks of packs whose frame is damaged; report the packs that cannot
+    be read and the points that lost chunks. With ``runtime``, a damaged health record is
+    written again by a full check."""
     t0 = anyio.current_time()
     report = RepairReport()
     backend = store.backend
     await store.lock("repair")
     try:
-        packs: list[str] = []
-        records = bytearray()
-        async for o in backend.list("packs/"):
+        await store.load_index()
+        _, indexed, damaged_files = await read_index_files(store)
+        report.damaged_index_files = sorted(damaged_files)
+        table: list[str] = []
+        records: list[tuple[int, Record]] = []
+        rewrite: list[tuple[str, list[Record], str, int, bool]] = []
+        live: set[bytes] = set()
+        tails: set[int] = set()  # lengths of disks' last, partial blocks
+        for pid in await store.point_ids():
+            try:
+                m = await store.manifest(pid)
+            except (CorruptionError, NotFoundError):
+                continue
+            live |= store.referenced(m)
+            tails |= {d.size % m.block_size for d in m.disks} - {0}
+        for o in await store.pack_objects():
             pack = o.key.rsplit("/", 1)[-1]
             try:
-                if o.size < len(PACK_HEADER) + PACK_FOOTER.size:
-                    raise CorruptionError(f"{o.key} is truncated")
-                footer = await backend.get(o.key, o.size - PACK_FOOTER.size, PACK_FOOTER.size)
-                n, crc = parse_pack_footer(footer, o.key)
-                start = o.size - PACK_FOOTER.size - n * 45
-                if start < len(PACK_HEADER):
-                    raise CorruptionError(f"{o.key}: footer says {n} chunks, more than the pack holds")
-                recs = parse_pack_records(await backend.get(o.key, start, n * 45), crc, o.key)
-            except BlockferryError as exc:
+                frame = await read_trailer(backend, o.key, o.size)
+                if frame.problem is None:
+                    recs = frame.records
+                else:
+                    candidates = set(frame.records)
+                    candidates.update((e.digest, e.offset, e.length, e.raw_len, e.flags) for e in indexed.get(pack, []))
+                    if not accounts(covering(candidates), frame.data_end):
+                        # neither the index nor the chunk list names every chunk: walk the data
+                        data = await backend.get(o.key)
+                        candidates.update(await anyio.to_thread.run_sync(
+                            scan_chunks, data, frame.data_end, covering(candidates), store.config.block_size,
+                            tails, live))
+                    recs, lost = await _salvage(store, o.key, sorted(candidates, key=lambda r: r[1]), live)
+                    # removed only when every byte of its data is accounted for: else a chunk
+                    # nobody can name any more may still be whole in it
+                    whole = accounts(covering(candidates), frame.data_end) or frame.complete
+                    rewrite.append((pack, recs, frame.problem, lost, whole))
+                    continue
+            except NotFoundError:
+                continue  # gone since the listing
+            except RepositoryError as exc:
+                # not damage: keep what the index said about it
                 report.unreadable.append(UnreadablePack(pack=pack, reason=str(exc)))
-                continue
-            no = len(packs)
-            packs.append(pack)
-            for digest, off, length, raw_len, flags in recs:
-                if off + length > start:
-                    report.unreadable.append(UnreadablePack(pack=pack, reason="a chunk lies past the pack's data"))
-                    break
-                records += INDEX_RECORD.pack(digest, no, off, length, raw_len, flags)
-                report.chunks += 1
+                recs = [(e.digest, e.offset, e.length, e.raw_len, e.flags) for e in indexed.get(pack, [])]
+                if not recs:
+                    continue
+            no = len(table)
+            table.append(pack)
+            records += [(no, r) for r in recs]
             report.packs += 1
-        old = [o.key async for o in backend.list("index/")]
+        # the good chunks of damaged packs move to new packs (stored bytes copied as they are)
+        writer = store.writer()
+        store.condemned = set()
+        for pack, recs, _, _, _ in rewrite:
+            data = await backend.get_ranges(pack_key(pack), [(r[1], r[2]) for r in recs])
+            for i in range(0, len(recs), 64):
+                await writer.add([(r[0], d, r[3], r[4]) for r, d in zip(recs[i:i + 64], data[i:i + 64])],
+                                 dedup=False)
+        await writer.close()
+        for pno, recs_bytes in store._unindexed:
+            no = len(table)
+            table.append(store.index.packs[pno])
+            for r in PACK_RECORD.iter_unpack(recs_bytes):
+                records.append((no, r))
+                store.index.pending.pop(r[0], None)  # indexed below
+            report.packs += 1
+        store._unindexed = []
+        out = bytearray()
+        for no, (digest, off, length, raw_len, flags) in records:
+            out += INDEX_RECORD.pack(digest, no, off, length, raw_len, flags)
+        report.chunks = len(records)
+        old = await store.index_keys()
         key = f"index/{new_id()}"
-        await backend.put(key, encode_index(packs, bytes(records)))
+        await backend.put(key, encode_index(table, bytes(out)))
         for k in old:
             await backend.delete(k)
+        for pack, recs, problem, lost, whole in rewrite:
+            removed = whole
+            try:
+                if whole:
+                    await backend.delete(pack_key(pack))
+                else:
+                    store.log.warning("damaged_pack_kept", pack=pack, problem=problem,
+                                      help="part of its data is described by no record that survived: it is "
+                                           "kept, unindexed, for forensic recovery; delete it by hand if not needed")
+            except BlockferryError as exc:  # protected by the storage, say: it stays, unindexed
+                store.log.warning("damaged_pack_kept", pack=pack, error=str(exc))
+                removed = False
+            report.salvaged.append(SalvagedPack(pack=pack, reason=problem, salvaged=len(recs), lost=lost,
+                                                removed=removed))
         await store.load_index(reload=True)
         ids = await store.point_ids()
         missing: set[bytes] = set()
         for pid in ids:
             try:
                 refs = store.referenced(await store.manifest(pid))
-            except CorruptionError:
+            except (CorruptionError, NotFoundError):
                 continue
-            missing |= {d for d in refs if store.index.lookup(d) is None}
+            missing |= {d for d in refs if store.index.lookup(d) is None and d not in store.index.masked}
         report.missing_chunks = len(missing)
         if missing:
             report.affected = await _affected(store, ids, missing)
     finally:
         await store.unlock()
+    if runtime is not None and (store.health_damaged or await _health_damaged(store)):
+        await backend.delete(HEALTH_KEY)
+        store.health_damaged = None
+        report.verify = await verify(store, runtime)
+        report.health_rebuilt = True
     report.duration = anyio.current_time() - t0
     return report
+
+
+async def _health_damaged(store: RepositoryStore) -> bool:
+    await store.load_health()
+    return store.health_damaged is not None

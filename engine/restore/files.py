@@ -517,7 +517,9 @@ class _PointRestorer:
                 expect = min(self.bs, disk.size - b * self.bs)
                 if d in first_use:
                     continue
-                loc = self.store.locate(d)
+                # a copy a health check found damaged is still tried when it is the only one: a
+                # transient read error may have marked it, and every chunk is checked anyway
+                loc = self.store.locate(d, suspect=True)
                 if loc is None:
                     if self.allow_damaged:  # left as zeros, reported
                         continue
@@ -567,12 +569,18 @@ class _PointRestorer:
                 stored = memoryview(chunks[r])[rel:rel + length]
                 dest = at[first_use[d]]
                 if len(stored) != length:
+                    if self.allow_damaged:
+                        continue
                     raise CorruptionError(f"{self._where(*first_use[d])}: pack {key} is truncated")
                 try:
                     decode_chunk_into(stored, raw_len, flags, d, stage[dest:dest + raw_len])
                 except CorruptionError as exc:
                     if self.allow_damaged:
                         continue
+                    if self.store.index.lookup(d) is None:
+                        raise CorruptionError(
+                            f"{self._where(*first_use[d])}: chunk {d.hex()[:16]} has no good copy in the repository "
+                            f"({exc}; restore with allow_damaged to skip it)") from None
                     raise CorruptionError(f"{self._where(*first_use[d])}: {exc}") from None
                 decoded[d] = (dest, raw_len)
         for k, first, count in work:
@@ -605,6 +613,29 @@ class _PointRestorer:
             written[k] += n
         return written
 
+    def _map(self, key: str, ranges: list[tuple[int, int]]) -> Any:
+        """A mapping of pack ``key`` that covers ``ranges``; with ``allow_damaged``, of as much as
+        a truncated pack still holds (the chunks before its end are whole)."""
+        assert self.sync_map is not None
+        need = max(o + n for o, n in ranges)
+        try:
+            return self.sync_map(key, need)
+        except (CorruptionError, NotFoundError):
+            if not self.allow_damaged:
+                raise
+        lo, hi, best = 1, need - 1, None  # the longest mapping the pack still allows
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            try:
+                m = self.sync_map(key, mid)
+            except (CorruptionError, NotFoundError):
+                hi = mid - 1
+                continue
+            if best is not None:
+                best.close()
+            best, lo = m, mid + 1
+        return best if best is not None else b""
+
     def _read_decode(self, work: list[tuple[int, int, int]], stage: memoryview) -> list[tuple[int, int]]:
         """Decode straight from mappings of the packs (no copy out of the page cache)."""
         plan, first_use = self._plan(work)
@@ -613,11 +644,11 @@ class _PointRestorer:
         try:
             fetched = []
             for key, ranges, _ in plan:
-                m = self.sync_map(key, max(o + n for o, n in ranges))
+                m = self._map(key, ranges)
                 maps.append(m)
                 whole = memoryview(m)
                 views.append(whole)
-                parts = [whole[o:o + n] for o, n in ranges]
+                parts = [whole[o:o + n] for o, n in ranges]  # past a truncated end: short
                 views.extend(parts)
                 fetched.append(parts)
             return self._decode(work, plan, first_use, fetched, stage)
@@ -626,9 +657,18 @@ class _PointRestorer:
                 for v in reversed(views):
                     v.release()
                 for m in maps:
-                    m.close()
+                    if not isinstance(m, bytes):
+                        m.close()
             except BufferError:
                 pass  # an error's traceback still holds a slice: the mapping closes when it goes
+
+    async def _get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        try:
+            return await self.store.backend.get_ranges(key, ranges)
+        except NotFoundError:
+            if not self.allow_damaged:
+                raise
+            return [b""] * len(ranges)  # the pack is gone: its chunks are damaged
 
     async def _batch(self, work: list[tuple[int, int, int]]) -> list[int]:
         """One window: read and decode it (a CPU hop), then write it (an I/O hop, so waiting for
@@ -645,7 +685,7 @@ class _PointRestorer:
                     if self.reader is not None:
                         fetched = [await self.reader.read(key, ranges, taken) for key, ranges, _ in plan]
                     else:
-                        fetched = [await self.store.backend.get_ranges(key, ranges) for key, ranges, _ in plan]
+                        fetched = [await self._get_ranges(key, ranges) for key, ranges, _ in plan]
                     layout = await anyio.to_thread.run_sync(self._decode, work, plan, first_use, fetched, item[1],
                                                             limiter=cpu)
                 finally:
@@ -659,9 +699,12 @@ class _PointRestorer:
         for work in todo:
             try:
                 written = await self._batch(work)
-            except (RepositoryError, NotFoundError) as exc:
+            except NotFoundError as exc:  # a pack is gone: its chunks are lost
                 k, first, _ = work[0]
                 raise CorruptionError(f"{self._where(k, first)}: cannot read its data ({exc})") from exc
+            except RepositoryError as exc:  # unreadable now (permissions, I/O, a timeout): not damage
+                k, first, _ = work[0]
+                raise type(exc)(f"{self._where(k, first)}: cannot read its data ({exc})") from exc
             except OSError as exc:
                 k, first, _ = work[0]
                 raise RepositoryError(

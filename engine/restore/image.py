@@ -158,6 +158,7 @@ async def restore_image(repo: Any, point: str, target: str, *, disk: str | None 
     m, record = await repo.point_disk(point, disk)
     async with repo.store.reading("restore"):
         await repo.store.load_index()
+        await repo.store.find_unindexed(repo.store.referenced(m))
         await repo.store.prepare_read([m], repo.archive_progress)
         if is_nbd_url(target):
             return await restore_to_nbd(repo.store, m, record, target, runtime=repo.runtime,

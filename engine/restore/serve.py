@@ -104,7 +104,7 @@ class ChunkCache:
             self._bytes -= len(old)
 
     async def _fetch(self, digest: bytes, expect_len: int) -> bytes:
-        loc = self.store.locate(digest)
+        loc = self.store.locate(digest, suspect=True)  # a marked copy is checked like any other
         if loc is None:
             raise CorruptionError(f"chunk {digest.hex()[:16]} is missing from the repository")
         key, off, length, raw_len, flags = loc
@@ -359,6 +359,7 @@ async def serve_point(
     if not disks:
         raise ConfigError(f"point {manifest.id} has no disk to serve")
     await store.load_index()
+    await store.find_unindexed(store.referenced(manifest))
     cache = ChunkCache(store, runtime, cache_bytes)
     devices = {d.name: PointDisk(manifest, d, cache, writable=writable, overlay_dir=overlay_dir) for d in disks}
     try:
