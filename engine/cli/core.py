@@ -13,6 +13,7 @@ missing source or point); 3 damaged data found; 4 the repository is locked by an
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ import anyio
 import msgspec
 from blockferry import __version__
 from blockferry.errors import BlockferryError, ConfigError, unwrap_group
+from blockferry.log import get_logger
 from blockferry.repo.format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, stats_dict
 from blockferry.units import human, parse_size
 
@@ -281,11 +283,58 @@ async def cmd_demo(a: argparse.Namespace) -> int:
 # -- wiring --------------------------------------------------------------------------------------
 
 
-def _size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+class Number:
+    """The argparse type of every numeric option: an ``int`` or ``float`` (or with ``size`` a size
+    such as 64MiB) within ``low``..``high`` (``low`` itself excluded with ``above``). NaN, the
+    infinities and anything out of range are refused while parsing (exit 2), before anything
+    starts: a limit of 0 tasks would wait forever for a slot, 1e400 days overflow a date."""
+
+    def __init__(self, kind: type[int] | type[float], low: float | None = None, high: float | None = None, *,
+                 above: bool = False, size: bool = False) -> None:
+        self.kind = kind
+        self.low = low
+        self.high = high
+        self.above = above
+        self.size = size
+        self.__name__ = "size" if size else kind.__name__  # what argparse calls it in messages
+
+    def __repr__(self) -> str:
+        return f"Number({self.__name__} {self.range()})"
+
+    def range(self) -> str:
+        def show(v: float) -> str:
+            return human(v) if self.size else (f"{int(v):,}".replace(",", "_") if float(v).is_integer() else f"{v:g}")
+
+        low = None if self.low is None else ("more than " if self.above else "") + show(self.low)
+        if low is not None and self.high is not None:
+            return f"{low} to {show(self.high)}" if not self.above else f"{low} and at most {show(self.high)}"
+        if low is not None:
+            return low if self.above else f"{low} or more"
+        return f"at most {show(self.high)}" if self.high is not None else "any number"
+
+    def __call__(self, text: str) -> int | float:
+        what = "a size" if self.size else ("a whole number" if self.kind is int else "a number")
+        try:
+            value: int | float = parse_size(text) if self.size else self.kind(text.strip())
+        except (ValueError, ConfigError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (give {self.range()})")
+        if ((self.low is not None and (value < self.low or (self.above and value == self.low)))
+                or (self.high is not None and value > self.high)):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: give {self.range()}")
+        return value
+
+
+#: the ranges shared by several commands
+TASKS = Number(int, 1, 1024)
+RETRIES = Number(int, 0, 100)
+DAYS = Number(int, 1, 36500)  #: immutability, in days (up to a hundred years)
+KEEP = Number(int, 1, 1_000_000)
+PERCENT = Number(float, 0, 100, above=True)
+FRACTION = Number(float, 0, 1, above=True)
+SECONDS = Number(float, 0, 30 * 86400)
+SESSION_ID = Number(int, 1, 2**63 - 1)
 
 
 class _Unbuilt:
@@ -335,11 +384,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     sp = cmd("init", cmd_init, "create a repository")
     sp.add_argument("repo", help="directory (created if missing) or URL")
-    sp.add_argument("--block-size", type=_size_arg, default=DEFAULT_BLOCK_SIZE,
+    sp.add_argument("--block-size", type=Number(int, 1, size=True), default=DEFAULT_BLOCK_SIZE,
                     help="block size, a power of two from 256KiB to 8MiB (default 1MiB)")
     sp.add_argument("--compression", choices=list(COMPRESSION_LEVELS), default="default",
                     help="none, fast (zstd 1), default (zstd 3), high (zstd 9)")
-    sp.add_argument("--immutable-days", type=int, metavar="N", help="every point stays immutable N days")
+    sp.add_argument("--immutable-days", type=DAYS, metavar="N", help="every point stays immutable N days")
     sp.add_argument("--create-bucket", action="store_true", help="s3: create the bucket if it does not exist")
     sp.add_argument("--object-lock", action="store_true",
                     help="s3: create the bucket with object lock (immutable points are locked by the server)")
@@ -350,9 +399,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--name", help="object name (default: the first source's name)")
     sp.add_argument("--changed-extents", action="append", default=[], metavar="SOURCE=FILE",
                     help="only these extents of SOURCE changed since its last point ('OFFSET LENGTH' lines or rbd diff JSON)")
-    sp.add_argument("--max-tasks", type=int, default=4, help="disks processed at once (default 4)")
-    sp.add_argument("--retries", type=int, default=2, help="retries of a transient failure (default 2)")
-    sp.add_argument("--immutable-days", type=int, metavar="N",
+    sp.add_argument("--max-tasks", type=TASKS, default=4, help="disks processed at once (default 4)")
+    sp.add_argument("--retries", type=RETRIES, default=2, help="retries of a transient failure (default 2)")
+    sp.add_argument("--immutable-days", type=DAYS, metavar="N",
                     help="the point cannot be removed (by prune, gc or delete) for N days")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
@@ -373,7 +422,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     sp = cmd("verify", cmd_verify, "re-read every chunk (or a sample) and check its hash")
     sp.add_argument("repo")
-    sp.add_argument("--sample", type=float, metavar="PERCENT", help="check only this share of the chunks, at random")
+    sp.add_argument("--sample", type=PERCENT, metavar="PERCENT", help="check only this share of the chunks, at random")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
     sp = cmd("unlock", cmd_unlock, "remove the writer lock left by a process that is gone")
@@ -387,7 +436,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     sp = cmd("demo", cmd_demo, "back up and restore two generated disk images, end to end")
     sp.add_argument("dir", nargs="?", default="blockferry-demo", help="work directory (default ./blockferry-demo)")
-    sp.add_argument("--size", type=_size_arg, default=64 << 20, help="size of each demo disk (default 64MiB)")
+    sp.add_argument("--size", type=Number(int, 1 << 20, 64 << 30, size=True), default=64 << 20, help="size of each demo disk (default 64MiB)")
     return p
 
 
@@ -446,7 +495,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(err, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130
-        raise
+        if isinstance(err, (SystemExit, GeneratorExit)):
+            raise
+        return unexpected(err, verbose=a.verbose > 0)
+
+
+def unexpected(err: BaseException, *, verbose: bool) -> int:
+    """An error no command expected (a bug, or a failure nothing translated): one line for the
+    user, never a traceback; with ``-v`` the traceback goes to the log (stderr, or JSON lines with
+    ``--log-json``)."""
+    lines = (str(err) or "").strip().splitlines()
+    print(f"blockferry: error: unexpected {type(err).__name__}" + (f": {lines[0]}" if lines else "")
+          + ("" if verbose else " (run with -v to log the details)"), file=sys.stderr)
+    if verbose:
+        get_logger(command="blockferry").exception("unexpected_error", exc_info=err)
+    return EXIT_FAILED
 
 
 def stdout_unread() -> bool:
@@ -483,7 +546,8 @@ def output_closed() -> int:
 def run() -> NoReturn:
     """The ``blockferry`` executable: :func:`main`, then :func:`leave` with its exit code.
 
-    Usage errors and unexpected exceptions take the interpreter's usual way out."""
+    Usage errors exit 2 through argparse; unexpected exceptions print one line (see
+    :func:`unexpected`)."""
     leave(main())
 
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from blockferry.cli.core import EXIT_OK, _json_out
+from blockferry.cli.core import EXIT_OK, FRACTION, KEEP, SECONDS, _json_out
 
 
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -19,9 +19,9 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
 
     sp = command("gc", cmd_gc, "free the space of chunks no restore point uses")
     sp.add_argument("repo")
-    sp.add_argument("--rewrite-threshold", type=float, default=0.5, metavar="F",
+    sp.add_argument("--rewrite-threshold", type=FRACTION, default=0.5, metavar="F",
                     help="rewrite packs whose unused share is at least F (0.5)")
-    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    sp.add_argument("--wait", type=SECONDS, default=0.0, metavar="SECONDS",
                     help="wait this long for backups and readers that started earlier (default: defer)")
 
     sp = command("delete", cmd_delete, "remove restore points (never an immutable one)")
@@ -51,7 +51,7 @@ _RULES = (("last", "the N newest points of each object"),
 
 def _keep_arguments(sp: argparse.ArgumentParser, verb: str) -> None:
     for rule, what in _RULES:
-        sp.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"{verb} {what}")
+        sp.add_argument(f"--keep-{rule}", type=KEEP, metavar="N", help=f"{verb} {what}")
 
 
 def _policy(a: argparse.Namespace, *, required: bool = True) -> Any:

@@ -158,7 +158,7 @@ class RepositoryStore:
         try:
             await backend.put(CONFIG_KEY, encode_config(cfg), exclusive=True)
         except KeyExistsError:
-            raise RepositoryError(f"{backend.url} already holds a repository") from None
+            raise ConfigError(f"{backend.url} already holds a repository") from None
         return cfg
 
     @classmethod
