@@ -26,7 +26,7 @@ import msgspec
 from blockferry import __version__
 from blockferry.errors import BlockferryError, ConfigError, unwrap_group
 from blockferry.log import get_logger
-from blockferry.repo.format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, stats_dict
+from blockferry.repo.format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, stats_dict
 from blockferry.units import human, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_IMMUTABLE = 0, 1, 2, 3, 4, 5
@@ -303,7 +303,13 @@ class Number:
 
     def range(self) -> str:
         def show(v: float) -> str:
-            return human(v) if self.size else (f"{int(v):,}".replace(",", "_") if float(v).is_integer() else f"{v:g}")
+            if self.size:  # the largest unit that divides it: 256 KiB, 8 MiB
+                n, unit = int(v), "bytes"
+                for u in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+                    if n and n % 1024 == 0:
+                        n, unit = n // 1024, u
+                return f"{n} {unit}"
+            return f"{int(v):,}".replace(",", "_") if float(v).is_integer() else f"{v:g}"
 
         low = None if self.low is None else ("more than " if self.above else "") + show(self.low)
         if low is not None and self.high is not None:
@@ -335,6 +341,7 @@ PERCENT = Number(float, 0, 100, above=True)
 FRACTION = Number(float, 0, 1, above=True)
 SECONDS = Number(float, 0, 30 * 86400)
 SESSION_ID = Number(int, 1, 2**63 - 1)
+BLOCK_SIZE = Number(int, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, size=True)  #: a power of two, checked by init
 
 
 class _Unbuilt:
@@ -384,7 +391,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     sp = cmd("init", cmd_init, "create a repository")
     sp.add_argument("repo", help="directory (created if missing) or URL")
-    sp.add_argument("--block-size", type=Number(int, 1, size=True), default=DEFAULT_BLOCK_SIZE,
+    sp.add_argument("--block-size", type=BLOCK_SIZE, default=DEFAULT_BLOCK_SIZE,
                     help="block size, a power of two from 256KiB to 8MiB (default 1MiB)")
     sp.add_argument("--compression", choices=list(COMPRESSION_LEVELS), default="default",
                     help="none, fast (zstd 1), default (zstd 3), high (zstd 9)")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from blockferry.cli.core import (
+    BLOCK_SIZE,
     DAYS,
     EXIT_FAILED,
     EXIT_OK,
@@ -522,7 +523,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
             ap.add_argument("path", help="directory or URL")
             ap.add_argument("--max-tasks", type=TASKS)
             ap.add_argument("--no-create", action="store_true", help="refuse a location that holds no repository")
-            ap.add_argument("--block-size", type=Number(int, 1, size=True))
+            ap.add_argument("--block-size", type=BLOCK_SIZE)
             ap.add_argument("--compression", choices=list(COMPRESSION_LEVELS))
         elif kind == "proxy":
             ap = action("add", cmd_proxy_add, "add a proxy")
@@ -553,7 +554,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
             ap.add_argument("--retries", type=RETRIES)
             ap.add_argument("--retry-delay", type=SECONDS)
             ap.add_argument("--max-tasks", type=TASKS)
-            ap.add_argument("--throttle", type=Number(int, 0, size=True), help="bytes per second for the job, e.g. 50MiB")
+            ap.add_argument("--throttle", type=Number(int, 0, 1 << 50, size=True), help="bytes per second for the job, e.g. 50MiB")
             ap.add_argument("--immutable-days", type=DAYS)
             ap.add_argument("--type", choices=JOB_TYPES, default="backup",
                             help="backup (the default), or a lifecycle job on --repo: prune, gc, verify, copy")

@@ -13,6 +13,7 @@ import random
 import shutil
 from pathlib import Path
 
+from blockferry.errors import ConfigError
 from blockferry.units import MiB
 
 LINES = [b"Nov 21 10:00:%02d vm sshd[%d]: Accepted publickey for admin from 10.0.0.%d\n",
@@ -47,12 +48,15 @@ def sha256(path: Path) -> str:
 async def run_demo(work: Path, *, size: int = 64 * MiB) -> int:
     from blockferry import init_repository, open_repository
 
-    if work.exists():
-        shutil.rmtree(work)
-    (work / "disks").mkdir(parents=True)
     disks = [work / "disks" / "system.img", work / "disks" / "data.img"]
-    for i, d in enumerate(disks):
-        make_disk(d, size, seed=i)
+    try:
+        if work.exists():
+            shutil.rmtree(work)
+        (work / "disks").mkdir(parents=True)
+        for i, d in enumerate(disks):
+            make_disk(d, size, seed=i)
+    except OSError as exc:  # not a directory, no space, read-only...
+        raise ConfigError(f"cannot make the demo in {work}: {exc.strerror or exc}") from exc
     repo_dir = work / "repo"
     await init_repository(str(repo_dir))
     print(f"1. created two disk images of {size >> 20} MiB and a repository in {repo_dir}")

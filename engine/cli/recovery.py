@@ -23,7 +23,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
     sp.add_argument("--writable", action="store_true",
                     help="accept writes, kept in a temporary overlay (never in the repository; gone on exit)")
-    sp.add_argument("--cache", type=Number(int, 0, size=True), default=64 << 20, metavar="SIZE",
+    sp.add_argument("--cache", type=Number(int, 0, 1 << 40, size=True), default=64 << 20, metavar="SIZE",
                     help="decoded blocks kept in memory (default 64MiB)")
 
     sp = command("restore-image", cmd_restore_image,
