@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from blockferry.cli.core import EXIT_OK, FRACTION, KEEP, SECONDS, _json_out
+from blockferry.cli.core import EXIT_FAILED, EXIT_OK, FRACTION, KEEP, SECONDS, _json_out
 
 
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -96,14 +96,12 @@ async def cmd_gc(a: argparse.Namespace) -> int:
     async with open_repository(a.repo) as repo:
         report = await repo.gc(rewrite_threshold=a.rewrite_threshold, wait=a.wait,
                                progress=None if a.json else (lambda s: print(s, file=sys.stderr)))
+    deferred = report.state == "deferred"  # exit 1: the space is not back yet
     if a.json:
         _json_out(report)
-        return EXIT_OK
-    if report.state == "deferred":
-        print(f"collection deferred: {report.reason}")
-        return 1
-    print(report.summary())
-    return EXIT_OK
+    else:
+        print(f"collection deferred: {report.reason}" if deferred else report.summary())
+    return EXIT_FAILED if deferred else EXIT_OK
 
 
 async def cmd_delete(a: argparse.Namespace) -> int:

@@ -69,6 +69,8 @@ class GcReport(msgspec.Struct, kw_only=True):
     def summary(self) -> str:
         from blockferry.units import human
 
+        if self.state == "deferred":
+            return f"deferred (nothing removed): {self.reason}"
         text = (f"{self.state}: {human(self.bytes_freed)} freed; {self.packs_deleted} pack(s) deleted, "
                 f"{self.packs_rewritten} rewritten into {self.packs_written}, {self.chunks_removed} chunk(s) "
                 f"removed, {self.orphan_packs_deleted} orphan pack(s)")
@@ -166,6 +168,8 @@ async def collect(
             plan, report.packs_kept_immutable = await mark(store, rewrite_threshold=rewrite_threshold)
             if plan is None:
                 report.bytes_freed = await _delete_orphans(store, report)
+                if report.orphan_packs_deleted:  # something was freed after all
+                    report.state = "done"
                 report.duration = anyio.current_time() - t0
                 return report
         report.plan = plan.id
