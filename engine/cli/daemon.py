@@ -105,7 +105,8 @@ async def cmd_daemon(a: argparse.Namespace) -> int:
         state_dir=Path(a.state_dir or state).absolute(),
         seed=Path(a.config).absolute() if a.config else None,
         allowed_users=a.allow_user, allowed_groups=a.allow_group, socket_group=a.socket_group,
-        max_clients=a.max_clients, engine=EngineSettings(), progress_interval=a.progress_interval,
+        max_clients=a.max_clients, max_clients_per_user=a.max_clients_per_user, idle_timeout=a.idle_timeout,
+        engine=EngineSettings(), progress_interval=a.progress_interval,
     )
     opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     bus = EventBus()
@@ -487,7 +488,11 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--allow-group", action="append", default=[], metavar="GROUP", help="allow members of this group")
     sp.add_argument("--socket-group", metavar="GROUP", help="group owning the socket (mode 0660 then)")
     sp.add_argument("--max-clients", type=Number(int, 1, 100_000), default=64,
-                    help="clients served at once (default 64; the owner, root or this user, always gets in)")
+                    help="clients served at once (default 64; the owner, root or this user, has as many more)")
+    sp.add_argument("--max-clients-per-user", type=Number(int, 1, 100_000), default=16,
+                    help="clients of one user served at once (default 16)")
+    sp.add_argument("--idle-timeout", type=Number(float, 0, 86400, above=True), default=600.0, metavar="SECONDS",
+                    help="close a connection with no request in progress and no subscription after this long")
     sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     sp.add_argument("--timezone", help="time zone of schedules (default: the host's)")
     sp.add_argument("--progress-interval", type=Number(float, 0, 3600, above=True), default=0.5, help=argparse.SUPPRESS)
