@@ -367,7 +367,7 @@ class Repository:
         while backups run)."""
         from blockferry.repo.gc import collect
 
-        _check_number("rewrite_threshold", rewrite_threshold, 0, 1, above=True)
+        _check_number("rewrite_threshold", rewrite_threshold, 0, 1)
         _check_number("wait", wait, 0, None)
         return await collect(self.store, rewrite_threshold=rewrite_threshold, wait=wait, progress=progress)
 
@@ -394,8 +394,8 @@ class Repository:
         them); record what is damaged in the repository's health record."""
         from blockferry.repo.verify import verify
 
-        if sample is not None:
-            _check_number("sample", sample, 0, 100, above=True)
+        if sample is not None and not (isinstance(sample, (int, float)) and 0 < sample <= 100):  # NaN too
+            raise ConfigError(f"sample takes a percentage above 0 and at most 100, not {sample!r}")
         return await verify(self.store, self.runtime, sample=sample, progress=progress)
 
     @_plain

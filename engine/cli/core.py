@@ -338,7 +338,7 @@ RETRIES = Number(int, 0, 100)
 DAYS = Number(int, 1, 36500)  #: immutability, in days (up to a hundred years)
 KEEP = Number(int, 1, 1_000_000)
 PERCENT = Number(float, 0, 100, above=True)
-FRACTION = Number(float, 0, 1, above=True)
+FRACTION = Number(float, 0, 1)
 SECONDS = Number(float, 0, 30 * 86400)
 SESSION_ID = Number(int, 1, 2**63 - 1)
 BLOCK_SIZE = Number(int, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, size=True)  #: a power of two, checked by init

@@ -326,8 +326,35 @@ class RepositoryStore:
     async def unlock(self) -> None:
         if self._writer is None:
             return
+        with anyio.CancelScope(shield=True):
+            await self._discard_unindexed()
         await self._release(LOCK_KEY, self._writer)
         self._writer = None
+
+    async def _discard_unindexed(self) -> None:
+        """Delete the packs this writer sealed but never indexed, before the lock goes: no point
+        references their chunks (a commit indexes every pack sealed before it), so they are the
+        leftovers of failed tasks, and on a full filesystem they hold the space the next backup
+        needs until a gc. Only packs no index file lists go: an index write that failed on our
+        side may still have reached the repository."""
+        if not self._unindexed:
+            return
+        batch, self._unindexed = self._unindexed, []
+        pending = self.index.pending
+        for pno, recs in batch:
+            for digest, *_ in PACK_RECORD.iter_unpack(recs):
+                loc = pending.get(digest)
+                if loc is not None and loc >> 84 == pno:
+                    del pending[digest]  # never deduplicate against them again
+        try:
+            _, listed = await read_index_files(self)
+            for pno, _ in batch:
+                pack = self.index.packs[pno]
+                if pack not in listed:
+                    await self.backend.delete(pack_key(pack))
+                    self.log.info("unindexed_pack_removed", pack=pack)
+        except (RepositoryError, NotFoundError, CorruptionError) as exc:  # a gc removes them later
+            self.log.warning("unindexed_packs_kept", packs=len(batch), error=str(exc))
 
     @contextlib.asynccontextmanager
     async def reading(self, purpose: str) -> AsyncIterator[None]:

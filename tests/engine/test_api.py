@@ -456,7 +456,7 @@ async def test_numbers_that_could_hang_or_overflow_are_refused_before_anything_s
         for sample in (0, 500, float("nan"), -1):
             with pytest.raises(ConfigError, match="sample"):
                 await r.verify(sample=sample)
-        for kwargs in ({"rewrite_threshold": 5}, {"rewrite_threshold": float("nan")}, {"rewrite_threshold": 0},
+        for kwargs in ({"rewrite_threshold": 5}, {"rewrite_threshold": float("nan")}, {"rewrite_threshold": -0.1},
                        {"wait": -1}, {"wait": float("inf")}):
             with pytest.raises(ConfigError):
                 await r.gc(**kwargs)
