@@ -217,7 +217,7 @@ class Repository:
         if hints:
             raise ConfigError(f"changed extents given for {', '.join(hints)}, which is not among the sources")
         obj = name or disks[0].name or source_plugin(disks[0].source).disk_name(disks[0].source)
-        disks = await expand_disks(disks)  # a VM by its QMP socket: one spec per disk
+        disks = await expand_disks(disks, strict=True)  # a VM by its QMP socket: one spec per disk
         await self._preflight(disks)
         spec = validated(JobSpec(name=job or f"backup {obj}", repository=_label(self.url),
                                  objects=[ObjectSpec(name=obj, disks=disks)], retries=retries,

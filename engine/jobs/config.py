@@ -186,11 +186,12 @@ def _kind_of(value: Any, info: mi.Type) -> bool:
     return isinstance(info, mi.ListType) and isinstance(value, list)
 
 
-async def expand_disks(disks: Sequence[DiskSpec]) -> list[DiskSpec]:
+async def expand_disks(disks: Sequence[DiskSpec], *, strict: bool = False) -> list[DiskSpec]:
     """Each disk spec whose source stands for several disks, as one spec per disk (through the
     plugin's optional ``expand``); specs with a name or hints stay as they are. A source that
     cannot be expanded now (a VM not running) also stays, so opening it fails in its task, where
-    retries apply."""
+    retries apply; with ``strict`` its error is raised instead (a caller that would open it right
+    away would only wait for the same failure again: a QMP timeout of 30 s would take 60)."""
     from blockferry.errors import BlockferryError
     from blockferry.jobs.config import DiskSpec
     from blockferry.registry import source_plugin
@@ -203,6 +204,7 @@ async def expand_disks(disks: Sequence[DiskSpec]) -> list[DiskSpec]:
             try:
                 urls = await expand(d.source)
             except BlockferryError:
-                pass
+                if strict:
+                    raise
         out.extend([d] if urls == [d.source] else [DiskSpec(source=u, options=d.options) for u in urls])
     return out
