@@ -262,7 +262,9 @@ class Repository:
 
     async def _preflight(self, disks: list[DiskSpec]) -> None:
         """Open every source and read every hint file once, so bad input fails before anything
-        is written; then take the writer lock (RepositoryLockedError if a live process has it)."""
+        is written; then take the writer lock (RepositoryLockedError if a live process has it).
+        A config whose block size is not the points' is refused first (CorruptionError)."""
+        await self.store.check_block_size()
         for d in disks:
             extents = load_hints(d.hints) if d.hints else None
             disk = await source_plugin(d.source).open(d.source, d.options)

@@ -44,6 +44,12 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
 CORE_COMMANDS = ("init", "backup", "points", "restore", "verify", "unlock", "demo")
 
 
+def shown(name: str) -> str:
+    """A name as printed for people: control characters (a newline would forge a line of the
+    listing) escaped as in Python; names made before names were checked may hold them."""
+    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
+
+
 def _json_out(obj: Any) -> None:
     sys.stdout.write(msgspec.json.format(msgspec.json.encode(obj), indent=2).decode() + "\n")
 
@@ -157,17 +163,17 @@ async def cmd_backup(a: argparse.Namespace) -> int:
 def print_session(session: Any) -> None:
     for o in session.objects:
         if o.state == "done":
-            print(f"{o.name}: restore point {o.point} ({len(o.disks)} disk{'s' * (len(o.disks) != 1)})")
+            print(f"{shown(o.name)}: restore point {o.point} ({len(o.disks)} disk{'s' * (len(o.disks) != 1)})")
         else:
-            print(f"{o.name}: FAILED after {o.attempts} attempt(s): {o.error}")
+            print(f"{shown(o.name)}: FAILED after {o.attempts} attempt(s): {o.error}")
         for d in o.disks:
             s = d.stats
             if d.state != "done":
-                print(f"  {d.name}: {d.state}" + (f": {d.error}" if d.error else ""))
+                print(f"  {shown(d.name)}: {d.state}" + (f": {d.error}" if d.error else ""))
                 continue
             bn = s.bottleneck()
             worst = max(bn, key=lambda k: bn[k])
-            print(f"  {d.name}: {human(s.disk_size)} in {s.duration:.2f} s ({human(s.rate())}/s) via proxy {d.proxy}; {d.plan}")
+            print(f"  {shown(d.name)}: {human(s.disk_size)} in {s.duration:.2f} s ({human(s.rate())}/s) via proxy {d.proxy}; {d.plan}")
             print(f"    read {human(s.read_bytes)}, zero {human(s.zero_bytes)}, unchanged {human(s.unchanged_bytes)}, "
                   f"new {human(s.new_bytes)}, deduplicated {human(s.dedup_bytes)}, "
                   f"compressed {human(s.compressed_bytes)}, written {human(s.written_bytes)}")
@@ -193,10 +199,10 @@ async def cmd_points(a: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'ID':16}  {'CREATED (UTC)':19}  {'OBJECT':20}  DISKS")
     for p in pts:
-        disks = ", ".join(f"{d.name} ({human(d.size)}{', incremental' if d.hinted else ''})" for d in p.disks)
+        disks = ", ".join(f"{shown(d.name)} ({human(d.size)}{', incremental' if d.hinted else ''})" for d in p.disks)
         flags = "".join(f" [{f}]" for f, on in (("DAMAGED", p.damaged), ("immutable", bool(p.immutable_until)))
                         if on)
-        print(f"{p.id:16}  {p.created[:19].replace('T', ' '):19}  {p.object[:20]:20}  {disks}{flags}")
+        print(f"{p.id:16}  {p.created[:19].replace('T', ' '):19}  {shown(p.object)[:20]:20}  {disks}{flags}")
     return EXIT_OK
 
 

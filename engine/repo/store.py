@@ -569,9 +569,26 @@ class RepositoryStore:
             raise AmbiguousError(f"{ref!r} matches {len(matches)} points: {', '.join(sorted(matches)[:5])}")
         return matches[0]
 
+    async def check_block_size(self) -> list[PointSummary]:
+        """The points' summaries, once it is checked that they were all made with the config's
+        block size (CorruptionError otherwise: the config was edited or damaged since)."""
+        summaries = await self.summaries(with_health=False)
+        other = next((s for s in summaries if s.block_size != self.config.block_size), None)
+        if other is not None:
+            raise CorruptionError(
+                f"{self.backend.url}: the config says blocks of {self.config.block_size} bytes, but point {other.id} "
+                f"was made with {other.block_size}: the config was edited or damaged since (the block size is fixed "
+                "for a repository's life); put the block size back")
+        return summaries
+
     async def latest_disk(self, object_name: str, disk_name: str) -> tuple[str, DiskRecord] | None:
-        """The newest point of ``object_name`` that has ``disk_name``, with that disk's record."""
-        for s in reversed(await self.summaries(with_health=False)):
+        """The newest point of ``object_name`` that has ``disk_name``, with that disk's record.
+
+        Every backup asks this first; a point made with another block size than the config's
+        means the config was edited (or damaged) since: CorruptionError, before anything is
+        written (an incremental would take the base's blocks for blocks of another size)."""
+        summaries = await self.check_block_size()
+        for s in reversed(summaries):
             if s.object == object_name and any(d.name == disk_name for d in s.disks):
                 m = await self.manifest(s.id)
                 return m.id, m.disk(disk_name)

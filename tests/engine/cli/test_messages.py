@@ -74,3 +74,26 @@ def test_a_damaged_config_is_always_exit_3(repo: Path, capsys: pytest.CaptureFix
     for command in ("points", "verify", "gc"):
         code, _, err = run(capsys, command, str(repo))
         assert code == 3 and "config" in err and "Traceback" not in err, (command, code, err)
+
+
+def test_a_config_edited_to_another_block_size_is_refused(tmp_path: Path, repo: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    img = mixed_disk(tmp_path / "a.img", 2 * MiB)
+    assert run(capsys, "backup", str(repo), str(img), "-q")[0] == 0
+    cfg = repo / "config"
+    cfg.write_bytes(cfg.read_bytes().replace(b'"block_size": 262144', b'"block_size": 524288'))
+    packs = sorted(p.name for p in (repo / "packs").rglob("*") if p.is_file())
+    code, out, err = run(capsys, "backup", str(repo), str(img), "-q")
+    assert code == 3 and "config says blocks of 524288 bytes" in (out + err), (code, out, err)
+    assert sorted(p.name for p in (repo / "packs").rglob("*") if p.is_file()) == packs  # nothing written
+    assert len(json.loads(run(capsys, "points", str(repo), "--json")[1])) == 1
+
+
+def test_names_with_control_characters_are_shown_escaped(tmp_path: Path, repo: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A disk named after its file, or a point made before names were checked: one line each."""
+    img = mixed_disk(tmp_path / "two\nlines.img", MiB)
+    code, out, _ = run(capsys, "backup", str(repo), str(img), "--name", "vm", "-q")
+    assert code == 0 and "two\\nlines.img" in out and "two\nlines" not in out, out
+    code, out, _ = run(capsys, "points", str(repo))
+    assert code == 0 and len(out.splitlines()) == 2 and "two\\nlines.img" in out, out
