@@ -194,3 +194,22 @@ def test_as_a_process_a_hostile_command_says_one_line(tmp_path: Path) -> None:
                        (["points", str(tmp_path)], 2)):
         p = subprocess.run([sys.executable, "-m", "blockferry", *argv], capture_output=True, text=True, timeout=60)
         assert p.returncode == code and "Traceback" not in p.stderr, (argv, p.returncode, p.stderr)
+
+
+def test_endless_or_binary_input_files_are_refused_not_read_to_the_end(repo: tuple[Path, Path], tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """/dev/zero as a hint file or a configuration used to be read until memory ran out."""
+    path, img = repo
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(bytes(range(256)))
+    for argv, message in ((["backup", str(path), str(img), "--changed-extents", f"{img}=/dev/zero"], "larger than"),
+                          (["config", "apply", "/dev/zero", "--socket", str(tmp_path / "none.sock")], "larger than"),
+                          (["config", "apply", str(binary), "--socket", str(tmp_path / "none.sock")], "not UTF-8")):
+        code, err = run(argv, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, code, err)
+
+
+def test_a_daemon_that_cannot_listen_says_why(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "blockferry", "daemon", "--state-dir", str(tmp_path / "state"), "-q",
+                        "--socket", str(tmp_path / ("x" * 120) / "d.sock")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "cannot listen" in p.stderr and "Traceback" not in p.stderr, p.stderr
