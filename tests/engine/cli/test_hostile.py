@@ -213,3 +213,29 @@ def test_a_daemon_that_cannot_listen_says_why(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "blockferry", "daemon", "--state-dir", str(tmp_path / "state"), "-q",
                         "--socket", str(tmp_path / ("x" * 120) / "d.sock")], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "cannot listen" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+BUG = r"""
+import sys
+import blockferry.cli.core as cli
+
+async def broken(a):
+    raise RuntimeError("a bug\nwith a second line")
+
+cli.cmd_points = broken
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_unexpected_error_is_one_line_and_its_traceback_goes_to_the_log_with_v(tmp_path: Path,
+                                                                                  verbose: bool) -> None:
+    argv = (["-v"] if verbose else []) + ["points", str(tmp_path)]
+    p = subprocess.run([sys.executable, "-c", BUG, *argv], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    first = p.stderr.splitlines()[0]
+    assert first.startswith("blockferry: error: unexpected RuntimeError: a bug"), p.stderr
+    if verbose:  # the log (stderr at -v) has the event and the traceback
+        assert "unexpected_error" in p.stderr and "Traceback" in p.stderr and "second line" in p.stderr
+    else:
+        assert p.stderr.strip() == first and "run with -v" in first and "Traceback" not in p.stderr
