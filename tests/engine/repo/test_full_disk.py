@@ -10,7 +10,6 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
 import blockferry
 import pytest
 from blockferry.actors.server import running_server
