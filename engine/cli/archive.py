@@ -13,7 +13,8 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp = command("archive", cmd_archive,
                  "move the packs of old restore points to an archive storage class (s3), or back")
     sp.add_argument("repo")
-    sp.add_argument("--older-than", type=Number(float, 0, 36500), metavar="DAYS", help="points created more than DAYS days ago")
+    sp.add_argument("--older-than", type=Number(float, 0, 36500), metavar="DAYS",
+                    help="points created more than DAYS days ago")
     sp.add_argument("--point", action="append", metavar="ID", help="this point (repeatable)")
     sp.add_argument("--storage-class", metavar="CLASS",
                     help="the archive class (default: the archive_class setting, GLACIER)")

@@ -173,7 +173,8 @@ def print_session(session: Any) -> None:
                 continue
             bn = s.bottleneck()
             worst = max(bn, key=lambda k: bn[k])
-            print(f"  {shown(d.name)}: {human(s.disk_size)} in {s.duration:.2f} s ({human(s.rate())}/s) via proxy {d.proxy}; {d.plan}")
+            print(f"  {shown(d.name)}: {human(s.disk_size)} in {s.duration:.2f} s ({human(s.rate())}/s) "
+                  f"via proxy {d.proxy}; {d.plan}")
             print(f"    read {human(s.read_bytes)}, zero {human(s.zero_bytes)}, unchanged {human(s.unchanged_bytes)}, "
                   f"new {human(s.new_bytes)}, deduplicated {human(s.dedup_bytes)}, "
                   f"compressed {human(s.compressed_bytes)}, written {human(s.written_bytes)}")
@@ -449,7 +450,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     sp = cmd("demo", cmd_demo, "back up and restore two generated disk images, end to end")
     sp.add_argument("dir", nargs="?", default="blockferry-demo", help="work directory (default ./blockferry-demo)")
-    sp.add_argument("--size", type=Number(int, 1 << 20, 64 << 30, size=True), default=64 << 20, help="size of each demo disk (default 64MiB)")
+    sp.add_argument("--size", type=Number(int, 1 << 20, 64 << 30, size=True), default=64 << 20,
+                    help="size of each demo disk (default 64MiB)")
     return p
 
 

@@ -559,7 +559,8 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
             ap.add_argument("--retries", type=RETRIES)
             ap.add_argument("--retry-delay", type=SECONDS)
             ap.add_argument("--max-tasks", type=TASKS)
-            ap.add_argument("--throttle", type=Number(int, 0, 1 << 50, size=True), help="bytes per second for the job, e.g. 50MiB")
+            ap.add_argument("--throttle", type=Number(int, 0, 1 << 50, size=True),
+                            help="bytes per second for the job, e.g. 50MiB")
             ap.add_argument("--immutable-days", type=DAYS)
             ap.add_argument("--type", choices=JOB_TYPES, default="backup",
                             help="backup (the default), or a lifecycle job on --repo: prune, gc, verify, copy")
@@ -568,7 +569,8 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
                                 help="retention of a backup or prune job (copy: in the target)")
             ap.add_argument("--only-object", action="append", metavar="NAME",
                             help="prune, copy: only this object's points (repeatable)")
-            ap.add_argument("--rewrite-threshold", type=FRACTION, metavar="F", help="gc: rewrite packs this unused (0.5)")
+            ap.add_argument("--rewrite-threshold", type=FRACTION, metavar="F",
+                            help="gc: rewrite packs this unused (0.5)")
             ap.add_argument("--gc-wait", type=SECONDS, metavar="SECONDS",
                             help="gc: wait this long for earlier sessions (default: defer the sweep)")
             ap.add_argument("--sample", type=PERCENT, metavar="PERCENT", help="verify: check this share of the chunks")

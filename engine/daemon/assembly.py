@@ -259,7 +259,8 @@ class Daemon:
             self.control = ControlServer(o.socket, handler=self._handle, bus=self.bus, access=access,
                                          mode=0o660 if group is not None else 0o600, group=group,
                                          max_clients=o.max_clients, max_clients_per_user=o.max_clients_per_user,
-                                         idle_timeout=o.idle_timeout, frame_timeout=o.frame_timeout, server_name=f"blockferry {__version__}")
+                                         idle_timeout=o.idle_timeout, frame_timeout=o.frame_timeout,
+                                         server_name=f"blockferry {__version__}")
             await tg.start(self.control.run)
             if handle_signals:
                 tg.start_soon(self._signals)

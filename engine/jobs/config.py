@@ -165,8 +165,10 @@ def _check(value: Any, info: mi.Type, where: str) -> None:
         if info.max_length is not None and len(value) > info.max_length:
             raise ConfigError(f"{where}: expected at most {info.max_length} characters")
         if info.pattern is not None and not re.search(info.pattern, value):
-            raise ConfigError(f"{where}: {value!r} is not allowed (no control characters such as a newline, no '/')"
-                              if info.pattern == _NAME_PATTERN else f"{where}: {value!r} does not match {info.pattern!r}")
+            if info.pattern == _NAME_PATTERN:
+                raise ConfigError(f"{where}: {value!r} is not allowed (no control characters such as a newline, "
+                                  "no '/')")
+            raise ConfigError(f"{where}: {value!r} does not match {info.pattern!r}")
     elif isinstance(info, mi.ListType) and isinstance(value, list):
         if info.min_length is not None and len(value) < info.min_length:
             raise ConfigError(f"{where}: expected at least {info.min_length} item(s)")

@@ -23,7 +23,8 @@ from tests.conftest import MiB, mixed_disk
 HOSTILE_NUMBERS = ["nan", "-1", "inf", "-inf", "1e400", "99999999999999999999999", "abc", "", "0x10", "1_0_"]
 
 
-def leaves(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+def leaves(parser: argparse.ArgumentParser,
+           prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
     """Every runnable command: its words (``job add``) and its parser."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

@@ -318,7 +318,8 @@ async def test_an_idle_connection_times_out_and_a_subscribed_one_does_not(tmp_pa
         assert await closed(idle_buf)
         await sub.send(frame(Request(id=2, method="status")))  # still served
         reply = await receive(sub_buf)
-        assert getattr(reply, "id", None) == 2 and reply.result["clients"]["timed_out"] >= 1  # type: ignore[attr-defined]
+        assert getattr(reply, "id", None) == 2
+        assert reply.result["clients"]["timed_out"] >= 1  # type: ignore[attr-defined]
         await idle.aclose()
         await sub.aclose()
 
@@ -350,4 +351,5 @@ def test_the_limits_and_timeouts_must_make_sense(tmp_path: Path) -> None:
     for bad in ({"max_clients": 0}, {"max_clients_per_user": -1}, {"idle_timeout": 0},
                 {"frame_timeout": float("nan")}, {"stall_timeout": -1}):
         with pytest.raises(ConfigError):
-            ControlServer(tmp_path / "s", handler=handler, bus=EventBus(), access=AccessPolicy(), **bad)  # type: ignore[arg-type]
+            ControlServer(tmp_path / "s", handler=handler, bus=EventBus(), access=AccessPolicy(),
+                          **bad)  # type: ignore[arg-type]

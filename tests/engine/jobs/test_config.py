@@ -33,7 +33,8 @@ def test_a_valid_struct_passes_unchanged() -> None:
     (lambda: JobSpec(name="j", repository="r", objects=[]), "objects"),
     (lambda: JobSpec(name="j", repository="r", objects=[ObjectSpec(name="a\nb", disks=[DiskSpec(source="/d")])]),
      "objects[0].name"),
-    (lambda: JobSpec(name="j", repository="r", objects=[ObjectSpec(name="vm", disks=[DiskSpec(source="/d", name="x\r")])]),
+    (lambda: JobSpec(name="j", repository="r",
+                     objects=[ObjectSpec(name="vm", disks=[DiskSpec(source="/d", name="x\r")])]),
      "objects[0].disks[0].name"),
 ])
 def test_out_of_range_fields_built_in_code_are_refused(build: object, field: str) -> None:
