@@ -502,8 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BaseException as exc:
         err = unwrap_group(exc)
-        if isinstance(err, BlockferryError):
-            print(f"blockferry: error: {err}", file=sys.stderr)
+        if isinstance(err, BlockferryError):  # one line, whatever names the message holds
+            print(f"blockferry: error: {shown(str(err))}", file=sys.stderr)
             return err.exit_code
         if isinstance(err, BrokenPipeError) and stdout_unread():  # ``| head`` went away
             return output_closed()

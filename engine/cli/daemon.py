@@ -35,6 +35,7 @@ from blockferry.cli.core import (
     TASKS,
     Number,
     _json_out,
+    shown,
 )
 from blockferry.jobs.catalog import JOB_TYPES
 from blockferry.units import human
@@ -333,11 +334,11 @@ def _print_session(rec: dict[str, Any]) -> None:
         print(f"  note: {rec['note']}")
     res = rec.get("result") or {}
     for o in res.get("objects", []):
-        print(f"  object {o['name']}: {o['state']}" + (f", point {o['point']}" if o.get("point") else "")
+        print(f"  object {shown(o['name'])}: {o['state']}" + (f", point {o['point']}" if o.get("point") else "")
               + (f", error: {o['error']}" if o.get("error") else ""))
         for d in o.get("disks", []):
             st = d.get("stats") or {}
-            print(f"    disk {d.get('name')}: {d.get('state')} read {human(st.get('read_bytes', 0))}, "
+            print(f"    disk {shown(str(d.get('name')))}: {d.get('state')} read {human(st.get('read_bytes', 0))}, "
                   f"written {human(st.get('written_bytes', 0))}" + (f", error: {d['error']}" if d.get("error") else ""))
     st = res.get("stats")
     if st:

@@ -65,9 +65,10 @@ def places(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "afile": afile}
 
 
-def base_argv(words: tuple[str, ...], parser: argparse.ArgumentParser, places: dict[str, Path]) -> list[str]:
+def base_argv(words: tuple[str, ...], parser: argparse.ArgumentParser, places: dict[str, Path],
+              suffix: str = "") -> list[str]:
     """The command with every positional and required option filled with something that does
-    not exist or holds no repository."""
+    not exist or holds no repository (each text ending with ``suffix``)."""
     argv = list(words)
     values = {"repo": str(places["notrepo"]), "source": str(places["notrepo"]), "target": str(places["tmp"] / "t"),
               "sources": str(places["missing"]), "point": "latest", "points": "latest", "file": str(places["missing"]),
@@ -81,7 +82,7 @@ def base_argv(words: tuple[str, ...], parser: argparse.ArgumentParser, places: d
         if action.dest in ("help",) or isinstance(action, argparse._SubParsersAction):
             continue
         assert action.dest in values, f"no hostile value for {words} {action.dest}: add one"
-        argv.append(values[action.dest])
+        argv.append(values[action.dest] + ("" if isinstance(action.type, Number) else suffix))
     if words in DAEMON_CLIENT:
         argv += ["--socket", str(places["socket"])]
     return argv
@@ -107,10 +108,15 @@ def expected(words: tuple[str, ...]) -> int:
     return 6 if words in DAEMON_CLIENT else 2
 
 
+@pytest.mark.parametrize("suffix", ["", "\nsecond line"], ids=["plain", "newline"])
 @pytest.mark.parametrize("words", sorted(w for w in COMMANDS if w != ("daemon",)), ids=" ".join)
-def test_nothing_there_is_a_clear_error(words: tuple[str, ...], places: dict[str, Path],
-                                        capsys: pytest.CaptureFixture[str]) -> None:
-    code, err = run(base_argv(words, COMMANDS[words], places), capsys)
+def test_nothing_there_is_a_clear_error(words: tuple[str, ...], suffix: str, places: dict[str, Path],
+                                        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    if words == ("init",) and suffix:  # a new directory whose name has a newline: a fine place for one
+        code, err = run(["init", str(tmp_path / f"new{suffix}")], capsys)
+        assert code == 0 and not err, err
+        return
+    code, err = run(base_argv(words, COMMANDS[words], places, suffix), capsys)
     assert "Traceback" not in err and "unexpected" not in err, err
     assert code == expected(words), (code, err)
     assert err.count("\n") <= 1 and err.startswith("blockferry: error: "), err
