@@ -483,7 +483,7 @@ async def test_repair_finds_chunks_whose_records_and_index_are_gone(tmp_path: Pa
             assert Path(res.path).read_bytes() == pristine.images[pid].read_bytes()
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(which=st.integers(min_value=0), at=st.integers(min_value=0), bit=st.integers(min_value=0, max_value=7))
 def test_any_bit_of_any_pack_is_found_and_repair_then_gc_lose_no_intact_chunk(
         tmp_path_factory: pytest.TempPathFactory, which: int, at: int, bit: int) -> None:
