@@ -228,8 +228,9 @@ class Repository:
         # resources) that the commands which only read (points, restore, verify, prune...) skip
         from blockferry.actors.server import running_server
 
-        # the embedded proxy runs here: it reaches local files and local QEMU sockets alike
-        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu"])
+        # the embedded proxy runs here: it reaches local files and local QEMU sockets alike, and
+        # EBS through the EBS direct APIs (the ebs source, asyncio only)
+        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu", "ebs"])
         cfg = ServerConfig(proxies=self.proxies or [local],
                            engine=self.runtime.settings)
         async with running_server(cfg) as server:

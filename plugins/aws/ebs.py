@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 
 import anyio
 from blockferry.datapath.source import Buffer, Extent
-from blockferry.errors import SourceError
+from blockferry.errors import SourceChangedError, SourceError
 from blockferry.log import get_logger
 from blockferry.plugins.aws.client import AwsClients, AwsNotFoundError, AwsSettings, load_settings, require_asyncio
 from blockferry.units import GiB, KiB
@@ -110,6 +110,7 @@ class EbsDisk:
         #: block index → token, from ListSnapshotBlocks (loaded once)
         self._tokens: dict[int, str] | None = None
         self._listing = anyio.Lock()
+        self._taking = anyio.Lock()
         self._partial: OrderedDict[int, bytes] = OrderedDict()
         self._closed = False
         self._finished = False
@@ -120,22 +121,58 @@ class EbsDisk:
     # -- opening -------------------------------------------------------------------------------
 
     async def _open(self) -> None:
+        """Check that the volume or snapshot exists and learn its size. A volume's snapshot is
+        taken later, by the first call that needs it (:meth:`_snapshot`): opening a disk only to
+        check it (as a backup's preflight does) costs no snapshot."""
         ec2 = self.clients.ec2
         if self.volume:
             vol = await self.clients.call(f"{self.url}: DescribeVolumes",
                                           lambda: ec2.describe_volumes(VolumeIds=[self.volume]))
             if not vol.get("Volumes"):
                 raise SourceError(f"{self.url}: volume {self.volume} not found in {self.region}")
-            await self._take_snapshot()
+            self.size = int(vol["Volumes"][0]["Size"]) * GiB
+            return
         snap = await self._describe(self.snapshot)
         if snap is None:
             raise SourceError(f"{self.url}: snapshot {self.snapshot} not found in {self.region}")
+        self._taken(snap)
+
+    def _taken(self, snap: Mapping[str, Any]) -> None:
         if snap.get("State") != "completed":
             raise SourceError(f"{self.url}: snapshot {self.snapshot} is {snap.get('State')}, not completed")
         self.size = int(snap["VolumeSize"]) * GiB
         self.change_id = CHANGE_PREFIX + self.snapshot
         self.metadata.update(snapshot=self.snapshot, volume=snap.get("VolumeId"),
                              created_by_blockferry=self.created, started=str(snap.get("StartTime", "")))
+
+    async def _snapshot(self) -> str:
+        """The snapshot this disk reads: a volume's is taken by the first caller."""
+        async with self._taking:
+            if not self.snapshot:
+                size = self.size
+                try:
+                    self._taken(await self._take_snapshot())
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self._drop_unread()
+                    raise
+                if self.size != size:
+                    err = SourceChangedError(f"{self.url}: the volume was resized from {size} to {self.size} bytes "
+                                             "while being opened")
+                    raise err
+            return self.snapshot
+
+    async def _drop_unread(self) -> None:
+        """Delete the snapshot taken for a read that will not happen (logged if it cannot be:
+        the next committed backup of the volume deletes it)."""
+        if not self.created or self._finished:
+            return
+        self._finished = True
+        try:
+            await _cleanup(self.clients, self.url, str(self.volume), self.settings.chain, keep=None,
+                           only=self.snapshot)
+        except Exception as exc:
+            log.warning("ebs_snapshot_not_deleted", snapshot=self.snapshot, error=str(exc))
 
     async def _describe(self, snapshot: str) -> dict[str, Any] | None:
         """The snapshot's description, or None when it does not exist."""
@@ -148,7 +185,7 @@ class EbsDisk:
         snaps = got.get("Snapshots") or []
         return snaps[0] if snaps else None
 
-    async def _take_snapshot(self) -> None:
+    async def _take_snapshot(self) -> dict[str, Any]:
         ec2 = self.clients.ec2
         tags = [{"Key": TAG, "Value": "1"}, {"Key": TAG_RUN, "Value": self.run},
                 {"Key": TAG_VOLUME, "Value": str(self.volume)}, {"Key": TAG_CHAIN, "Value": self.settings.chain}]
@@ -162,8 +199,8 @@ class EbsDisk:
             while True:
                 snap = await self._describe(self.snapshot)
                 state = (snap or {}).get("State")
-                if state == "completed":
-                    return
+                if snap is not None and state == "completed":
+                    return snap
                 if snap is None or state == "error":
                     raise SourceError(f"{self.url}: snapshot {self.snapshot} of {self.volume} failed "
                                       f"({(snap or {}).get('StateMessage') or state or 'it disappeared'})")
@@ -181,6 +218,7 @@ class EbsDisk:
         async with self._listing:
             if self._tokens is not None:
                 return self._tokens
+            await self._snapshot()
             ebs, tokens, token = self.clients.ebs, {}, None
             while True:
                 kw: dict[str, Any] = {"SnapshotId": self.snapshot, "MaxResults": 10000}
@@ -223,6 +261,7 @@ class EbsDisk:
 
     async def changed_extents(self, base: DiskRecord) -> tuple[list[Extent] | None, str]:
         """Blocks changed since ``base``'s snapshot (ListChangedBlocks), or None and why not."""
+        await self._snapshot()
         first = snapshot_of(base.change_id)
         if first is None:
             return self._full("the base point recorded no EBS snapshot")
@@ -388,12 +427,6 @@ class EbsSourcePlugin:
             await disk._open()
         except BaseException:
             with anyio.CancelScope(shield=True):
-                try:
-                    if disk.created:  # a snapshot whose read never started
-                        await _cleanup(clients, url, str(disk.volume), settings.chain, keep=None, only=disk.snapshot)
-                except Exception as exc:  # the next committed backup of the volume deletes it
-                    log.warning("ebs_snapshot_not_deleted", snapshot=disk.snapshot, error=str(exc))
-                finally:
-                    await disk.aclose()
+                await disk.aclose()
             raise
         return disk
