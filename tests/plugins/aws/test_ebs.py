@@ -19,7 +19,6 @@ number of GiB. The contract points it checks are tested here at EBS scale instea
 from __future__ import annotations
 
 import random
-import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -203,23 +202,20 @@ async def test_a_failed_read_deletes_its_snapshot_and_keeps_the_base(aws: Aws, r
 
 async def test_a_cancelled_read_deletes_its_snapshot(aws: Aws, repo: str, monkeypatch: pytest.MonkeyPatch) -> None:
     vol = aws.create_volume(1, blocks_of(8, [0, 1]))
-    entered, release = threading.Event(), threading.Event()
-    get = EBSBackend.get_snapshot_block
+    entered = anyio.Event()
 
-    def held(self: EBSBackend, snapshot_id: str, block_index: Any) -> Any:
+    async def held(self: EbsDisk, index: int, token: str | None, *, whole: bool) -> bytes | None:
         entered.set()
-        release.wait(30)
-        return get(self, snapshot_id, block_index)
+        await anyio.sleep_forever()  # a block that never arrives (until the backup is cancelled)
+        raise AssertionError("unreachable")
 
-    monkeypatch.setattr(EBSBackend, "get_snapshot_block", held)
-    try:
+    monkeypatch.setattr(EbsDisk, "_block", held)
+    with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(backup, repo, aws, f"ebs://{REGION}/{vol}")
-            await anyio.to_thread.run_sync(entered.wait, 30)  # the read has begun
+            await entered.wait()  # the read has begun
             assert len(aws.snapshots_of(vol)) == 1
             tg.cancel_scope.cancel()
-    finally:
-        release.set()
     assert aws.snapshots_of(vol) == []
 
 
