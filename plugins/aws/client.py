@@ -95,7 +95,7 @@ def require_asyncio(what: str) -> None:
 _RETRY_CODES = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequestsException",
                 "InternalError", "InternalServerError", "InternalServerException", "ServiceUnavailable",
                 "ServiceUnavailableException", "Unavailable", "RequestTimeout", "RequestTimeoutException",
-                "RequestThrottledException", "SlowDown"}
+                "RequestThrottledException", "ConcurrentLimitExceededException", "SlowDown"}
 _NOT_FOUND = {"InvalidSnapshot.NotFound", "InvalidVolume.NotFound", "ResourceNotFoundException",
               "InvalidSnapshotID.Malformed", "InvalidVolumeID.Malformed", "InvalidParameterValue"}
 _DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthFailure",

@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 
 import anyio
 from blockferry.datapath.source import Buffer, Extent
-from blockferry.errors import SourceChangedError, SourceError
+from blockferry.errors import SourceChangedError, SourceError, plain_errors
 from blockferry.log import get_logger
 from blockferry.plugins.aws.client import AwsClients, AwsNotFoundError, AwsSettings, load_settings, require_asyncio
 from blockferry.units import GiB, KiB
@@ -317,9 +317,10 @@ class EbsDisk:
         async def fetch(i: int) -> None:
             blocks[i] = await self._block(i, tokens.get(i), whole=offset <= i * bs and (i + 1) * bs <= end)
 
-        async with anyio.create_task_group() as tg:
-            for i in range(first, last + 1):
-                tg.start_soon(fetch, i)
+        with plain_errors():  # the failing block's SourceError, not a group of it
+            async with anyio.create_task_group() as tg:
+                for i in range(first, last + 1):
+                    tg.start_soon(fetch, i)
         pos = offset
         for buf in buffers:
             view = memoryview(buf).cast("B")

@@ -19,6 +19,7 @@ number of GiB. The contract points it checks are tested here at EBS scale instea
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from blockferry.jobs.messages import DiskResult, SessionResult
 from blockferry.plugins.aws import EbsSourcePlugin
 from blockferry.plugins.aws.ebs import EbsDisk, parse_url
 from blockferry.repo.format import DiskRecord
+from moto.core.exceptions import ServiceException
 from moto.ebs.models import Block, EBSBackend
 
 from tests.plugins.aws.conftest import EBS_BLOCK, GiB, MiB, REGION, Aws
@@ -238,6 +240,68 @@ async def test_a_committed_backup_removes_snapshots_left_by_dead_runs_of_its_cha
     assert other.snapshot not in aws.snapshots_of(vol)
 
 
+async def test_throttled_requests_are_retried_and_counted(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks = blocks_of(11, [0, 1])
+    snap = aws.write_snapshot(1, blocks)
+    get, refused = EBSBackend.get_snapshot_block, []
+
+    def throttled(self: EBSBackend, snapshot_id: str, block_index: Any) -> Any:
+        if len(refused) < 3:  # AWS's answer to too many requests (HTTP 400, EBS's error shape)
+            refused.append(int(block_index))
+            raise ServiceException("RequestThrottledException", "Rate exceeded")
+        return get(self, snapshot_id, block_index)
+
+    monkeypatch.setattr(EBSBackend, "get_snapshot_block", throttled)
+    disk = await EbsSourcePlugin().open(f"ebs://{REGION}/{snap}", aws.options)
+    try:
+        buf = bytearray(2 * EBS_BLOCK)
+        assert await disk.read_into(0, [buf]) == len(buf)
+        assert buf == blocks[0] + blocks[1]
+        assert len(refused) == 3 and disk.clients.retried == 3
+    finally:
+        await disk.aclose()
+    # once the retries are spent, the read fails with an engine error a later attempt may cure
+    refused.clear()
+    disk = await EbsSourcePlugin().open(f"ebs://{REGION}/{snap}", {**aws.options, "retries": 1})
+    try:
+        with pytest.raises(SourceError, match="RequestThrottledException") as info:
+            await disk.read_into(0, [bytearray(EBS_BLOCK)])
+        assert info.value.transient
+    finally:
+        await disk.aclose()
+
+
+async def test_blocks_in_flight_are_many_and_bounded(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All the EBS blocks of one read are fetched at once, at most ``max_requests`` of them."""
+    blocks = blocks_of(12, list(range(16)))
+    snap = aws.write_snapshot(1, blocks)
+    get, lock = EBSBackend.get_snapshot_block, threading.Condition()
+    state = {"now": 0, "most": 0}
+
+    def gathered(self: EBSBackend, snapshot_id: str, block_index: Any) -> Any:
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            lock.notify_all()
+            # hold each request until 3 are in flight (not forever: the last ones come fewer)
+            lock.wait_for(lambda: state["most"] >= 3, timeout=10)
+        try:
+            return get(self, snapshot_id, block_index)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(EBSBackend, "get_snapshot_block", gathered)
+    disk = await EbsSourcePlugin().open(f"ebs://{REGION}/{snap}", {**aws.options, "max_requests": 3})
+    try:
+        buf = bytearray(16 * EBS_BLOCK)
+        assert await disk.read_into(0, [buf]) == len(buf)
+        assert buf == b"".join(blocks[i] for i in range(16))
+    finally:
+        await disk.aclose()
+    assert state["most"] == 3
+
+
 # -- the source contract at EBS scale ------------------------------------------------------------
 
 
@@ -299,6 +363,16 @@ class TestContract:
                 tg.start_soon(reader, off)
         for off in offsets:
             assert got[off] == self.image(blocks, off, EBS_BLOCK + 1000), off
+
+    async def test_a_block_read_in_parts_is_fetched_once(self, disk: EbsDisk, blocks: dict[int, bytes],
+                                                          fetched: list[tuple[str, int]]) -> None:
+        """A repository block smaller than EBS's: the halves of one EBS block cost one request."""
+        half = EBS_BLOCK // 2
+        a, b = bytearray(half), bytearray(half)
+        assert await disk.read_into(4 * EBS_BLOCK, [a]) == half
+        assert await disk.read_into(4 * EBS_BLOCK + half, [b]) == half
+        assert a + b == blocks[4]
+        assert [i for _, i in fetched] == [4]
 
     async def test_data_extents_are_the_written_blocks(self, disk: EbsDisk) -> None:
         assert await disk.data_extents() == [(0, 2 * EBS_BLOCK), (4 * EBS_BLOCK, EBS_BLOCK),
