@@ -18,7 +18,10 @@ number of GiB. The contract points it checks are tested here at EBS scale instea
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -416,3 +419,37 @@ class TestContract:
 async def test_refuses_to_run_on_trio_with_a_clear_error(anyio_backend: str) -> None:
     with pytest.raises(ConfigError, match="asyncio only"):
         await EbsSourcePlugin().open(f"ebs://{REGION}/snap-0123456789abcdef0", {})
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+
+def cli(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blockferry", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_cli_backup_of_an_ebs_snapshot(aws: Aws, tmp_path: Path) -> None:
+    """The CLI backs up an ``ebs://`` URL, its settings from the environment; without credentials
+    it exits 2 with a clear message (never a traceback, never a secret)."""
+    blocks = blocks_of(13, [0, 9])
+    snap = aws.write_snapshot(1, blocks)
+    repo = str(tmp_path / "repo")
+    env = {**os.environ, "BLOCKFERRY_AWS_ENDPOINT_URL": aws.endpoint}
+    assert cli("init", repo, env=env).returncode == 0
+    done = cli("backup", "-q", "--json", repo, f"ebs://{REGION}/{snap}", env=env)
+    assert done.returncode == 0, done.stderr
+    assert '"state":"success"' in done.stdout.replace(" ", ""), done.stdout
+    out = tmp_path / "out"
+    assert cli("restore", "-q", "--to", str(out), repo, "latest", env=env).returncode == 0
+    with open(out / snap, "rb") as f:
+        assert f.read(EBS_BLOCK) == blocks[0]
+        f.seek(9 * EBS_BLOCK)
+        assert f.read(EBS_BLOCK) == blocks[9]
+
+    bare = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+    bare["AWS_EC2_METADATA_DISABLED"] = "true"
+    refused = cli("backup", "-q", repo, f"ebs://{REGION}/{snap}", env=bare)
+    assert refused.returncode == 2, (refused.returncode, refused.stderr)
+    assert "no AWS credentials" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert "testing" not in refused.stderr + refused.stdout  # the (test) secret is never shown
