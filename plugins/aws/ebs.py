@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 
 import anyio
 from blockferry.datapath.source import Buffer, Extent
-from blockferry.errors import SourceChangedError, SourceError, plain_errors
+from blockferry.errors import SourceError, plain_errors
 from blockferry.log import get_logger
 from blockferry.plugins.aws.client import AwsClients, AwsNotFoundError, AwsSettings, load_settings, require_asyncio
 from blockferry.units import GiB, KiB
@@ -139,7 +139,9 @@ class EbsDisk:
 
     def _taken(self, snap: Mapping[str, Any]) -> None:
         if snap.get("State") != "completed":
-            raise SourceError(f"{self.url}: snapshot {self.snapshot} is {snap.get('State')}, not completed")
+            err = SourceError(f"{self.url}: snapshot {self.snapshot} is {snap.get('State')}, not completed")
+            err.transient = snap.get("State") == "pending"  # a later attempt may find it completed
+            raise err
         self.size = int(snap["VolumeSize"]) * GiB
         self.change_id = CHANGE_PREFIX + self.snapshot
         self.metadata.update(snapshot=self.snapshot, volume=snap.get("VolumeId"),
@@ -149,17 +151,14 @@ class EbsDisk:
         """The snapshot this disk reads: a volume's is taken by the first caller."""
         async with self._taking:
             if not self.snapshot:
-                size = self.size
+                # the disk's size becomes the snapshot's (the volume may have been resized since
+                # it was opened: the source mover takes the size after asking for the extents)
                 try:
                     self._taken(await self._take_snapshot())
                 except BaseException:
                     with anyio.CancelScope(shield=True):
                         await self._drop_unread()
                     raise
-                if self.size != size:
-                    err = SourceChangedError(f"{self.url}: the volume was resized from {size} to {self.size} bytes "
-                                             "while being opened")
-                    raise err
             return self.snapshot
 
     async def _drop_unread(self) -> None:
@@ -261,6 +260,16 @@ class EbsDisk:
 
     async def changed_extents(self, base: DiskRecord) -> tuple[list[Extent] | None, str]:
         """Blocks changed since ``base``'s snapshot (ListChangedBlocks), or None and why not."""
+        try:
+            return await self._changed(base)
+        except BaseException:
+            # the caller learns of finish() only from a successful return: the snapshot taken
+            # for this read is dropped here
+            with anyio.CancelScope(shield=True):
+                await self._drop_unread()
+            raise
+
+    async def _changed(self, base: DiskRecord) -> tuple[list[Extent] | None, str]:
         await self._snapshot()
         first = snapshot_of(base.change_id)
         if first is None:

@@ -40,6 +40,7 @@ from blockferry.plugins.aws.ebs import EbsDisk, parse_url
 from blockferry.repo.format import DiskRecord
 from moto.core.exceptions import ServiceException
 from moto.ebs.models import Block, EBSBackend
+from moto.ec2.models import EC2Backend
 
 from tests.plugins.aws.conftest import EBS_BLOCK, GiB, MiB, REGION, Aws
 
@@ -241,6 +242,77 @@ async def test_a_committed_backup_removes_snapshots_left_by_dead_runs_of_its_cha
     assert stray.snapshot not in kept and other.snapshot in kept and len(kept) == 2  # another chain's stays
     await other.finish(False)
     assert other.snapshot not in aws.snapshots_of(vol)
+
+
+@pytest.fixture
+def pending_snapshots(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """EC2 snapshots are ``pending`` for their first looks, as AWS's are (moto's are completed at
+    once), then end in ``state["end"]`` (completed or error)."""
+    state: dict[str, Any] = {"looks": 0, "end": "completed"}
+    create, describe = EC2Backend.create_snapshot, EC2Backend.describe_snapshots
+
+    def pending(self: EC2Backend, *args: Any, **kwargs: Any) -> Any:
+        snap = create(self, *args, **kwargs)
+        snap.status = "pending"
+        return snap
+
+    def looked_at(self: EC2Backend, snapshot_ids: Any = None, filters: Any = None) -> Any:
+        found = describe(self, snapshot_ids, filters)
+        for snap in found:
+            if snap.status == "pending":
+                state["looks"] += 1
+                if state["looks"] >= 3:
+                    snap.status = state["end"]
+        return found
+
+    monkeypatch.setattr(EC2Backend, "create_snapshot", pending)
+    monkeypatch.setattr(EC2Backend, "describe_snapshots", looked_at)
+    return state
+
+
+async def test_a_new_snapshot_is_waited_for_until_completed(aws: Aws, pending_snapshots: dict[str, Any]) -> None:
+    blocks = blocks_of(14, [3])
+    vol = aws.create_volume(1, blocks)
+    disk = await EbsSourcePlugin().open(f"ebs://{REGION}/{vol}", aws.options)
+    try:
+        assert await disk.data_extents() == [(3 * EBS_BLOCK, EBS_BLOCK)]
+        assert pending_snapshots["looks"] == 3  # pending twice, then completed
+        buf = bytearray(EBS_BLOCK)
+        assert await disk.read_into(3 * EBS_BLOCK, [buf]) == EBS_BLOCK and buf == blocks[3]
+    finally:
+        await disk.aclose()
+        await disk.finish(False)
+    assert aws.snapshots_of(vol) == []
+
+
+async def test_a_snapshot_that_fails_is_deleted_at_once(aws: Aws, pending_snapshots: dict[str, Any]) -> None:
+    pending_snapshots["end"] = "error"
+    vol = aws.create_volume(1, blocks_of(15, [0]))
+    disk = await EbsSourcePlugin().open(f"ebs://{REGION}/{vol}", aws.options)
+    try:
+        with pytest.raises(SourceError, match=f"snapshot snap-[0-9a-f]+ of {vol} failed"):
+            await disk.data_extents()
+        assert aws.snapshots_of(vol) == []
+    finally:
+        await disk.aclose()
+
+
+async def test_changed_blocks_that_cannot_be_listed_drop_the_new_snapshot(aws: Aws, repo: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source mover learns of ``finish`` only once ``changed_extents`` returned: when it
+    raises, the disk drops its snapshot itself."""
+    vol = aws.create_volume(1, blocks_of(16, [0]))
+    url = f"ebs://{REGION}/{vol}"
+    assert (await backup(repo, aws, url)).state == "success"
+    (base,) = aws.snapshots_of(vol)
+
+    def unavailable(self: EBSBackend, first_snapshot_id: str, second_snapshot_id: str) -> Any:
+        raise ServiceException("InternalServerException", "try again later")
+
+    monkeypatch.setattr(EBSBackend, "list_changed_blocks", unavailable)
+    failed = await backup(repo, aws, url, retries=0)
+    assert failed.state == "failed" and "InternalServerException" in (failed.objects[0].error or "")
+    assert aws.snapshots_of(vol) == [base]
 
 
 async def test_throttled_requests_are_retried_and_counted(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
