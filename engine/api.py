@@ -229,8 +229,8 @@ class Repository:
         from blockferry.actors.server import running_server
 
         # the embedded proxy runs here: it reaches local files and local QEMU sockets alike, and
-        # EBS through the EBS direct APIs (the ebs source, asyncio only)
-        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu", "ebs"])
+        # EBS through the EBS direct APIs (the ebs and ec2 sources, asyncio only)
+        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu", "ebs", "ec2"])
         cfg = ServerConfig(proxies=self.proxies or [local],
                            engine=self.runtime.settings)
         async with running_server(cfg) as server:

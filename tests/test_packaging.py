@@ -52,7 +52,7 @@ def test_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
                          timeout=120).stdout.split("\n")
     assert out[0].startswith(str(venv)), out
     assert out[1] == "FileSourcePlugin LocalBackendPlugin"
-    assert out[2] == str(sorted(["blockferry.plugins.aws:EbsSourcePlugin",
+    assert out[2] == str(sorted(["blockferry.plugins.aws:EbsSourcePlugin", "blockferry.plugins.aws:Ec2SourcePlugin",
                                  "blockferry.plugins.file_source:FileSourcePlugin",
                                  "blockferry.plugins.local:LocalBackendPlugin",
                                  "blockferry.plugins.qemu:QemuSourcePlugin",

@@ -168,7 +168,7 @@ class EbsDisk:
             return
         self._finished = True
         try:
-            await _cleanup(self.clients, self.url, str(self.volume), self.settings.chain, keep=None,
+            await cleanup(self.clients, self.url, str(self.volume), self.settings.chain, keep=None,
                            only=self.snapshot)
         except Exception as exc:
             log.warning("ebs_snapshot_not_deleted", snapshot=self.snapshot, error=str(exc))
@@ -184,15 +184,21 @@ class EbsDisk:
         snaps = got.get("Snapshots") or []
         return snaps[0] if snaps else None
 
-    async def _take_snapshot(self) -> dict[str, Any]:
+    async def _create(self) -> str:
+        """Take the volume's snapshot (CreateSnapshot, tagged); its id."""
         ec2 = self.clients.ec2
         tags = [{"Key": TAG, "Value": "1"}, {"Key": TAG_RUN, "Value": self.run},
                 {"Key": TAG_VOLUME, "Value": str(self.volume)}, {"Key": TAG_CHAIN, "Value": self.settings.chain}]
         got = await self.clients.call(f"{self.url}: CreateSnapshot", lambda: ec2.create_snapshot(
             VolumeId=self.volume, Description=f"blockferry backup of {self.volume} (run {self.run})",
             TagSpecifications=[{"ResourceType": "snapshot", "Tags": tags}]))
-        self.snapshot, self.created = got["SnapshotId"], True
-        log.info("ebs_snapshot_created", volume=self.volume, snapshot=self.snapshot, run=self.run)
+        log.info("ebs_snapshot_created", volume=self.volume, snapshot=got["SnapshotId"], run=self.run)
+        return str(got["SnapshotId"])
+
+    async def _take_snapshot(self) -> dict[str, Any]:
+        """The volume's snapshot, taken and waited for until completed."""
+        self.snapshot = await self._create()
+        self.created = True
         delay = self.settings.poll_interval
         with anyio.move_on_after(self.settings.snapshot_timeout):
             while True:
@@ -396,18 +402,18 @@ class EbsDisk:
             return
         self._finished = True
         async with AwsClients(self.region, self.settings) as clients:
-            await _cleanup(clients, self.url, str(self.volume), self.settings.chain,
+            await cleanup(clients, self.url, str(self.volume), self.settings.chain,
                            keep=self.snapshot if committed else None, only=None if committed else self.snapshot)
 
 
-async def _cleanup(clients: AwsClients, url: str, volume: str, chain: str, *, keep: str | None,
+async def cleanup(clients: AwsClients, url: str, volume: str, chain: str, *, keep: str | None,
                    only: str | None) -> list[str]:
     """Delete blockferry's snapshots of ``volume`` in ``chain``: ``only`` that one, or all but ``keep``."""
     ec2 = clients.ec2
     if only is not None:
         doomed = [only]
     else:
-        filters = [{"Name": f"tag:{TAG_VOLUME}", "Values": [volume]}, {"Name": f"tag:{TAG_CHAIN}", "Values": [chain]},
+        filters = [{"Name": "volume-id", "Values": [volume]}, {"Name": f"tag:{TAG_CHAIN}", "Values": [chain]},
                    {"Name": f"tag:{TAG}", "Values": ["1"]}]
         got = await clients.call(f"{url}: DescribeSnapshots of blockferry's", lambda: ec2.describe_snapshots(
             OwnerIds=["self"], Filters=filters))

@@ -168,9 +168,9 @@ class Aws:
         VOLUMES.setdefault(volume, {}).update(blocks)
 
     def snapshots_of(self, volume: str) -> list[str]:
-        """blockferry's snapshots of ``volume`` that exist (by tag)."""
+        """blockferry's snapshots of ``volume`` that exist (by its id and the tag)."""
         got = self.ec2.describe_snapshots(OwnerIds=["self"], Filters=[
-            {"Name": "tag:blockferry:volume", "Values": [volume]}])
+            {"Name": "volume-id", "Values": [volume]}, {"Name": "tag:blockferry", "Values": ["1"]}])
         return sorted(s["SnapshotId"] for s in got["Snapshots"])
 
     def exists(self, snapshot: str) -> bool:
