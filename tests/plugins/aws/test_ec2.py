@@ -119,3 +119,35 @@ async def test_urls_and_missing_instances(aws: Aws) -> None:
         await Ec2SourcePlugin().open(f"ec2://{REGION}/{instance}", aws.options)
     with pytest.raises(SourceError, match="not attached"):
         await Ec2SourcePlugin().open(f"ec2://{REGION}/{instance}/vol-0123456789abcdef0", aws.options)
+
+
+async def test_a_set_is_shared_while_its_disks_are_open_and_its_unclaimed_snapshots_deleted(
+        aws: Aws, calls: list[str]) -> None:
+    instance, root, data = launch(aws)
+    aws.write_volume(root, blocks_of(23, [0]))
+    aws.write_volume(data, blocks_of(24, [1]))
+    plugin = Ec2SourcePlugin()
+    a = await plugin.open(f"ec2://{REGION}/{instance}/{root}", aws.options)
+    b = await plugin.open(f"ec2://{REGION}/{instance}/{data}", aws.options)
+    try:
+        assert await a.data_extents() == [(0, EBS_BLOCK)]  # takes the set
+        assert calls == [instance] and len(aws.snapshots_of(data)) == 1
+        assert await b.data_extents() == [(EBS_BLOCK, EBS_BLOCK)]  # claims its snapshot from it
+        assert calls == [instance]
+    finally:
+        await a.aclose()
+        await b.aclose()
+    await a.finish(True)
+    await b.finish(True)
+    assert len(aws.snapshots_of(root)) == 1 and len(aws.snapshots_of(data)) == 1
+
+    # a disk whose partner never reads: the partner's snapshot goes when the set is let go
+    c = await plugin.open(f"ec2://{REGION}/{instance}/{root}", aws.options)
+    try:
+        await c.data_extents()
+        assert calls == [instance, instance] and len(aws.snapshots_of(data)) == 2
+    finally:
+        await c.aclose()
+    assert aws.snapshots_of(data) == [b.snapshot]  # the unclaimed one deleted, the base kept
+    await c.finish(False)
+    assert aws.snapshots_of(root) == [a.snapshot]
