@@ -97,7 +97,8 @@ _RETRY_CODES = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "To
                 "ServiceUnavailableException", "Unavailable", "RequestTimeout", "RequestTimeoutException",
                 "RequestThrottledException", "ConcurrentLimitExceededException", "SlowDown"}
 _NOT_FOUND = {"InvalidSnapshot.NotFound", "InvalidVolume.NotFound", "ResourceNotFoundException",
-              "InvalidSnapshotID.Malformed", "InvalidVolumeID.Malformed", "InvalidParameterValue"}
+              "InvalidSnapshotID.Malformed", "InvalidVolumeID.Malformed", "InvalidInstanceID.NotFound",
+              "InvalidInstanceID.Malformed"}
 _DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "AuthFailure",
            "InvalidClientTokenId", "SignatureDoesNotMatch", "ExpiredToken", "ExpiredTokenException",
            "UnrecognizedClientException", "OptInRequired", "Blocked"}

@@ -13,7 +13,7 @@ from typing import Any
 import blockferry
 import pytest
 from blockferry.datapath.source import Expands
-from blockferry.errors import SourceError
+from blockferry.errors import ConfigError, SourceError
 from blockferry.jobs.config import DiskSpec
 from blockferry.plugins.aws import Ec2SourcePlugin
 from blockferry.plugins.aws.ec2 import parse_url
@@ -151,3 +151,11 @@ async def test_a_set_is_shared_while_its_disks_are_open_and_its_unclaimed_snapsh
     assert aws.snapshots_of(data) == [b.snapshot]  # the unclaimed one deleted, the base kept
     await c.finish(False)
     assert aws.snapshots_of(root) == [a.snapshot]
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_refuses_to_run_on_trio_with_a_clear_error(anyio_backend: str) -> None:
+    for call in (Ec2SourcePlugin().open(f"ec2://{REGION}/i-0123456789abcdef0", {}),
+                 Ec2SourcePlugin().expand(f"ec2://{REGION}/i-0123456789abcdef0")):
+        with pytest.raises(ConfigError, match="asyncio only"):
+            await call
