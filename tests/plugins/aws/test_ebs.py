@@ -43,6 +43,7 @@ from moto.ebs.models import Block, EBSBackend
 from moto.ec2.models import EC2Backend
 
 from tests.plugins.aws.conftest import EBS_BLOCK, GiB, MiB, REGION, Aws
+from tests.plugins.s3proxy import FaultProxy, Rule
 
 pytestmark = pytest.mark.anyio
 ZERO = bytes(EBS_BLOCK)
@@ -344,6 +345,29 @@ async def test_throttled_requests_are_retried_and_counted(aws: Aws, monkeypatch:
         assert info.value.transient
     finally:
         await disk.aclose()
+
+
+async def test_503_answers_and_dropped_connections_are_retried(aws: Aws, repo: str, tmp_path: Path) -> None:
+    """moto behind the fault-injecting HTTP proxy of the s3 tests: GetSnapshotBlock answered 503
+    twice and its connection dropped once, ListSnapshotBlocks answered 503 once; the backup
+    succeeds, bit-exact."""
+    blocks = blocks_of(17, [0, 1, 2, 3, 40])
+    snap = aws.write_snapshot(1, blocks)
+    proxy = FaultProxy(upstream=aws.endpoint)
+    proxy.start()
+    try:
+        got_block = proxy.add(Rule(lambda op, path: "/blocks/" in path, "slowdown", times=2))
+        dropped = proxy.add(Rule(lambda op, path: "/blocks/" in path, "drop", times=1))
+        listed = proxy.add(Rule(lambda op, path: path.endswith("/blocks"), "slowdown", times=1))
+        async with blockferry.open_repository(repo) as r:
+            session = await r.backup([DiskSpec(source=f"ebs://{REGION}/{snap}", name="root",
+                                               options={**aws.options, "endpoint_url": proxy.endpoint})],
+                                     name="vm", retries=0)
+        assert session.state == "success", session
+        assert (got_block.fired, dropped.fired, listed.fired) == (2, 1, 1)
+    finally:
+        proxy.stop()
+    await restored_matches(repo, tmp_path, "latest", GiB, blocks)
 
 
 async def test_blocks_in_flight_are_many_and_bounded(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
