@@ -169,7 +169,7 @@ class EbsDisk:
         self._finished = True
         try:
             await cleanup(self.clients, self.url, str(self.volume), self.settings.chain, keep=None,
-                           only=self.snapshot)
+                          only=self.snapshot)
         except Exception as exc:
             log.warning("ebs_snapshot_not_deleted", snapshot=self.snapshot, error=str(exc))
 
@@ -347,7 +347,7 @@ class EbsDisk:
                 if data is None:
                     view[done:done + n] = bytes(n)
                 else:
-                    view[done:done + n] = data[within:within + n]
+                    view[done:done + n] = memoryview(data)[within:within + n]
                 done += n
                 pos += n
             if pos >= end:
@@ -403,11 +403,11 @@ class EbsDisk:
         self._finished = True
         async with AwsClients(self.region, self.settings) as clients:
             await cleanup(clients, self.url, str(self.volume), self.settings.chain,
-                           keep=self.snapshot if committed else None, only=None if committed else self.snapshot)
+                          keep=self.snapshot if committed else None, only=None if committed else self.snapshot)
 
 
 async def cleanup(clients: AwsClients, url: str, volume: str, chain: str, *, keep: str | None,
-                   only: str | None) -> list[str]:
+                  only: str | None) -> list[str]:
     """Delete blockferry's snapshots of ``volume`` in ``chain``: ``only`` that one, or all but ``keep``."""
     ec2 = clients.ec2
     if only is not None:
