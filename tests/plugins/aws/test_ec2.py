@@ -14,7 +14,8 @@ import blockferry
 import pytest
 from blockferry.datapath.source import Expands
 from blockferry.errors import ConfigError, SourceError
-from blockferry.jobs.config import DiskSpec
+from blockferry.actors.server import running_server
+from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
 from blockferry.plugins.aws import Ec2SourcePlugin
 from blockferry.plugins.aws.ec2 import parse_url
 from moto.ec2.models import EC2Backend
@@ -159,3 +160,25 @@ async def test_refuses_to_run_on_trio_with_a_clear_error(anyio_backend: str) -> 
                  Ec2SourcePlugin().expand(f"ec2://{REGION}/i-0123456789abcdef0")):
         with pytest.raises(ConfigError, match="asyncio only"):
             await call
+
+
+async def test_a_server_job_over_an_instance_on_a_proxy_with_the_ec2_transport(
+        aws: Aws, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the daemon runs jobs: a proxy configured with the ``ec2`` transport, a job whose object
+    is an instance (its options carry the settings), expanded when the job starts."""
+    monkeypatch.setenv("BLOCKFERRY_AWS_ENDPOINT_URL", aws.endpoint)  # expansion takes no options
+    instance, root, data = launch(aws)
+    aws.write_volume(root, blocks_of(25, [0]))
+    aws.write_volume(data, blocks_of(26, [3]))
+    repo = str(tmp_path / "repo")
+    await blockferry.init_repository(repo)
+    cfg = ServerConfig(proxies=[ProxyConfig(name="aws-proxy", transports=["ec2"])])
+    spec = JobSpec(name="web-nightly", repository="main", retries=0, objects=[
+        ObjectSpec(name="web", disks=[DiskSpec(source=f"ec2://{REGION}/{instance}", options=aws.options)])])
+    async with running_server(cfg) as server:
+        await server.add_repository(RepositorySettings(name="main", url=repo))
+        session = await (await server.run_job(spec)).result()
+    assert session.state == "success", session
+    disks = {d.name: d for d in session.objects[0].disks}
+    assert set(disks) == {root, data} and {d.proxy for d in disks.values()} == {"aws-proxy"}
+    assert disks[data].stats.read_bytes == MiB
