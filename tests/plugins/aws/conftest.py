@@ -39,7 +39,7 @@ from typing import Any
 import boto3
 import pytest
 from moto.ebs import models as ebs_models
-from moto.ebs.models import Block, EBSBackend, EBSSnapshot, ebs_backends
+from moto.ebs.models import EBSBackend, EBSSnapshot, ebs_backends
 from moto.ec2.models import EC2Backend
 from moto.server import ThreadedMotoServer
 
