@@ -74,6 +74,10 @@ class TargetMover(Actor[MoverInbox]):
     async def _work(self) -> None:
         try:
             await self._write()
+        except anyio.get_cancelled_exc_class():
+            # cancelled from outside: the job waiting for the move learns it ended now
+            self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
+            raise
         finally:
             self._drain()
         if not self.done.done:

@@ -32,6 +32,7 @@ from blockferry.datapath.hints import check_within, load_hints
 from blockferry.datapath.prepare import prepare_chunks, wants_preparing
 from blockferry.errors import ConfigError, NotFoundError, plain_errors
 from blockferry.jobs.config import (
+    ANY_TRANSPORT,
     DiskSpec,
     JobSpec,
     ObjectSpec,
@@ -240,8 +241,9 @@ class Repository:
         from blockferry.actors.server import running_server
 
         validated(spec)
-        # the embedded proxy runs here: it reaches local files and local QEMU sockets alike
-        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu"])
+        # the embedded proxy runs in this process and reaches every source it can open: local
+        # files and QEMU sockets, EBS through its APIs, whatever a plugin installed offers
+        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=[ANY_TRANSPORT])
         cfg = ServerConfig(proxies=self.proxies or [local],
                            engine=self.runtime.settings)
         async with running_server(cfg) as server:

@@ -29,18 +29,22 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_NAME_P
 Days = Annotated[int, msgspec.Meta(ge=1, le=36500)]
 
 
+#: in a proxy's ``transports``: every source scheme (the embedded API's in-process proxy)
+ANY_TRANSPORT = "*"
+
+
 class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True):
     """A proxy: where source movers run, how many at once, what they can reach."""
 
     name: Name
     max_tasks: Positive = 4
-    #: source URL schemes this proxy can read (``file``, ``qemu``...)
+    #: source URL schemes this proxy can read (``file``, ``qemu``...; ``*`` for all)
     transports: list[str] = msgspec.field(default_factory=lambda: ["file"])
     #: path or URL prefixes this proxy can reach; empty means everything its transports can
     reach: list[str] = msgspec.field(default_factory=list)
 
     def can_reach(self, url: str, scheme: str) -> bool:
-        if scheme not in self.transports:
+        if scheme not in self.transports and ANY_TRANSPORT not in self.transports:
             return False
         if not self.reach:
             return True
