@@ -74,6 +74,10 @@ class TargetMover(Actor[MoverInbox]):
     async def _work(self) -> None:
         try:
             await self._write()
+        except anyio.get_cancelled_exc_class():
+            # the whole run is cancelled from outside (see SourceMover._work)
+            self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
+            raise
         finally:
             self._drain()
         if not self.done.done:
