@@ -229,7 +229,7 @@ class Repository:
         from blockferry.actors.server import running_server
 
         # the embedded proxy runs here: it reaches local files and local QEMU sockets alike
-        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu"])
+        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu", "vsphere"])
         cfg = ServerConfig(proxies=self.proxies or [local],
                            engine=self.runtime.settings)
         async with running_server(cfg) as server:
