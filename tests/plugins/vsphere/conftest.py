@@ -14,6 +14,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from blockferry.plugins.vsphere.source import PASSWORD_ENV
+
+from tests.plugins.vsphere.vsim import SimClient
 
 HERE = Path(__file__).resolve().parent
 MAIN = HERE / "vcsim" / "main.go"
@@ -89,3 +92,17 @@ def vcsim() -> Iterator[Simulator]:
             proc.kill()
             proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sim(vcsim: Simulator) -> Iterator[SimClient]:
+    """The tests' own client of the simulator (to prepare VMs and look at their snapshots)."""
+    client = SimClient(vcsim.host, vcsim.port, vcsim.user, vcsim.password)
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def password(vcsim: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plugin's password, from the environment as a user would give it."""
+    monkeypatch.setenv(PASSWORD_ENV, vcsim.password)

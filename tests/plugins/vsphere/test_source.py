@@ -59,13 +59,6 @@ class SimVM:
     disks: dict[int, bytes] = field(default_factory=dict)
 
 
-@pytest.fixture(scope="session")
-def sim(vcsim: Simulator) -> Iterator[SimClient]:
-    client = SimClient(vcsim.host, vcsim.port, vcsim.user, vcsim.password)
-    yield client
-    client.close()
-
-
 def _prepare(sim: SimClient, vcsim: Simulator, name: str, sizes: Sequence[int], seed: int) -> SimVM:
     vm = sim.vm(name)
     first = sim.disks(vm)[0]
@@ -89,11 +82,6 @@ def two_disk_vm(sim: SimClient, vcsim: Simulator) -> SimVM:
 @pytest.fixture(scope="session")
 def one_disk_vm(sim: SimClient, vcsim: Simulator) -> SimVM:
     return _prepare(sim, vcsim, "DC0_C0_RP0_VM1", [2 * MiB], seed=7)
-
-
-@pytest.fixture(autouse=True)
-def password(vcsim: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(PASSWORD_ENV, vcsim.password)
 
 
 async def _repo(path: Path) -> str:
