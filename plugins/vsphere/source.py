@@ -321,7 +321,9 @@ class VSphereSourcePlugin:
         try:
             async with st.lock:
                 if st.vc is None:
-                    vc = await st.call(VCenter, ep)
+                    # shielded: a session opened while the task is cancelled is still logged out
+                    with anyio.CancelScope(shield=True):
+                        vc = await st.call(VCenter, ep)
                     try:
                         st.vm = await st.call(vc.find_vm, parsed.vm)
                     except BaseException:
@@ -418,7 +420,11 @@ class VSphereSourcePlugin:
             if not orphan:
                 log.info("snapshot_kept", vm=st.ident, snapshot=node.name, reason=why)
                 continue
-            await st.call(st.vc.remove_snapshot, node.snapshot)
+            try:
+                await st.call(st.vc.remove_snapshot, node.snapshot)
+            except SourceError as exc:  # not this run's to fail for: the next run tries again
+                log.error("orphan_snapshot_remove_failed", vm=st.ident, snapshot=node.name, error=str(exc))
+                continue
             st.orphans_removed.append(node.name)
             log.warning("orphan_snapshot_removed", vm=st.ident, snapshot=node.name, reason=why)
 

@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +43,12 @@ def _cache_dir() -> Path:
     return Path(base) / "blockferry-tests"
 
 
+def cached_binary(source: bytes, go_version: str) -> Path:
+    """Where the build of ``source`` by that Go is cached: a new source, a new build."""
+    key = hashlib.sha256(source + go_version.encode()).hexdigest()[:16]
+    return _cache_dir() / f"vcsim-{key}" / "vcsim"
+
+
 def build_simulator() -> Path:
     """The simulator's binary, built from main.go unless a build of the same source (and Go
     version) is cached. Fails, never skips, when Go or govmomi's source is missing."""
@@ -52,8 +59,7 @@ def build_simulator() -> Path:
         pytest.fail(f"the vSphere simulator needs govmomi's source in {GOVMOMI}: run scripts/system-packages "
                     "(installs golang-github-vmware-govmomi-dev)")
     version = subprocess.run([go, "version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(MAIN.read_bytes() + version.encode()).hexdigest()[:16]
-    binary = _cache_dir() / f"vcsim-{key}" / "vcsim"
+    binary = cached_binary(MAIN.read_bytes(), version)
     if binary.exists():
         return binary
     binary.parent.mkdir(parents=True, exist_ok=True)
@@ -73,13 +79,16 @@ def vcsim() -> Iterator[Simulator]:
     LocalDS_0) on 127.0.0.1, login backup/s3cret, plain HTTP. Stopped (by its own pid) at the end."""
     binary = build_simulator()
     workdir = tempfile.mkdtemp(prefix="blockferry-vcsim-")  # the datastores' files go under TMPDIR
-    proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env={**os.environ, "TMPDIR": workdir})
+    log = Path(workdir) / "vcsim.log"  # its panics, if any, go there
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                text=True, env={**os.environ, "TMPDIR": workdir})
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()  # printed once it listens
         if not line:
-            pytest.fail(f"the vSphere simulator exited with {proc.wait(timeout=10)} before serving")
+            pytest.fail(f"the vSphere simulator exited with {proc.wait(timeout=10)} before serving:\n"
+                        f"{log.read_text(errors='replace')[-2000:]}")
         u = urlsplit(line)
         assert u.hostname and u.port and u.username and u.password, line
         yield Simulator(host=u.hostname, port=u.port, user=u.username, password=u.password)
@@ -91,6 +100,8 @@ def vcsim() -> Iterator[Simulator]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if "panic" in log.read_text(errors="replace"):  # a request crashed the simulator: show why
+            print(f"the vSphere simulator panicked:\n{log.read_text(errors='replace')[-4000:]}", file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
