@@ -11,7 +11,10 @@ URLs
 * options (in the query, or the job's disk options): ``protocol`` (``https``, the default, or
   ``http``), ``insecure=1`` (do not verify the TLS certificate: for test set-ups only),
   ``transport`` (how disks are read, see :mod:`.transport`; ``http`` by default),
-  ``password_file`` (a file holding the password), ``orphan_hours`` (see below).
+  ``password_file`` (a file holding the password), ``orphan_hours`` (see below), ``quiesce``
+  (``off``, the default: crash-consistent; ``try``: quiesce the guest through VMware Tools and,
+  if that fails, fall back to a crash-consistent snapshot, saying so; ``require``: a failure to
+  quiesce fails the VM's disks).
 
 Credentials never come from the URL or the command line: the user is the URL's or
 ``BLOCKFERRY_VSPHERE_USER``; the password is read from ``password_file`` (an option), else from
@@ -20,8 +23,8 @@ daemon configuration, never a URL query, which is refused).
 
 Per VM
 ------
-The first disk of a VM that starts reading creates a VM snapshot (crash-consistent: no memory,
-not quiesced) named ``blockferry-<run id>`` whose description records its owner (host, pid, run);
+The first disk of a VM that starts reading creates a VM snapshot (no memory; quiesced only as
+the ``quiesce`` option says) named ``blockferry-<run id>`` whose description records its owner (host, pid, run);
 the other disks of the VM open meanwhile read from the same snapshot; the last one to close
 removes it. Removal is always tried, also when a read failed or the task was cancelled (in a
 shielded cancel scope); a removal that fails is logged and left to the next run. Each disk is
@@ -37,7 +40,7 @@ metadata, with the snapshot and transport that served them.
 pyvmomi is synchronous: its calls run in worker threads (``anyio.to_thread``) under a limiter of
 their own per VM, never on the event loop (:mod:`.vcenter`).
 
-Not here yet (issue 23): changed block tracking, quiesced snapshots, VDDK transports, inventory
+Not here yet (issue 23): changed block tracking, VDDK transports, inventory
 containers (folders, clusters, tags), restore to vSphere.
 """
 
@@ -144,6 +147,13 @@ def endpoint_of(parsed: VSphereUrl, options: Mapping[str, str]) -> Endpoint:
                     protocol=parsed.protocol, verify=not _flag(options.get("insecure")))
 
 
+def quiesce_mode(options: Mapping[str, str]) -> str:
+    mode = options.get("quiesce", "off")
+    if mode not in ("off", "try", "require"):
+        raise ConfigError(f"quiesce must be off, try or require, not {mode!r}")
+    return mode
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -169,6 +179,9 @@ class VmState:
     snapshot: Any = None
     snapshot_name: str = ""
     snapshot_users: int = 0  #: disks reading from the snapshot
+    #: ``application`` (quiesced) or ``crash``, and why not quiesced when it was asked for
+    consistency: str = "crash"
+    quiesce_error: str = ""
     orphans_removed: list[str] = field(default_factory=list)
 
     @property
@@ -243,7 +256,9 @@ class VSphereDisk:
         )
         self.reader = await transport(self.options.get("transport", "http"))(loc)
         self.metadata.update({"snapshot": st.snapshot_name, "snapshot_id": st.snapshot._moId, "file": file,
-                              "transport": self.reader.mode})
+                              "transport": self.reader.mode, "consistency": st.consistency})
+        if st.quiesce_error:
+            self.metadata["quiesce_error"] = st.quiesce_error
         if st.orphans_removed:
             self.metadata["orphan_snapshots_removed"] = list(st.orphans_removed)
         log.info("disk_reading", vm=st.ident, disk=self.key, file=file, transport=self.reader.mode,
@@ -349,6 +364,7 @@ class VSphereSourcePlugin:
     async def open(self, url: str, options: Mapping[str, Any]) -> VSphereDisk:
         parsed = parse_url(url)
         opts = self._options(parsed, options)
+        quiesce_mode(opts)  # bad input fails at the job's pre-flight check, not in the task
         st = await self._state(parsed, opts)
         try:
             assert st.vc is not None
@@ -440,13 +456,32 @@ class VSphereSourcePlugin:
                 await self._remove_orphans(st, max_hours)
                 run = options.get("session") or RUN_ID
                 name = f"{SNAPSHOT_PREFIX}{run}"
-                # shielded: a snapshot created while the task is cancelled must still be known,
-                # so that it is removed
-                with anyio.CancelScope(shield=True):
-                    st.snapshot = await st.call(st.vc.create_snapshot, st.vm, name, self._owner(run))
+                st.snapshot = await self._create(st, name, run, quiesce_mode(options))
                 st.snapshot_name = name
-                log.info("snapshot_created", vm=st.ident, snapshot=name, id=st.snapshot._moId)
+                log.info("snapshot_created", vm=st.ident, snapshot=name, id=st.snapshot._moId,
+                         consistency=st.consistency)
             st.snapshot_users += 1
+
+    async def _create(self, st: VmState, name: str, run: str, quiesce: str) -> Any:
+        """Create the snapshot, quiesced as ``quiesce`` says; sets ``st.consistency``. Shielded: a
+        snapshot created while the task is cancelled must still be known, so that it is removed."""
+        assert st.vc is not None
+        create = functools.partial(st.vc.create_snapshot, st.vm, name, self._owner(run))
+        if quiesce != "off":
+            try:
+                with anyio.CancelScope(shield=True):
+                    snap = await st.call(functools.partial(create, quiesce=True))
+                st.consistency = "application"
+                return snap
+            except SourceError as exc:
+                if quiesce == "require":
+                    raise SourceError(f"{st.label}: quiescing the guest failed (quiesce=require): {exc}") from exc
+                st.quiesce_error = str(exc)
+                log.warning("quiesce_failed", vm=st.ident, error=str(exc), fallback="crash-consistent snapshot")
+        with anyio.CancelScope(shield=True):
+            snap = await st.call(create)
+        st.consistency = "crash"
+        return snap
 
     async def _release_snapshot(self, st: VmState) -> None:
         """One disk less on the snapshot; the last removes it (shielded: also when cancelled)."""

@@ -175,11 +175,13 @@ class VCenter:
 
     # -- snapshots ------------------------------------------------------------------------------
 
-    def create_snapshot(self, vm: Any, name: str, owner: dict[str, Any]) -> Any:
-        """A crash-consistent snapshot (no memory, not quiesced) named ``name``; ``owner`` goes
-        into its description (JSON) so a later run can tell whether its maker is still alive."""
-        with faults(f"{self.endpoint}: snapshot of VM {vm._moId}"):
-            task = vm.CreateSnapshot_Task(name=name, description=json.dumps(owner), memory=False, quiesce=False)
+    def create_snapshot(self, vm: Any, name: str, owner: dict[str, Any], *, quiesce: bool = False) -> Any:
+        """A snapshot without memory named ``name``, quiesced through VMware Tools if asked (a
+        failure to quiesce raises); ``owner`` goes into its description (JSON) so a later run
+        can tell whether its maker is still alive."""
+        what = f"{self.endpoint}: {'quiesced ' if quiesce else ''}snapshot of VM {vm._moId}"
+        with faults(what):
+            task = vm.CreateSnapshot_Task(name=name, description=json.dumps(owner), memory=False, quiesce=quiesce)
             return self.wait(task)
 
     def wait(self, task: Any) -> Any:

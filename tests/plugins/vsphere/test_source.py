@@ -27,6 +27,7 @@ from blockferry.jobs.config import DiskSpec
 from blockferry.plugins.vsphere import VSphereSourcePlugin
 from blockferry.plugins.vsphere.source import PASSWORD_ENV
 from blockferry.plugins.vsphere.transport import DiskLocation, DiskReader, HttpDatastoreReader, register_transport
+from blockferry.plugins.vsphere.vcenter import VCenter
 from blockferry.registry import source_plugin
 
 from tests.conftest import KiB, MiB
@@ -57,6 +58,12 @@ class SimVM:
     url: str
     #: per disk key: the bytes the disk reads as (its whole capacity)
     disks: dict[int, bytes] = field(default_factory=dict)
+    #: what the test put on the datastore: file → contents
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    def put_files(self, sim: SimClient) -> None:
+        for path, data in self.files.items():
+            sim.put_file(path, data)
 
 
 def _prepare(sim: SimClient, vcsim: Simulator, name: str, sizes: Sequence[int], seed: int) -> SimVM:
@@ -68,8 +75,9 @@ def _prepare(sim: SimClient, vcsim: Simulator, name: str, sizes: Sequence[int], 
     out = SimVM(name=name, url=vcsim.url(name))
     for i, d in enumerate(sim.disks(vm)):
         data = contents(d.capacityInBytes, seed + i)
-        sim.put_file(d.backing.fileName, data)
+        out.files[d.backing.fileName] = data
         out.disks[d.key] = data + bytes(d.capacityInBytes - len(data))
+    out.put_files(sim)
     return out
 
 
@@ -319,6 +327,9 @@ async def test_orphan_snapshots_of_dead_runs_are_removed_by_the_next_run(one_dis
         assert sim.snapshot_names(sim.vm(one_disk_vm.name)) == ["blockferry-far-recent", "blockferry-live", "nightly"]
     finally:
         sim.remove_all_snapshots(sim.vm(one_disk_vm.name))
+        # this simulator's RemoveAllSnapshots of three or more snapshots deletes the VM's disk
+        # file too (seen with version 0.24; blockferry never calls it): put it back for the next tests
+        one_disk_vm.put_files(sim)
 
 
 # -- bad input ----------------------------------------------------------------------------------------
@@ -362,3 +373,63 @@ async def test_bad_input_gives_clear_errors(one_disk_vm: SimVM, vcsim: Simulator
             await r.backup([DiskSpec(source=vcsim.url("no-such-vm"))])
         assert await r.points() == []
     assert not os.environ.get("BLOCKFERRY_VSPHERE_USER")
+
+
+# -- quiescing ----------------------------------------------------------------------------------------
+
+
+async def test_a_quiesced_snapshot_when_asked(one_disk_vm: SimVM, sim: SimClient) -> None:
+    plugin = source_plugin(one_disk_vm.url)
+    disk = await plugin.open(f"{one_disk_vm.url}&quiesce=require", {})
+    try:
+        (data,) = one_disk_vm.disks.values()
+        buf = bytearray(4096)
+        assert await disk.read_into(0, [buf]) == 4096 and buf == data[:4096]
+        (node,) = sim.snapshots(sim.vm(one_disk_vm.name))
+        assert node.quiesced is True
+        assert disk.metadata["consistency"] == "application"
+    finally:
+        await disk.aclose()
+    assert sim.snapshot_names(sim.vm(one_disk_vm.name)) == []
+    with pytest.raises(ConfigError, match="quiesce must be off, try or require"):
+        await plugin.open(f"{one_disk_vm.url}&quiesce=maybe", {})
+
+
+@pytest.fixture
+def tools_not_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quiescing fails as on a VM whose VMware Tools do not run (the simulator quiesces nothing,
+    so the failure is injected where vCenter's fault would arrive)."""
+    create = VCenter.create_snapshot
+
+    def failing(self: VCenter, vm: Any, name: str, owner: dict[str, Any], *, quiesce: bool = False) -> Any:
+        if quiesce:
+            raise SourceError(f"{self.endpoint}: quiesced snapshot of VM {vm._moId}: vCenter refused: "
+                              "VMware Tools is not running")
+        return create(self, vm, name, owner, quiesce=quiesce)
+
+    monkeypatch.setattr(VCenter, "create_snapshot", failing)
+
+
+async def test_quiesce_try_falls_back_to_crash_consistent(one_disk_vm: SimVM, sim: SimClient, tmp_path: Path,
+                                                          tools_not_running: None) -> None:
+    repo = await _repo(tmp_path / "repo")
+    async with blockferry.open_repository(repo) as r:
+        session = await r.backup([f"{one_disk_vm.url}&quiesce=try"])
+        assert session.state == "success", session
+        m = await r.point(session.points[0])
+    meta = m.disks[0].metadata
+    assert meta["consistency"] == "crash"
+    assert "VMware Tools is not running" in meta["quiesce_error"]
+    assert sim.snapshot_names(sim.vm(one_disk_vm.name)) == []
+
+
+async def test_quiesce_require_fails_the_vm(one_disk_vm: SimVM, sim: SimClient, tmp_path: Path,
+                                            tools_not_running: None) -> None:
+    repo = await _repo(tmp_path / "repo")
+    async with blockferry.open_repository(repo) as r:
+        session = await r.backup([f"{one_disk_vm.url}&quiesce=require"], retries=0)
+        assert session.state == "failed", session
+        assert await r.points() == []
+    error = session.objects[0].error or ""
+    assert "quiescing the guest failed (quiesce=require)" in error and "VMware Tools is not running" in error
+    assert sim.snapshot_names(sim.vm(one_disk_vm.name)) == []
