@@ -229,9 +229,47 @@ class VCenter:
         with faults(f"{self.endpoint}: snapshot {snapshot._moId}"):
             self.wait(snapshot.RemoveSnapshot_Task(removeChildren=False, consolidate=True))
 
+    # -- changed block tracking ---------------------------------------------------------------
+
+    def change_tracking_enabled(self, vm: Any) -> bool:
+        with faults(f"{self.endpoint}: VM {vm._moId}"):
+            return bool(vm.config.changeTrackingEnabled)
+
+    def enable_change_tracking(self, vm: Any) -> None:
+        """Turn changed block tracking on (it starts with the next snapshot)."""
+        with faults(f"{self.endpoint}: enabling change tracking on VM {vm._moId}"):
+            self.wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True)))
+
+    def changed_areas(self, vm: Any, snapshot: Any, key: int, change_id: str, capacity: int) -> list[tuple[int, int]]:
+        """``QueryChangedDiskAreas`` over the whole disk: the areas changed since ``change_id``
+        (``*``: every allocated area) as of ``snapshot``. ChangeTrackingReset when vCenter
+        refuses the change id."""
+        what = f"{self.endpoint}: changed areas of disk {key} of VM {vm._moId}"
+        out: list[tuple[int, int]] = []
+        start = 0
+        with faults(what):
+            while start < capacity:
+                try:
+                    info = vm.QueryChangedDiskAreas(snapshot=snapshot, deviceKey=key, startOffset=start,
+                                                    changeId=change_id)
+                except (vmodl.fault.InvalidArgument, vim.fault.FileFault) as exc:
+                    raise ChangeTrackingReset(f"{what}: change id {change_id!r} refused: "
+                                              f"{exc.msg or type(exc).__name__}") from exc
+                out.extend((int(a.start), int(a.length)) for a in info.changedArea or [])
+                end = int(info.startOffset) + int(info.length)
+                if end <= start:
+                    break
+                start = end
+        return out
+
     def snapshot_config(self, snapshot: Any) -> Any:
         with faults(f"{self.endpoint}: snapshot {snapshot._moId}"):
             return snapshot.config
+
+
+class ChangeTrackingReset(SourceError):
+    """vCenter refused a change id: the disk's tracking was reset since (VM restored, moved,
+    tracking turned off and on), so the changes since then cannot be known."""
 
 
 def owner_of(description: str) -> dict[str, Any] | None:

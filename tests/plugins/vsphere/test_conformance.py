@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from blockferry.datapath.source import Expands
+from blockferry.datapath.source import ChangeTracking, Expands
 from blockferry.plugins.vsphere import VSphereSourcePlugin
 
 from tests.conformance import SourceConformance, image_bytes
@@ -53,7 +53,7 @@ class TestVSphereSource(SourceConformance):
 
     @pytest.fixture
     def declared_capabilities(self) -> set[type]:
-        return {Expands}
+        return {Expands, ChangeTracking}
 
     @pytest.fixture
     def source_options(self) -> dict[str, Any]:

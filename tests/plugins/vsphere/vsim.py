@@ -86,3 +86,6 @@ class SimClient:
 
     def remove_all_snapshots(self, vm: Any) -> None:
         WaitForTask(vm.RemoveAllSnapshots_Task())
+
+    def set_change_tracking(self, vm: Any, on: bool) -> None:
+        WaitForTask(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=on)))
