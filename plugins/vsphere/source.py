@@ -24,8 +24,8 @@ daemon configuration, never a URL query, which is refused).
 Per VM
 ------
 The first disk of a VM that starts reading creates a VM snapshot (no memory; quiesced only as
-the ``quiesce`` option says) named ``blockferry-<run id>`` whose description records its owner (host, pid, run);
-the other disks of the VM open meanwhile read from the same snapshot; the last one to close
+the ``quiesce`` option says) named ``blockferry-<run id>``, whose description records its owner
+(host, pid, run); the other disks of the VM open meanwhile read from the same snapshot; the last one to close
 removes it. Removal is always tried, also when a read failed or the task was cancelled (in a
 shielded cancel scope); a removal that fails is logged and left to the next run. Each disk is
 read from the snapshot's configuration (the disk files as they were when it was taken).
@@ -237,8 +237,9 @@ class VmState:
 
 class VSphereDisk:
     """One virtual disk of a VM, between :meth:`VSphereSourcePlugin.open` and :meth:`aclose`.
-    The snapshot is taken lazily, at the first :meth:`data_extents` or read, so opening only to
-    check a source changes nothing on the VM."""
+    The snapshot is taken lazily, at the first :meth:`changed_extents`, :meth:`data_extents` or
+    read, so opening only to check a source changes nothing on the VM. Offers
+    :class:`~blockferry.datapath.source.ChangeTracking` (VMware CBT)."""
 
     def __init__(self, plugin: VSphereSourcePlugin, state: VmState, parsed: VSphereUrl, key: int, name: str,
                  size: int, config: dict[str, Any], options: Mapping[str, str]) -> None:

@@ -65,6 +65,7 @@ def build_simulator() -> Path:
     binary.parent.mkdir(parents=True, exist_ok=True)
     tmp = binary.with_name(f"vcsim.{os.getpid()}")
     env = {**os.environ, "GO111MODULE": "off", "GOPATH": str(GOPATH)}
+    env.setdefault("GOCACHE", str(_cache_dir() / "go-build"))  # Go needs one; HOME may be unset
     r = subprocess.run([go, "build", "-o", str(tmp), str(MAIN)], capture_output=True, text=True, env=env,
                        cwd=MAIN.parent, timeout=600)
     if r.returncode:
