@@ -23,7 +23,7 @@ import blockferry
 import pytest
 from blockferry.datapath.source import Buffer, Expands, SourceDisk
 from blockferry.errors import ConfigError, SourceError
-from blockferry.jobs.config import DiskSpec
+from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec
 from blockferry.plugins.vsphere import VSphereSourcePlugin
 from blockferry.plugins.vsphere.source import PASSWORD_ENV
 from blockferry.plugins.vsphere.transport import DiskLocation, DiskReader, HttpDatastoreReader, register_transport
@@ -333,6 +333,34 @@ async def test_orphan_snapshots_of_dead_runs_are_removed_by_the_next_run(one_dis
 
 
 # -- bad input ----------------------------------------------------------------------------------------
+
+
+async def test_a_vm_whose_disk_file_is_gone_fails_alone(one_disk_vm: SimVM, sim: SimClient, vcsim: Simulator,
+                                                        tmp_path: Path) -> None:
+    """One job, two VMs: the one whose disk file is gone from its datastore fails with a message
+    saying so; the other gets its point; neither keeps a snapshot."""
+    lost = "DC0_C0_RP0_VM0"
+    (d,) = sim.disks(sim.vm(lost))
+    sim.put_file(d.backing.fileName, b"x")  # present, whatever earlier tests did
+    sim.delete_file(d.backing.fileName)
+    spec = JobSpec(name="two vms", repository="repository", retries=0, objects=[
+        ObjectSpec(name="ok", disks=[DiskSpec(source=one_disk_vm.url)]),
+        ObjectSpec(name="lost", disks=[DiskSpec(source=vcsim.url(lost))]),
+    ])
+    repo = await _repo(tmp_path / "repo")
+    try:
+        async with blockferry.open_repository(repo) as r:
+            session = await r.run_job(spec)
+            ok, gone = session.objects
+            assert ok.name == "ok" and ok.state == "done" and ok.point, ok
+            assert gone.name == "lost" and gone.state == "failed" and gone.point is None, gone
+            assert f"{d.backing.fileName} not found on datastore LocalDS_0" in (gone.error or ""), gone.error
+            (res,) = await r.restore(ok.point, tmp_path / "out")
+            assert (tmp_path / "out" / res.disk).read_bytes() == next(iter(one_disk_vm.disks.values()))
+        for vm in (one_disk_vm.name, lost):
+            assert sim.snapshot_names(sim.vm(vm)) == [], vm
+    finally:
+        sim.put_file(d.backing.fileName, b"x")
 
 
 async def test_bad_input_gives_clear_errors(one_disk_vm: SimVM, vcsim: Simulator, tmp_path: Path,

@@ -4,6 +4,7 @@ make): find VMs, give them disks, put disk contents on the datastore, look at sn
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from typing import Any
 from urllib.parse import quote
@@ -65,11 +66,7 @@ class SimClient:
     def snapshots(self, vm: Any) -> list[Any]:
         # through the property collector: reading ``vm.snapshot`` while it is unset makes this
         # simulator's Fetch panic
-        spec = vmodl.query.PropertyCollector.FilterSpec(
-            objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=vm)],
-            propSet=[vmodl.query.PropertyCollector.PropertySpec(type=vim.VirtualMachine, pathSet=["snapshot"])])
-        result = self.content.propertyCollector.RetrievePropertiesEx([spec], vmodl.query.PropertyCollector.RetrieveOptions())
-        info = next((p.val for o in (result.objects if result else []) for p in o.propSet or []), None)
+        info = self.prop(vm, "snapshot")
         out, todo = [], list(info.rootSnapshotList) if info else []
         while todo:
             node = todo.pop()
@@ -89,3 +86,23 @@ class SimClient:
 
     def set_change_tracking(self, vm: Any, on: bool) -> None:
         WaitForTask(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=on)))
+
+    def prop(self, obj: Any, path: str) -> Any:
+        """A property through the property collector (None when unset)."""
+        spec = vmodl.query.PropertyCollector.FilterSpec(
+            objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=obj)],
+            propSet=[vmodl.query.PropertyCollector.PropertySpec(type=type(obj), pathSet=[path])])
+        result = self.content.propertyCollector.RetrievePropertiesEx([spec], vmodl.query.PropertyCollector.RetrieveOptions())
+        return next((p.val for o in (result.objects if result else []) for p in o.propSet or []), None)
+
+    def wait(self, task: Any) -> None:
+        """Wait for a task by its state alone (this simulator fills some tasks' ``info.entity``
+        with objects pyVim's WaitForTask cannot decode)."""
+        while (state := self.prop(task, "info.state")) not in ("success", "error"):
+            time.sleep(0.01)
+        assert state == "success", self.prop(task, "info.error")
+
+    def delete_file(self, datastore_path: str) -> None:
+        """Remove a datastore file (as a datastore gone or a disk file lost would leave a VM)."""
+        (dc,) = [e for e in self.content.rootFolder.childEntity if isinstance(e, vim.Datacenter)]
+        self.wait(self.content.fileManager.DeleteDatastoreFile_Task(name=datastore_path, datacenter=dc))
