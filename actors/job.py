@@ -271,6 +271,11 @@ class JobManager(Actor[JobInbox]):
                     log.warning("object_failed", error=res.error, attempts=attempt + 1)
                     break
                 log.warning("object_retry", error=res.error, attempt=attempt + 1)
+            except BaseException:
+                # cancelled (a stop, a caller gone): the point is abandoned, and sources that track
+                # changes drop what this read started (the ebs source deletes the snapshot it took)
+                await self._finish_sources(obj.name, tasks, committed=False)
+                raise
             finally:
                 for tk in tickets:
                     self.scheduler.release(tk)

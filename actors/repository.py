@@ -41,6 +41,7 @@ from blockferry.repo.lifecycle import CopyReport, prune
 from blockferry.repo.store import CONFIG_KEY, RepositoryStore
 from blockferry.runtime.actor import Actor, Completion
 from blockferry.runtime.resources import Runtime
+from blockferry.units import human
 
 
 async def repository_work(repository: Actor[RepositoryInbox], msg: ApplyRetention | CopyPoints | RunLifecycle,
@@ -171,6 +172,7 @@ class Repository(MoverHost[RepositoryInbox]):
         free = await backend.free_space()
         if free is not None and free < self.settings.min_free_bytes:
             raise RepositoryUnavailableError(
-                f"repository {self.settings.name} has {free} bytes free, less than the {self.settings.min_free_bytes} required"
+                f"repository {self.settings.name} at {backend.url} has {human(free)} free, "
+                f"less than the {human(self.settings.min_free_bytes)} required"
             )
         return Availability(url=backend.url, free_bytes=free)

@@ -80,8 +80,8 @@ class SourceMover(Actor[MoverInbox]):
                     self.stats.duration = anyio.current_time() - started
                 self.done.set_result(self.stats)
         except anyio.get_cancelled_exc_class():
-            # the whole run is cancelled from outside: the job waiting for this mover learns at
-            # once that it stopped (instead of after its 60 s grace)
+            # cancelled from outside (the whole server stopping): whoever waits for the move (the
+            # job, shielded) learns it ended now, not at its timeout (a failure is set by the host)
             self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
             raise
         if not self.done.done:

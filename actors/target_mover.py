@@ -75,7 +75,7 @@ class TargetMover(Actor[MoverInbox]):
         try:
             await self._write()
         except anyio.get_cancelled_exc_class():
-            # the whole run is cancelled from outside (see SourceMover._work)
+            # cancelled from outside: the job waiting for the move learns it ended now
             self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
             raise
         finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -31,6 +32,7 @@ from blockferry.datapath.hints import check_within, load_hints
 from blockferry.datapath.prepare import prepare_chunks, wants_preparing
 from blockferry.errors import ConfigError, NotFoundError, plain_errors
 from blockferry.jobs.config import (
+    ANY_TRANSPORT,
     DiskSpec,
     JobSpec,
     ObjectSpec,
@@ -38,6 +40,7 @@ from blockferry.jobs.config import (
     RepositorySettings,
     ServerConfig,
     expand_disks,
+    validated,
 )
 from blockferry.jobs.messages import JobStatus, SessionResult
 from blockferry.registry import backend_plugin, path_from_url, scheme_of, source_plugin
@@ -79,6 +82,8 @@ async def init_repository(url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, com
     otherwise; a location that already holds a repository is refused. ``backend_options`` go
     to the backend plugin (for ``s3``: ``create_bucket``, ``object_lock``, endpoint and the
     other settings of docs/s3.md)."""
+    if immutable_days is not None:
+        _check_number("immutable_days", immutable_days, 1, 36500, integer=True)
     if scheme_of(url) == "file":
         path = path_from_url(url)
         if path.exists() and not path.is_dir():
@@ -111,6 +116,7 @@ async def open_repository(url: str, *, engine: EngineSettings | None = None,
     hints (source → file) of the backup about to be made: a remote repository compresses their
     blocks on the idle core while it opens (engine/datapath/prepare.py), for that backup only.
     """
+    _check_number("max_tasks", max_tasks, 1, None, integer=True)  # 0 would wait forever for a slot
     runtime = Runtime(engine)
     budget = runtime.settings.prepare_bytes
     level = COMPRESSION_LEVELS["default"]
@@ -201,16 +207,22 @@ class Repository:
         """
         if not sources:
             raise ConfigError("nothing to back up: give at least one source")
+        given = [s.source if isinstance(s, DiskSpec) else str(s) for s in sources]
+        twice = sorted({s for s in given if given.count(s) > 1})
+        if twice:
+            raise ConfigError(f"source {twice[0]!r} is given more than once")
+        _check_number("retries", retries, 0, None, integer=True)
+        _check_number("retry_delay", retry_delay, 0, None)
         hints = {str(k): str(v) for k, v in (hints or {}).items()}
         disks = [s if isinstance(s, DiskSpec) else DiskSpec(source=str(s), hints=hints.pop(str(s), None)) for s in sources]
         if hints:
             raise ConfigError(f"changed extents given for {', '.join(hints)}, which is not among the sources")
         obj = name or disks[0].name or source_plugin(disks[0].source).disk_name(disks[0].source)
-        disks = await expand_disks(disks)  # a VM by its QMP socket: one spec per disk
+        disks = await expand_disks(disks, strict=True)  # a VM by its QMP socket: one spec per disk
         await self._preflight(disks)
-        spec = JobSpec(name=job or f"backup {obj}", repository="repository",
-                       objects=[ObjectSpec(name=obj, disks=disks)], retries=retries, retry_delay=retry_delay,
-                       immutable_days=immutable_days, retention=retention)
+        spec = validated(JobSpec(name=job or f"backup {obj}", repository=_label(self.url),
+                                 objects=[ObjectSpec(name=obj, disks=disks)], retries=retries,
+                                 retry_delay=retry_delay, immutable_days=immutable_days, retention=retention))
         try:
             return await self.run_job(spec, progress=progress, progress_interval=progress_interval)
         finally:
@@ -228,8 +240,10 @@ class Repository:
         # resources) that the commands which only read (points, restore, verify, prune...) skip
         from blockferry.actors.server import running_server
 
-        # the embedded proxy runs here: it reaches local files and local QEMU sockets alike
-        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu", "vsphere"])
+        validated(spec)
+        # the embedded proxy runs in this process and reaches every source it can open: local
+        # files and QEMU sockets, EBS through its APIs, whatever a plugin installed offers
+        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=[ANY_TRANSPORT])
         cfg = ServerConfig(proxies=self.proxies or [local],
                            engine=self.runtime.settings)
         async with running_server(cfg) as server:
@@ -252,7 +266,9 @@ class Repository:
 
     async def _preflight(self, disks: list[DiskSpec]) -> None:
         """Open every source and read every hint file once, so bad input fails before anything
-        is written; then take the writer lock (RepositoryLockedError if a live process has it)."""
+        is written; then take the writer lock (RepositoryLockedError if a live process has it).
+        A config whose block size is not the points' is refused first (CorruptionError)."""
+        await self.store.check_block_size()
         for d in disks:
             extents = load_hints(d.hints) if d.hints else None
             disk = await source_plugin(d.source).open(d.source, d.options)
@@ -325,6 +341,8 @@ class Repository:
                       progress: Callable[[str], None] | None = None) -> ArchiveReport:
         """Move the packs of old points (created more than ``older_than_days`` days ago, or
         ``points``) to an archive storage class, or ``back`` to STANDARD; see engine/repo/archive.py."""
+        if older_than_days is not None:
+            _check_number("older_than_days", older_than_days, 0, None)
         await self.store.lock("archive")
         try:
             return await archive_points(self.store, older_than_days=older_than_days, points=points,
@@ -352,6 +370,8 @@ class Repository:
                  progress: Callable[[str], None] | None = None) -> GcReport:
         """Free the space of chunks no point references (see engine/repo/gc.py for why it is safe
         while backups run)."""
+        _check_number("rewrite_threshold", rewrite_threshold, 0, 1)
+        _check_number("wait", wait, 0, None)
         return await collect(self.store, rewrite_threshold=rewrite_threshold, wait=wait, progress=progress)
 
     @_plain
@@ -373,6 +393,8 @@ class Repository:
                      progress: Callable[[int, int], None] | None = None) -> VerifyReport:
         """Re-read and hash every chunk any restore point references (or ``sample`` percent of
         them); record what is damaged in the repository's health record."""
+        if sample is not None and not (isinstance(sample, (int, float)) and 0 < sample <= 100):  # NaN too
+            raise ConfigError(f"sample takes a percentage above 0 and at most 100, not {sample!r}")
         return await verify(self.store, self.runtime, sample=sample, progress=progress)
 
     @_plain
@@ -386,6 +408,27 @@ class Repository:
     async def repair(self) -> RepairReport:
         """Rebuild the index from the packs; report unreadable packs and the points they hurt."""
         return await repair(self.store, self.runtime)
+
+
+def _label(url: str) -> str:
+    """The name the embedded server gives the repository at ``url`` (in messages): its last path
+    component, as a configuration name allows."""
+    tail = url.rstrip("/").rsplit("/", 1)[-1]
+    name = "".join(c for c in tail if c.isprintable())[:200]
+    return name or "repository"
+
+
+def _check_number(name: str, value: Any, low: float | None, high: float | None, *, integer: bool = False,
+                  above: bool = False) -> None:
+    """ConfigError unless ``value`` is a finite number (an int with ``integer``) within
+    ``low``..``high`` (``low`` excluded with ``above``)."""
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be {'a whole' if integer else 'a finite'} number, not {value!r}")
+    if low is not None and (value < low or (above and value == low)):
+        raise ConfigError(f"{name} must be {'more than' if above else 'at least'} {low}, not {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name} must be at most {high}, not {value!r}")
 
 
 __all__ = ["Repository", "init_repository", "open_repository", "NotFoundError"]

@@ -59,6 +59,13 @@ class RepositoryError(BlockferryError):
     transient = True
 
 
+class NoSpaceError(RepositoryError):
+    """The repository's storage is full (no space left, a quota reached). Not retried: a retry
+    would meet the same full disk; the packs the failed backup wrote are removed when it ends."""
+
+    transient = False
+
+
 class RepositoryLockedError(RepositoryError):
     """Another live process holds the repository's writer lock. The message names it."""
 

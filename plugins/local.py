@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from blockferry.errors import ConfigError, CorruptionError, ImmutableError, NotFoundError, RepositoryError
+from blockferry.errors import ConfigError, CorruptionError, ImmutableError, NoSpaceError, NotFoundError, RepositoryError
 from blockferry.fileio import write_all
 from blockferry.registry import path_from_url
 from blockferry.repo.backend import BackendCapabilities, KeyExistsError, ObjectInfo
@@ -44,8 +44,9 @@ def _translate(exc: OSError, what: str) -> Exception:
     # a key below an object ("config/x") or one naming a directory ("packs") does not exist
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return NotFoundError(f"{what}: not found")
-    if exc.errno == errno.ENOSPC:
-        return RepositoryError(f"{what}: no space left on the repository's filesystem")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(f"{what}: no space left on the repository's filesystem"
+                            + (" (quota)" if exc.errno == errno.EDQUOT else ""))
     if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
         return RepositoryError(f"{what}: {exc.strerror} (check the repository's permissions)")
     return RepositoryError(f"{what}: {exc.strerror or exc}")

@@ -260,7 +260,14 @@ def _translate(exc: BaseException, what: str, bucket: str) -> BlockferryError:
                                               "credentials and the bucket's policy")
         if code == "InvalidStorageClass" or (code == "InvalidArgument" and "class" in msg.lower()):
             return ConfigError(f"{what}: the server does not offer that storage class ({msg})")
-        err = RepositoryError(f"{what}: S3 error {code or status}: {msg}")
+        if not code or code == str(status):
+            # no S3 error document: botocore made the code up from the HTTP status (and reports a
+            # 200 whose body is not S3's XML as a 500); the server is not answering as S3 does
+            err = RepositoryError(f"{what}: the endpoint's answer is not an S3 response (HTTP status {status} as "
+                                  "botocore reports it, no S3 error code); check that the endpoint URL is an S3 "
+                                  "server and that nothing (a proxy, a captive portal) answers in its place")
+        else:
+            err = RepositoryError(f"{what}: S3 error {code}: {msg}")
         err.transient = _retryable(exc)
         return err
     return RepositoryError(f"{what}: {type(exc).__name__}: {exc}")

@@ -52,7 +52,8 @@ def test_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
                          timeout=120).stdout.split("\n")
     assert out[0].startswith(str(venv)), out
     assert out[1] == "FileSourcePlugin LocalBackendPlugin"
-    assert out[2] == str(sorted(["blockferry.plugins.file_source:FileSourcePlugin",
+    assert out[2] == str(sorted(["blockferry.plugins.aws:EbsSourcePlugin", "blockferry.plugins.aws:Ec2SourcePlugin",
+                                 "blockferry.plugins.file_source:FileSourcePlugin",
                                  "blockferry.plugins.local:LocalBackendPlugin",
                                  "blockferry.plugins.qemu:QemuSourcePlugin",
                                  "blockferry.plugins.s3:S3BackendPlugin",

@@ -7,14 +7,15 @@ import sys
 from collections.abc import Callable
 
 from blockferry.api import open_repository
-from blockferry.cli.core import EXIT_OK, json_out
+from blockferry.cli.core import EXIT_OK, Number, json_out
 
 
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp = command("archive", cmd_archive,
                  "move the packs of old restore points to an archive storage class (s3), or back")
     sp.add_argument("repo")
-    sp.add_argument("--older-than", type=float, metavar="DAYS", help="points created more than DAYS days ago")
+    sp.add_argument("--older-than", type=Number(float, 0, 36500), metavar="DAYS",
+                    help="points created more than DAYS days ago")
     sp.add_argument("--point", action="append", metavar="ID", help="this point (repeatable)")
     sp.add_argument("--storage-class", metavar="CLASS",
                     help="the archive class (default: the archive_class setting, GLACIER)")

@@ -16,6 +16,7 @@ import argparse
 import atexit
 import ctypes
 import importlib
+import math
 import os
 import select
 import sys
@@ -30,9 +31,9 @@ from blockferry import __version__
 from blockferry.api import init_repository, open_repository
 from blockferry.errors import BlockferryError, ConfigError, unwrap_group
 from blockferry.jobs.messages import JobStatus
-from blockferry.log import configure, quiet_cli_defaults
+from blockferry.log import configure, get_logger, quiet_cli_defaults
 from blockferry.registry import scheme_of
-from blockferry.repo.format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, stats_dict
+from blockferry.repo.format import COMPRESSION_LEVELS, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, stats_dict
 from blockferry.units import human, parse_size
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DAMAGED, EXIT_LOCKED, EXIT_IMMUTABLE = 0, 1, 2, 3, 4, 5
@@ -50,6 +51,12 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "blockferry.cli.demo": ("demo",),
 }
 CORE_COMMANDS = ("init", "backup", "points", "restore", "verify", "unlock")
+
+
+def shown(name: str) -> str:
+    """A name as printed for people: control characters (a newline would forge a line of the
+    listing) escaped as in Python; names made before names were checked may hold them."""
+    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
 
 
 def json_out(obj: Any) -> None:
@@ -158,17 +165,18 @@ async def cmd_backup(a: argparse.Namespace) -> int:
 def print_session(session: Any) -> None:
     for o in session.objects:
         if o.state == "done":
-            print(f"{o.name}: restore point {o.point} ({len(o.disks)} disk{'s' * (len(o.disks) != 1)})")
+            print(f"{shown(o.name)}: restore point {o.point} ({len(o.disks)} disk{'s' * (len(o.disks) != 1)})")
         else:
-            print(f"{o.name}: FAILED after {o.attempts} attempt(s): {o.error}")
+            print(f"{shown(o.name)}: FAILED after {o.attempts} attempt(s): {o.error}")
         for d in o.disks:
             s = d.stats
             if d.state != "done":
-                print(f"  {d.name}: {d.state}" + (f": {d.error}" if d.error else ""))
+                print(f"  {shown(d.name)}: {d.state}" + (f": {d.error}" if d.error else ""))
                 continue
             bn = s.bottleneck()
             worst = max(bn, key=lambda k: bn[k])
-            print(f"  {d.name}: {human(s.disk_size)} in {s.duration:.2f} s ({human(s.rate())}/s) via proxy {d.proxy}; {d.plan}")
+            print(f"  {shown(d.name)}: {human(s.disk_size)} in {s.duration:.2f} s ({human(s.rate())}/s) "
+                  f"via proxy {d.proxy}; {d.plan}")
             print(f"    read {human(s.read_bytes)}, zero {human(s.zero_bytes)}, unchanged {human(s.unchanged_bytes)}, "
                   f"new {human(s.new_bytes)}, deduplicated {human(s.dedup_bytes)}, "
                   f"compressed {human(s.compressed_bytes)}, written {human(s.written_bytes)}")
@@ -193,12 +201,12 @@ async def cmd_points(a: argparse.Namespace) -> int:
     print(f"{'ID':16}  {'CREATED (UTC)':19}  {'OBJECT':20}  DISKS")
     for p in pts:
         if p.error:
-            print(f"{p.id:16}  {'?':19}  {'?':20}  [DAMAGED: {p.error}]")
+            print(f"{shown(p.id):16}  {'?':19}  {'?':20}  [DAMAGED: {p.error}]")
             continue
-        disks = ", ".join(f"{d.name} ({human(d.size)}{', incremental' if d.hinted else ''})" for d in p.disks)
+        disks = ", ".join(f"{shown(d.name)} ({human(d.size)}{', incremental' if d.hinted else ''})" for d in p.disks)
         flags = "".join(f" [{f}]" for f, on in (("DAMAGED", p.damaged), ("immutable", bool(p.immutable_until)))
                         if on)
-        print(f"{p.id:16}  {p.created[:19].replace('T', ' '):19}  {p.object[:20]:20}  {disks}{flags}")
+        print(f"{p.id:16}  {p.created[:19].replace('T', ' '):19}  {shown(p.object)[:20]:20}  {disks}{flags}")
     return EXIT_OK
 
 
@@ -294,11 +302,65 @@ async def cmd_unlock(a: argparse.Namespace) -> int:
 # -- wiring --------------------------------------------------------------------------------------
 
 
-def size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+class Number:
+    """The argparse type of every numeric option: an ``int`` or ``float`` (or with ``size`` a size
+    such as 64MiB) within ``low``..``high`` (``low`` itself excluded with ``above``). NaN, the
+    infinities and anything out of range are refused while parsing (exit 2), before anything
+    starts: a limit of 0 tasks would wait forever for a slot, 1e400 days overflow a date."""
+
+    def __init__(self, kind: type[int] | type[float], low: float | None = None, high: float | None = None, *,
+                 above: bool = False, size: bool = False) -> None:
+        self.kind = kind
+        self.low = low
+        self.high = high
+        self.above = above
+        self.size = size
+        self.__name__ = "size" if size else kind.__name__  # what argparse calls it in messages
+
+    def __repr__(self) -> str:
+        return f"Number({self.__name__} {self.range()})"
+
+    def range(self) -> str:
+        def show(v: float) -> str:
+            if self.size:  # the largest unit that divides it: 256 KiB, 8 MiB
+                n, unit = int(v), "bytes"
+                for u in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+                    if n and n % 1024 == 0:
+                        n, unit = n // 1024, u
+                return f"{n} {unit}"
+            return f"{int(v):,}".replace(",", "_") if float(v).is_integer() else f"{v:g}"
+
+        low = None if self.low is None else ("more than " if self.above else "") + show(self.low)
+        if low is not None and self.high is not None:
+            return f"{low} to {show(self.high)}" if not self.above else f"{low} and at most {show(self.high)}"
+        if low is not None:
+            return low if self.above else f"{low} or more"
+        return f"at most {show(self.high)}" if self.high is not None else "any number"
+
+    def __call__(self, text: str) -> int | float:
+        what = "a size" if self.size else ("a whole number" if self.kind is int else "a number")
+        try:
+            value: int | float = parse_size(text) if self.size else self.kind(text.strip())
+        except (ValueError, ConfigError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} (give {self.range()})")
+        if ((self.low is not None and (value < self.low or (self.above and value == self.low)))
+                or (self.high is not None and value > self.high)):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: give {self.range()}")
+        return value
+
+
+#: the ranges shared by several commands
+TASKS = Number(int, 1, 1024)
+RETRIES = Number(int, 0, 100)
+DAYS = Number(int, 1, 36500)  #: immutability, in days (up to a hundred years)
+KEEP = Number(int, 1, 1_000_000)
+PERCENT = Number(float, 0, 100, above=True)
+FRACTION = Number(float, 0, 1)
+SECONDS = Number(float, 0, 30 * 86400)
+SESSION_ID = Number(int, 1, 2**63 - 1)
+BLOCK_SIZE = Number(int, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, size=True)  #: a power of two, checked by init
 
 
 class _Unbuilt:
@@ -348,11 +410,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     sp = cmd("init", cmd_init, "create a repository")
     sp.add_argument("repo", help="directory (created if missing) or URL")
-    sp.add_argument("--block-size", type=size_arg, default=DEFAULT_BLOCK_SIZE,
+    sp.add_argument("--block-size", type=BLOCK_SIZE, default=DEFAULT_BLOCK_SIZE,
                     help="block size, a power of two from 256KiB to 8MiB (default 1MiB)")
     sp.add_argument("--compression", choices=list(COMPRESSION_LEVELS), default="default",
                     help="none, fast (zstd 1), default (zstd 3), high (zstd 9)")
-    sp.add_argument("--immutable-days", type=int, metavar="N", help="every point stays immutable N days")
+    sp.add_argument("--immutable-days", type=DAYS, metavar="N", help="every point stays immutable N days")
     sp.add_argument("--create-bucket", action="store_true", help="s3: create the bucket if it does not exist")
     sp.add_argument("--object-lock", action="store_true",
                     help="s3: create the bucket with object lock (immutable points are locked by the server)")
@@ -363,9 +425,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("--name", help="object name (default: the first source's name)")
     sp.add_argument("--changed-extents", action="append", default=[], metavar="SOURCE=FILE",
                     help="only these extents of SOURCE changed since its last point ('OFFSET LENGTH' lines or rbd diff JSON)")
-    sp.add_argument("--max-tasks", type=int, default=4, help="disks processed at once (default 4)")
-    sp.add_argument("--retries", type=int, default=2, help="retries of a transient failure (default 2)")
-    sp.add_argument("--immutable-days", type=int, metavar="N",
+    sp.add_argument("--max-tasks", type=TASKS, default=4, help="disks processed at once (default 4)")
+    sp.add_argument("--retries", type=RETRIES, default=2, help="retries of a transient failure (default 2)")
+    sp.add_argument("--immutable-days", type=DAYS, metavar="N",
                     help="the point cannot be removed (by prune, gc or delete) for N days")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
@@ -386,7 +448,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     sp = cmd("verify", cmd_verify, "re-read every chunk (or a sample) and check its hash")
     sp.add_argument("repo")
-    sp.add_argument("--sample", type=float, metavar="PERCENT", help="check only this share of the chunks, at random")
+    sp.add_argument("--sample", type=PERCENT, metavar="PERCENT", help="check only this share of the chunks, at random")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress")
 
     sp = cmd("unlock", cmd_unlock, "remove the writer lock left by a process that is gone")
@@ -441,15 +503,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BaseException as exc:
         err = unwrap_group(exc)
-        if isinstance(err, BlockferryError):
-            print(f"blockferry: error: {err}", file=sys.stderr)
+        if isinstance(err, BlockferryError):  # one line, whatever names the message holds
+            print(f"blockferry: error: {shown(str(err))}", file=sys.stderr)
             return err.exit_code
         if isinstance(err, BrokenPipeError) and stdout_unread():  # ``| head`` went away
             return output_closed()
         if isinstance(err, KeyboardInterrupt):
             print("interrupted", file=sys.stderr)
             return 130
-        raise
+        if isinstance(err, (SystemExit, GeneratorExit)):
+            raise
+        return unexpected(err, verbose=a.verbose > 0)
+
+
+def unexpected(err: BaseException, *, verbose: bool) -> int:
+    """An error no command expected (a bug, or a failure nothing translated): one line for the
+    user, never a traceback; with ``-v`` the traceback goes to the log (stderr, or JSON lines with
+    ``--log-json``)."""
+    lines = (str(err) or "").strip().splitlines()
+    print(f"blockferry: error: unexpected {type(err).__name__}" + (f": {lines[0]}" if lines else "")
+          + ("" if verbose else " (run with -v to log the details)"), file=sys.stderr)
+    if verbose:
+        get_logger(command="blockferry").exception("unexpected_error", exc_info=err)
+    return EXIT_FAILED
 
 
 def stdout_unread() -> bool:
@@ -484,7 +560,8 @@ def output_closed() -> int:
 def run() -> NoReturn:
     """The ``blockferry`` executable: :func:`main`, then :func:`leave` with its exit code.
 
-    Usage errors and unexpected exceptions take the interpreter's usual way out."""
+    Usage errors exit 2 through argparse; unexpected exceptions print one line (see
+    :func:`unexpected`)."""
     leave(main())
 
 

@@ -22,7 +22,22 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from blockferry.cli.core import EXIT_FAILED, EXIT_OK, json_out, size_arg
+from blockferry.cli.core import (
+    BLOCK_SIZE,
+    DAYS,
+    EXIT_FAILED,
+    EXIT_OK,
+    FRACTION,
+    KEEP,
+    PERCENT,
+    RETRIES,
+    SECONDS,
+    SESSION_ID,
+    TASKS,
+    Number,
+    json_out,
+    shown,
+)
 from blockferry.daemon.client import connect, default_paths, default_socket
 from blockferry.errors import ConfigError, NotFoundError
 from blockferry.jobs.calendars import ManualClock, SystemClock, zone
@@ -91,7 +106,8 @@ async def cmd_daemon(a: argparse.Namespace) -> int:
         state_dir=Path(a.state_dir or state).absolute(),
         seed=Path(a.config).absolute() if a.config else None,
         allowed_users=a.allow_user, allowed_groups=a.allow_group, socket_group=a.socket_group,
-        max_clients=a.max_clients, engine=EngineSettings(), progress_interval=a.progress_interval,
+        max_clients=a.max_clients, max_clients_per_user=a.max_clients_per_user, idle_timeout=a.idle_timeout,
+        engine=EngineSettings(), progress_interval=a.progress_interval,
     )
     opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     bus = EventBus()
@@ -309,11 +325,11 @@ def _print_session(rec: dict[str, Any]) -> None:
         print(f"  note: {rec['note']}")
     res = rec.get("result") or {}
     for o in res.get("objects", []):
-        print(f"  object {o['name']}: {o['state']}" + (f", point {o['point']}" if o.get("point") else "")
+        print(f"  object {shown(o['name'])}: {o['state']}" + (f", point {o['point']}" if o.get("point") else "")
               + (f", error: {o['error']}" if o.get("error") else ""))
         for d in o.get("disks", []):
             st = d.get("stats") or {}
-            print(f"    disk {d.get('name')}: {d.get('state')} read {human(st.get('read_bytes', 0))}, "
+            print(f"    disk {shown(str(d.get('name')))}: {d.get('state')} read {human(st.get('read_bytes', 0))}, "
                   f"written {human(st.get('written_bytes', 0))}" + (f", error: {d['error']}" if d.get("error") else ""))
     st = res.get("stats")
     if st:
@@ -454,10 +470,15 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
                     help="also allow this user (root and the daemon's user always are)")
     sp.add_argument("--allow-group", action="append", default=[], metavar="GROUP", help="allow members of this group")
     sp.add_argument("--socket-group", metavar="GROUP", help="group owning the socket (mode 0660 then)")
-    sp.add_argument("--max-clients", type=int, default=64)
+    sp.add_argument("--max-clients", type=Number(int, 1, 100_000), default=64,
+                    help="clients served at once (default 64; the owner, root or this user, has as many more)")
+    sp.add_argument("--max-clients-per-user", type=Number(int, 1, 100_000), default=16,
+                    help="clients of one user served at once (default 16)")
+    sp.add_argument("--idle-timeout", type=Number(float, 0, 86400, above=True), default=600.0, metavar="SECONDS",
+                    help="close a connection with no request in progress and no subscription after this long")
     sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     sp.add_argument("--timezone", help="time zone of schedules (default: the host's)")
-    sp.add_argument("--progress-interval", type=float, default=0.5, help=argparse.SUPPRESS)
+    sp.add_argument("--progress-interval", type=Number(float, 0, 3600, above=True), default=0.5, help=argparse.SUPPRESS)
     sp.add_argument("--manual-clock", metavar="ISOTIME",
                     help="schedules read a clock that starts here and moves only by 'blockferry clock' (tests, demos)")
     sp.add_argument("-q", "--quiet", action="store_true", help="log to the state directory only, not stderr")
@@ -488,14 +509,14 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
             ap = action("add", cmd_repo_add, "add a repository (created if the location holds none)")
             ap.add_argument("name")
             ap.add_argument("path", help="directory or URL")
-            ap.add_argument("--max-tasks", type=int)
+            ap.add_argument("--max-tasks", type=TASKS)
             ap.add_argument("--no-create", action="store_true", help="refuse a location that holds no repository")
-            ap.add_argument("--block-size", type=size_arg)
+            ap.add_argument("--block-size", type=BLOCK_SIZE)
             ap.add_argument("--compression", choices=list(COMPRESSION_LEVELS))
         elif kind == "proxy":
             ap = action("add", cmd_proxy_add, "add a proxy")
             ap.add_argument("name")
-            ap.add_argument("--max-tasks", type=int, help="tasks it runs at once (default 4)")
+            ap.add_argument("--max-tasks", type=TASKS, help="tasks it runs at once (default 4)")
             ap.add_argument("--transport", action="append", default=[], help="source schemes it reads (default file)")
             ap.add_argument("--reach", action="append", default=[], metavar="PREFIX",
                             help="paths or URL prefixes it can reach (default: all)")
@@ -518,22 +539,24 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
             ap.add_argument("--named-sources", action="store_true", help="SOURCEs are names of configured sources")
             ap.add_argument("--schedule", help="'daily 22:00', 'mon-fri 22:00', 'every 4h', 'after JOB'")
             ap.add_argument("--window", help="backup window, e.g. '22:00-06:00'")
-            ap.add_argument("--retries", type=int)
-            ap.add_argument("--retry-delay", type=float)
-            ap.add_argument("--max-tasks", type=int)
-            ap.add_argument("--throttle", type=size_arg, help="bytes per second for the job, e.g. 50MiB")
-            ap.add_argument("--immutable-days", type=int)
+            ap.add_argument("--retries", type=RETRIES)
+            ap.add_argument("--retry-delay", type=SECONDS)
+            ap.add_argument("--max-tasks", type=TASKS)
+            ap.add_argument("--throttle", type=Number(int, 0, 1 << 50, size=True),
+                            help="bytes per second for the job, e.g. 50MiB")
+            ap.add_argument("--immutable-days", type=DAYS)
             ap.add_argument("--type", choices=JOB_TYPES, default="backup",
                             help="backup (the default), or a lifecycle job on --repo: prune, gc, verify, copy")
             for rule in _KEEP_RULES:
-                ap.add_argument(f"--keep-{rule}", type=int, metavar="N",
+                ap.add_argument(f"--keep-{rule}", type=KEEP, metavar="N",
                                 help="retention of a backup or prune job (copy: in the target)")
             ap.add_argument("--only-object", action="append", metavar="NAME",
                             help="prune, copy: only this object's points (repeatable)")
-            ap.add_argument("--rewrite-threshold", type=float, metavar="F", help="gc: rewrite packs this unused (0.5)")
-            ap.add_argument("--gc-wait", type=float, metavar="SECONDS",
+            ap.add_argument("--rewrite-threshold", type=FRACTION, metavar="F",
+                            help="gc: rewrite packs this unused (0.5)")
+            ap.add_argument("--gc-wait", type=SECONDS, metavar="SECONDS",
                             help="gc: wait this long for earlier sessions (default: defer the sweep)")
-            ap.add_argument("--sample", type=float, metavar="PERCENT", help="verify: check this share of the chunks")
+            ap.add_argument("--sample", type=PERCENT, metavar="PERCENT", help="verify: check this share of the chunks")
             ap.add_argument("--to", metavar="URL", help="copy: the target repository")
             ap.add_argument("--latest", action="store_true", help="copy: only the newest point of each object")
             ap.add_argument("--description")
@@ -557,10 +580,10 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     ap = action("list", cmd_session_list, "list sessions, newest first")
     ap.add_argument("--job")
     ap.add_argument("--state")
-    ap.add_argument("--limit", type=int, default=50)
-    action("show", cmd_session_show, "a session's results and statistics").add_argument("id", type=int)
+    ap.add_argument("--limit", type=Number(int, 1, 10_000), default=50)
+    action("show", cmd_session_show, "a session's results and statistics").add_argument("id", type=SESSION_ID)
     ap = action("watch", cmd_session_watch, "live progress of a session (default: the running one)")
-    ap.add_argument("id", type=int, nargs="?")
+    ap.add_argument("id", type=SESSION_ID, nargs="?")
     ap.add_argument("--job")
 
     action = group("config", "the daemon's whole configuration")
@@ -574,5 +597,5 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     action("set", cmd_settings_set, "e.g. throttle=100MiB").add_argument("changes", nargs="+", metavar="KEY=VALUE")
 
     ap = client(command("clock", cmd_clock, "move a daemon's manual clock (--manual-clock)"))
-    ap.add_argument("seconds", type=float, nargs="?")
+    ap.add_argument("seconds", type=Number(float, 0, 100 * 365 * 86400), nargs="?")
     ap.add_argument("--to", metavar="ISOTIME")

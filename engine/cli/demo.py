@@ -16,14 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from blockferry.api import init_repository, open_repository
-from blockferry.cli.core import size_arg
+from blockferry.cli.core import Number
+from blockferry.errors import ConfigError
 from blockferry.units import MiB
 
 
 def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp = command("demo", cmd_demo, "back up and restore two generated disk images, end to end")
     sp.add_argument("dir", nargs="?", default="blockferry-demo", help="work directory (default ./blockferry-demo)")
-    sp.add_argument("--size", type=size_arg, default=64 << 20, help="size of each demo disk (default 64MiB)")
+    sp.add_argument("--size", type=Number(int, 1 << 20, 64 << 30, size=True), default=64 << 20,
+                    help="size of each demo disk (default 64MiB)")
 
 
 async def cmd_demo(a: argparse.Namespace) -> int:
@@ -59,12 +61,15 @@ def sha256(path: Path) -> str:
 
 
 async def run_demo(work: Path, *, size: int = 64 * MiB) -> int:
-    if work.exists():
-        shutil.rmtree(work)
-    (work / "disks").mkdir(parents=True)
     disks = [work / "disks" / "system.img", work / "disks" / "data.img"]
-    for i, d in enumerate(disks):
-        make_disk(d, size, seed=i)
+    try:
+        if work.exists():
+            shutil.rmtree(work)
+        (work / "disks").mkdir(parents=True)
+        for i, d in enumerate(disks):
+            make_disk(d, size, seed=i)
+    except OSError as exc:  # not a directory, no space, read-only...
+        raise ConfigError(f"cannot make the demo in {work}: {exc.strerror or exc}") from exc
     repo_dir = work / "repo"
     await init_repository(str(repo_dir))
     print(f"1. created two disk images of {size >> 20} MiB and a repository in {repo_dir}")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blockferry.api import open_repository
-from blockferry.cli.core import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK, json_out
+from blockferry.cli.core import EXIT_DAMAGED, EXIT_FAILED, EXIT_OK, FRACTION, KEEP, SECONDS, json_out
 from blockferry.errors import ConfigError
 from blockferry.repo.gc import GcReport
 from blockferry.repo.lifecycle import CopyReport
@@ -25,9 +25,9 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
 
     sp = command("gc", cmd_gc, "free the space of chunks no restore point uses")
     sp.add_argument("repo")
-    sp.add_argument("--rewrite-threshold", type=float, default=0.5, metavar="F",
+    sp.add_argument("--rewrite-threshold", type=FRACTION, default=0.5, metavar="F",
                     help="rewrite packs whose unused share is at least F (0.5)")
-    sp.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    sp.add_argument("--wait", type=SECONDS, default=0.0, metavar="SECONDS",
                     help="wait this long for backups and readers that started earlier (default: defer)")
 
     sp = command("delete", cmd_delete, "remove restore points (never an immutable one)")
@@ -57,7 +57,7 @@ _RULES = (("last", "the N newest points of each object"),
 
 def _keep_arguments(sp: argparse.ArgumentParser, verb: str) -> None:
     for rule, what in _RULES:
-        sp.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"{verb} {what}")
+        sp.add_argument(f"--keep-{rule}", type=KEEP, metavar="N", help=f"{verb} {what}")
 
 
 def _policy(a: argparse.Namespace, *, required: bool = True) -> Any:
@@ -95,14 +95,12 @@ async def cmd_gc(a: argparse.Namespace) -> int:
     async with open_repository(a.repo) as repo:
         report = await repo.gc(rewrite_threshold=a.rewrite_threshold, wait=a.wait,
                                progress=None if a.json else (lambda s: print(s, file=sys.stderr)))
+    deferred = report.state == "deferred"  # exit 1: the space is not back yet
     if a.json:
         json_out(report)
-        return EXIT_OK
-    if report.state == "deferred":
-        print(f"collection deferred: {report.reason}")
-        return 1
-    print(gc_summary(report))
-    return EXIT_OK
+    else:
+        print(f"collection deferred: {report.reason}" if deferred else gc_summary(report))
+    return EXIT_FAILED if deferred else EXIT_OK
 
 
 def gc_summary(report: GcReport) -> str:

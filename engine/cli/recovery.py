@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import msgspec
 from blockferry.api import open_repository
-from blockferry.cli.core import EXIT_DAMAGED, EXIT_OK, json_out, print_restored, size_arg
+from blockferry.cli.core import EXIT_DAMAGED, EXIT_OK, Number, json_out, print_restored
 from blockferry.restore.image import restore_image
 from blockferry.restore.serve import serve_repository
 
@@ -25,7 +25,7 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
     sp.add_argument("--writable", action="store_true",
                     help="accept writes, kept in a temporary overlay (never in the repository; gone on exit)")
-    sp.add_argument("--cache", type=_size, default=64 << 20, metavar="SIZE",
+    sp.add_argument("--cache", type=Number(int, 0, 1 << 40, size=True), default=64 << 20, metavar="SIZE",
                     help="decoded blocks kept in memory (default 64MiB)")
 
     sp = command("restore-image", cmd_restore_image,
@@ -37,10 +37,6 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
     sp.add_argument("--disk", metavar="NAME", help="the disk to restore (needed when the point has several)")
     sp.add_argument("--format", choices=["qcow2", "raw"], help="format of a new image")
     sp.add_argument("--allow-damaged", action="store_true", help="write damaged blocks as zeros and report them")
-
-
-def _size(text: str) -> int:
-    return int(size_arg(text))
 
 
 async def cmd_serve(a: argparse.Namespace) -> int:

@@ -108,6 +108,12 @@ class DaemonOptions(msgspec.Struct, kw_only=True):
     #: group owning the socket (mode 0660 then), so its members can connect
     socket_group: str | None = None
     max_clients: int = 64
+    #: connections of one user at once (root and the daemon's user have a pool of their own)
+    max_clients_per_user: int = 16
+    #: seconds a connection may stay without a request in progress or a subscription
+    idle_timeout: float = 600.0
+    #: seconds within which a frame begun must arrive whole
+    frame_timeout: float = 10.0
     engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
     #: seconds between progress events of a running session
     progress_interval: float = 0.5
@@ -247,7 +253,9 @@ class Daemon:
             await tg.start(self.scheduler.run)
             self.control = ControlServer(o.socket, handler=self._handle, bus=self.bus, access=access,
                                          mode=0o660 if group is not None else 0o600, group=group,
-                                         max_clients=o.max_clients, server_name=f"blockferry {__version__}")
+                                         max_clients=o.max_clients, max_clients_per_user=o.max_clients_per_user,
+                                         idle_timeout=o.idle_timeout, frame_timeout=o.frame_timeout,
+                                         server_name=f"blockferry {__version__}")
             await tg.start(self.control.run)
             if handle_signals:
                 tg.start_soon(self._signals)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 from blockferry.daemon.protocol import (
@@ -78,6 +79,11 @@ class NoDaemonError(BlockferryError):
     exit_code = 6
 
 
+class DaemonClosedError(NoDaemonError):
+    """The daemon closed the connection (or fell silent) before it answered the hello, without
+    saying why."""
+
+
 class Client:
     def __init__(self, stream: Any, welcome: Welcome, buffered: BufferedByteReceiveStream) -> None:
         self.stream = stream
@@ -101,8 +107,11 @@ class Client:
         done: Completion[Any] = Completion()
         self._pending[rid] = done
         try:
-            async with self._send_lock:
-                await self.stream.send(frame(Request(id=rid, method=method, params=params)))
+            try:
+                async with self._send_lock:
+                    await self.stream.send(frame(Request(id=rid, method=method, params=params)))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                raise NoDaemonError("the daemon closed the connection") from exc
             return await done.wait()
         finally:
             self._pending.pop(rid, None)
@@ -186,14 +195,28 @@ async def connect(path: str | os.PathLike[str], *, client: str = "blockferry-pyt
                             "or give --socket / BLOCKFERRY_SOCKET)") from exc
     except PermissionError as exc:
         raise DaemonError("permission_denied", f"cannot connect to {path}: permission denied") from exc
+    except OSError as exc:  # not a socket, a path too long for AF_UNIX...
+        raise NoDaemonError(f"cannot connect to {path}: {exc.strerror or exc}") from exc
     async with stream:
-        await stream.send(frame(Hello(versions=list(VERSIONS), client=client)))
+        # A daemon that refuses us (not allowed, too many clients) sends the reason and closes
+        # without reading: the hello may then meet a closed socket. Its reason is still there
+        # to be read, and it is what the caller needs, so a failed send only ends the sending.
+        try:
+            await stream.send(frame(Hello(versions=list(VERSIONS), client=client)))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
         buffered = BufferedByteReceiveStream(stream)
         try:
             with anyio.fail_after(timeout):
                 first = decode_server(await read_frame(buffered, MAX_FRAME))
-        except (anyio.EndOfStream, anyio.IncompleteRead, OSError) as exc:
-            raise NoDaemonError(f"the daemon on {path} closed the connection during the handshake") from exc
+        except TimeoutError as exc:
+            raise DaemonClosedError(f"the daemon on {path} did not answer within {timeout:g} s") from exc
+        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError,
+                OSError) as exc:
+            raise DaemonClosedError(f"the daemon on {path} closed the connection without a reason "
+                                    "(see its log)") from exc
+        except msgspec.DecodeError as exc:  # not a daemon speaking our protocol
+            raise DaemonClosedError(f"{path} answered with something that is not the blockferry protocol") from exc
         if isinstance(first, Error):
             raise DaemonError(first.code, first.message, first.field)
         if not isinstance(first, Welcome):
@@ -213,4 +236,5 @@ async def connect(path: str | os.PathLike[str], *, client: str = "blockferry-pyt
                     tg.cancel_scope.cancel()
 
 
-__all__ = ["Client", "DaemonError", "NoDaemonError", "connect", "default_paths", "default_socket"]
+__all__ = ["Client", "DaemonClosedError", "DaemonError", "NoDaemonError", "connect", "default_paths",
+           "default_socket"]

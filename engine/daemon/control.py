@@ -11,6 +11,13 @@ error reply and the connection goes on; a client that does not read its replies 
 ``stall_timeout`` seconds is disconnected; events are offered to subscriptions without waiting
 (see :mod:`blockferry.runtime.events`). No client can stall a job or crash the daemon: every error in a
 connection ends that connection only.
+
+No client can lock the others out: a frame begun must arrive whole within ``frame_timeout``
+seconds, and a connection with no request in progress and no subscription is closed after
+``idle_timeout`` seconds of silence. At most ``max_clients`` connections are served at once, and
+at most ``max_clients_per_user`` of them for one user; the owner (root and the daemon's own
+user) has a pool of ``max_clients`` of its own beside them, so whatever other users hold, the
+owner can always get in.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from anyio.abc import SocketAttribute, SocketStream, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream
 from blockferry.daemon.protocol import (
+    HEADER,
     MAX_FRAME,
     MAX_REQUEST,
     VERSIONS,
@@ -45,7 +53,6 @@ from blockferry.daemon.protocol import (
     decode_client,
     error_for,
     frame,
-    read_frame,
 )
 from blockferry.errors import BlockferryError, ConfigError
 from blockferry.jobs.catalog import convert
@@ -115,6 +122,11 @@ class AccessPolicy:
     def __repr__(self) -> str:
         return f"<AccessPolicy uids={sorted(self.uids)} gids={sorted(self.gids)}>"
 
+    @staticmethod
+    def owner(peer: Peer) -> bool:
+        """Root or the daemon's own user: they have connections of their own (see ControlServer)."""
+        return peer.uid in (0, os.getuid())
+
     def refusal(self, peer: Peer) -> str | None:
         """None if ``peer`` may connect, else why not (for the error reply)."""
         if peer.uid in self.uids or (self.gids and self.gids & peer.groups()):
@@ -146,8 +158,17 @@ class ControlServer:
 
     def __init__(self, path: Path, *, handler: Handler, bus: EventBus, access: AccessPolicy,
                  mode: int = 0o600, group: int | None = None, max_clients: int = 64,
-                 stall_timeout: float = 30.0, handshake_timeout: float = 10.0, max_inflight: int = 16,
+                 max_clients_per_user: int = 16, stall_timeout: float = 30.0, handshake_timeout: float = 10.0,
+                 frame_timeout: float = 10.0, idle_timeout: float = 600.0, max_inflight: int = 16,
                  server_name: str = "blockferry") -> None:
+        for name, value in (("max_clients", max_clients), ("max_clients_per_user", max_clients_per_user),
+                            ("max_inflight", max_inflight)):
+            if value < 1:
+                raise ConfigError(f"{name} must be 1 or more, not {value}")
+        for name, value in (("stall_timeout", stall_timeout), ("handshake_timeout", handshake_timeout),
+                            ("frame_timeout", frame_timeout), ("idle_timeout", idle_timeout)):
+            if not value > 0:  # NaN too
+                raise ConfigError(f"{name} must be more than 0 seconds, not {value}")
         self.path = path
         self.handler = handler
         self.bus = bus
@@ -155,13 +176,17 @@ class ControlServer:
         self.mode = mode
         self.group = group
         self.max_clients = max_clients
+        self.max_clients_per_user = max_clients_per_user
         self.stall_timeout = stall_timeout
         self.handshake_timeout = handshake_timeout
+        self.frame_timeout = frame_timeout
+        self.idle_timeout = idle_timeout
         self.max_inflight = max_inflight
         self.server_name = server_name
         self.connections: set[Connection] = set()
         self.accepted = 0
         self.refused = 0
+        self.timed_out = 0
         self._scope: anyio.CancelScope | None = None
 
     def __repr__(self) -> str:
@@ -194,7 +219,20 @@ class ControlServer:
 
     def statistics(self) -> dict[str, Any]:
         return {"clients": len(self.connections), "accepted": self.accepted, "refused": self.refused,
-                "max_clients": self.max_clients}
+                "max_clients": self.max_clients, "max_clients_per_user": self.max_clients_per_user,
+                "timed_out": self.timed_out}
+
+    def _full(self, peer: Peer) -> str | None:
+        """Why one more connection of ``peer`` is one too many, or None."""
+        owner = self.access.owner(peer)
+        pool = [c for c in self.connections if c.owner == owner]
+        if len(pool) >= self.max_clients:
+            return (f"the daemon already serves {self.max_clients} clients (max_clients)"
+                    + (" of its owner" if owner else "") + "; try again later")
+        if not owner and sum(c.peer.uid == peer.uid for c in pool) >= self.max_clients_per_user:
+            return (f"the daemon already serves {self.max_clients_per_user} clients of user {peer.user} "
+                    "(max_clients_per_user); close some, or try again later")
+        return None
 
     async def _serve(self, stream: SocketStream) -> None:
         async with stream:
@@ -203,11 +241,10 @@ class ControlServer:
             except OSError:
                 return
             refusal = self.access.refusal(peer)
-            if refusal is None and len(self.connections) >= self.max_clients:
-                refusal = f"the daemon already serves {self.max_clients} clients (max_clients); try again later"
+            code = "permission_denied"
+            if refusal is None:
+                refusal = self._full(peer)
                 code = "too_many_clients"
-            else:
-                code = "permission_denied"
             if refusal is not None:
                 self.refused += 1
                 log.warning("client_refused", pid=peer.pid, uid=peer.uid, reason=code)
@@ -244,6 +281,10 @@ class Connection:
         self.client = ""
         self.subscriptions: dict[int, Subscription] = {}
         self.requests = 0
+        self.owner = server.access.owner(peer)
+        #: requests being handled, and when the connection last did anything (for the idle timeout)
+        self.inflight = 0
+        self.last_active = anyio.current_time()
         self._out: MemoryObjectSendStream[bytes] | None = None
         self.log = log.bind(pid=peer.pid, uid=peer.uid)
 
@@ -256,20 +297,59 @@ class Connection:
         try:
             async with anyio.create_task_group() as tg:
                 writer_done = anyio.Event()
-                tg.start_soon(self._writer, pending, writer_done, tg)
+                tg.start_soon(self._writer, pending, writer_done)
+                tg.start_soon(self._watch_idle, out, writer_done)
                 try:
                     await self._reader(tg, out)
                 except _Close:
-                    out.close()  # the writer sends what is queued (the error), then stops
-                    with anyio.move_on_after(2):
-                        await writer_done.wait()
+                    pass
+                await self._flush(out, writer_done)  # what is queued (a fatal error), then the writer stops
+                self._shutdown()
+                with anyio.move_on_after(1):
+                    await writer_done.wait()
                 tg.cancel_scope.cancel()
         finally:
             for sub in self.subscriptions.values():
                 self.server.bus.unsubscribe(sub)
             self.subscriptions.clear()
 
-    async def _writer(self, pending: Any, done: anyio.Event, tg: TaskGroup) -> None:
+    def _shutdown(self) -> None:
+        """Shut the socket down both ways: a receive or send in progress then ends by itself
+        (end of stream, broken pipe). Cancelling it instead, or closing the socket under it,
+        races with the event loop's readiness callback (on asyncio, anyio's UNIX streams then
+        raise InvalidStateError when data arrives at that moment); the tasks are cancelled only
+        once they are out of the socket."""
+        try:
+            self.stream.extra(SocketAttribute.raw_socket).shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    @staticmethod
+    async def _flush(out: MemoryObjectSendStream[bytes], writer_done: anyio.Event) -> None:
+        out.close()
+        with anyio.move_on_after(2):
+            await writer_done.wait()
+
+    async def _watch_idle(self, out: MemoryObjectSendStream[bytes], writer_done: anyio.Event) -> None:
+        """Close the connection once it has had no request in progress, no subscription and no
+        frame for ``idle_timeout`` seconds: an idle client must not hold a slot for ever."""
+        timeout = self.server.idle_timeout
+        while True:
+            idle = not self.inflight and not self.subscriptions
+            left = self.last_active + timeout - anyio.current_time()
+            if idle and left <= 0:
+                break
+            await anyio.sleep(left if idle and left > 0 else timeout)
+        self.server.timed_out += 1
+        self.log.info("connection_closed", code="timeout", reason="idle")
+        try:
+            await self._send(Error(code="timeout", message=f"closed after {timeout:g} s without a request"))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        await self._flush(out, writer_done)
+        self._shutdown()  # the reader sees the end of the stream and the connection ends
+
+    async def _writer(self, pending: Any, done: anyio.Event) -> None:
         try:
             async with pending:
                 async for data in pending:
@@ -277,10 +357,10 @@ class Connection:
                         await self.stream.send(data)
                     if scope.cancelled_caught:
                         self.log.warning("client_stalled", timeout=self.server.stall_timeout)
-                        tg.cancel_scope.cancel()
+                        self._shutdown()
                         return
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            tg.cancel_scope.cancel()  # the client went away
+            self._shutdown()  # the client went away: the reader sees it too
         finally:
             done.set()
 
@@ -322,6 +402,7 @@ class Connection:
                 continue
             await limiter.acquire()
             self.requests += 1
+            self.inflight += 1
             tg.start_soon(self._request, msg, limiter, tg)
 
     async def _next(self, buffered: BufferedByteReceiveStream) -> Hello | Request | None:
@@ -329,9 +410,13 @@ class Connection:
         frames itself and goes on."""
         while True:
             try:
-                payload = await read_frame(buffered, MAX_REQUEST)
+                payload = await self._frame(buffered)
             except FrameTooLargeError as exc:
                 await self._fatal(Error(code="frame_too_large", message=str(exc)))
+            except TimeoutError:
+                self.server.timed_out += 1
+                await self._fatal(Error(code="timeout", message="a frame was begun but did not arrive whole within "
+                                        f"{self.server.frame_timeout:g} s"))
             except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError,
                     anyio.ClosedResourceError, OSError):
                 return None
@@ -339,6 +424,19 @@ class Connection:
                 return decode_client(payload)
             except Exception as exc:  # DecodeError, ValidationError, RecursionError on deep nesting
                 await self._send(Error(code="bad_request", message=f"undecodable message: {_short(exc)}"))
+
+    async def _frame(self, buffered: BufferedByteReceiveStream) -> bytes:
+        """The next frame's payload: waiting for its first byte takes as long as it takes (the
+        idle watch decides), the rest must follow within ``frame_timeout`` (TimeoutError)."""
+        first = await buffered.receive_exactly(1)
+        self.last_active = anyio.current_time()
+        with anyio.fail_after(self.server.frame_timeout):
+            (n,) = HEADER.unpack(first + await buffered.receive_exactly(HEADER.size - 1))
+            if n > MAX_REQUEST:
+                raise FrameTooLargeError(f"frame of {n} bytes exceeds the limit of {MAX_REQUEST}")
+            payload = await buffered.receive_exactly(n) if n else b""
+        self.last_active = anyio.current_time()
+        return payload
 
     async def _fatal(self, error: Error) -> None:
         self.log.info("connection_closed", code=error.code, reason=error.message)
@@ -367,6 +465,8 @@ class Connection:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass  # the connection is closing
         finally:
+            self.inflight -= 1
+            self.last_active = anyio.current_time()
             limiter.release()
 
     # -- subscriptions ---------------------------------------------------------------------------

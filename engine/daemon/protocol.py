@@ -113,6 +113,7 @@ ERROR_CODES: dict[str, int] = {
     "too_large": 1,  # the reply would exceed MAX_FRAME
     "permission_denied": 5,
     "too_many_clients": 5,
+    "timeout": 1,  # idle too long, or a frame begun and not finished in time (connection closed)
     "shutting_down": 5,
     "internal": 1,
 }

@@ -70,10 +70,19 @@ def parse_hints(data: str, source: str = "hints") -> list[Extent]:
     return merge(extents)
 
 
+#: the largest hint file read (a few million extents); more is not a hint file (``/dev/zero``
+#: would otherwise be read until memory runs out)
+MAX_HINT_BYTES = 256 << 20
+
+
 def load_hints(path: str | Path) -> list[Extent]:
     p = Path(path)
     try:
-        data = p.read_text()
+        with open(p, "rb") as f:
+            raw = f.read(MAX_HINT_BYTES + 1)
+        if len(raw) > MAX_HINT_BYTES:
+            raise HintError(f"hint file {p} is larger than {MAX_HINT_BYTES >> 20} MiB: not a hint file")
+        data = raw.decode()
     except FileNotFoundError:
         raise HintError(f"hint file {p} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:

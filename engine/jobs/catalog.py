@@ -340,15 +340,24 @@ def catalog_to_data(cat: Catalog) -> dict[str, Any]:
     return out
 
 
+#: the largest TOML file read (a configuration of thousands of jobs is a few MiB)
+MAX_TOML_BYTES = 64 << 20
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file; a syntax error names the line."""
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            raw = f.read(MAX_TOML_BYTES + 1)
+        if len(raw) > MAX_TOML_BYTES:
+            raise ConfigError(f"{path} is larger than {MAX_TOML_BYTES >> 20} MiB: not a configuration file")
+        return tomllib.loads(raw.decode())
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a TOML file (not UTF-8 text)") from None
 
 
 # -- the catalog as a whole -----------------------------------------------------------------------

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import anyio
 import msgspec
 from blockferry.errors import ConfigError, ConflictError
-from blockferry.jobs.config import ProxyConfig
+from blockferry.jobs.config import ProxyConfig, validated
 from blockferry.jobs.messages import ProxyInbox
 from blockferry.jobs.task import TaskContext
 from blockferry.runtime.actor import Actor
@@ -28,6 +28,9 @@ class Slots(msgspec.Struct, eq=False):
     load: int = 0
     peak: int = 0
 
+    def __post_init__(self) -> None:
+        _check_limit(self.name, self.limit)
+
     def take(self) -> None:
         self.load += 1
         self.peak = max(self.peak, self.load)
@@ -38,6 +41,12 @@ class Slots(msgspec.Struct, eq=False):
     @property
     def free(self) -> bool:
         return self.load < self.limit
+
+
+def _check_limit(name: str, limit: int) -> None:
+    """A limit below one task would leave every request waiting for a slot that never frees."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigError(f"{name}: a task limit must be 1 or more, not {limit!r}")
 
 
 class ProxyEntry(msgspec.Struct, eq=False):
@@ -68,6 +77,7 @@ class ResourceScheduler:
         return f"<ResourceScheduler proxies[{p}] repositories[{r}] waiting={len(self._queue)}>"
 
     def add_proxy(self, config: ProxyConfig, actor: Actor[ProxyInbox]) -> None:
+        validated(config)
         self.proxies.append(ProxyEntry(config, actor, Slots(config.name, config.max_tasks)))
         self._dispatch()
 
@@ -78,12 +88,14 @@ class ResourceScheduler:
 
     def update_proxy(self, config: ProxyConfig) -> None:
         """New limits and reach for a proxy; tasks it runs keep their slots."""
+        validated(config)
         entry = next(p for p in self.proxies if p.config.name == config.name)
         entry.config = config
         entry.slots.limit = config.max_tasks
         self._dispatch()
 
     def update_repository(self, name: str, max_tasks: int) -> None:
+        _check_limit(name, max_tasks)
         self.repositories[name].limit = max_tasks
         self._dispatch()
 

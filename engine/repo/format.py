@@ -100,8 +100,10 @@ def decode_config(data: bytes, where: str) -> RepositoryConfig:
         raw = msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
         raise CorruptionError(f"{where}: config is not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
-        raise UnsupportedFormatError(f"{where}: not a blockferry repository config")
+    if not isinstance(raw, dict) or not isinstance(raw.get("format"), str):
+        raise CorruptionError(f"{where}: config is damaged (no format name)")
+    if raw["format"] != FORMAT_NAME:  # another program's repository
+        raise UnsupportedFormatError(f"{where}: not a blockferry repository config (format {raw['format']!r})")
     if raw.get("version") != FORMAT_VERSION:
         raise UnsupportedFormatError(
             f"{where}: repository format version {raw.get('version')!r} is not supported by this "
@@ -113,8 +115,11 @@ def decode_config(data: bytes, where: str) -> RepositoryConfig:
         raise CorruptionError(f"{where}: config is damaged ({exc})") from exc
     if cfg.hash != HASH_NAME:
         raise UnsupportedFormatError(f"{where}: hash {cfg.hash!r} is not supported")
-    check_block_size(cfg.block_size)
-    check_compression(cfg.compression)
+    try:  # init allows neither: the file was damaged or edited since
+        check_block_size(cfg.block_size)
+        check_compression(cfg.compression)
+    except ConfigError as exc:
+        raise CorruptionError(f"{where}: config is damaged ({exc})") from None
     return cfg
 
 

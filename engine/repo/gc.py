@@ -206,6 +206,8 @@ async def collect(
             plan, report.packs_kept_immutable = await mark(store, rewrite_threshold=rewrite_threshold)
             if plan is None:
                 report.bytes_freed = await _delete_orphans(store, report)
+                if report.orphan_packs_deleted:  # something was freed after all
+                    report.state = "done"
                 report.duration = anyio.current_time() - t0
                 return report
         report.plan = plan.id

@@ -191,7 +191,7 @@ class RepositoryStore:
         try:
             await backend.put(CONFIG_KEY, encode_config(cfg), exclusive=True)
         except KeyExistsError:
-            raise RepositoryError(f"{backend.url} already holds a repository") from None
+            raise ConfigError(f"{backend.url} already holds a repository") from None
         return cfg
 
     @classmethod
@@ -489,6 +489,8 @@ class RepositoryStore:
     async def unlock(self) -> None:
         if self._writer is None:
             return
+        with anyio.CancelScope(shield=True):
+            await self._discard_unindexed()
         await self.release_lock(LOCK_KEY, self._writer)
         self._writer = None
 
@@ -499,6 +501,35 @@ class RepositoryStore:
         if holder is not None:
             await self.backend.delete(LOCK_KEY)
         return holder
+
+    async def _discard_unindexed(self) -> None:
+        """Delete the packs this writer sealed but never indexed, before the lock goes: no point
+        references their chunks (a commit indexes every pack sealed before it), so they are the
+        leftovers of failed tasks, and on a full filesystem they hold the space the next backup
+        needs until a gc. Only packs no index file lists go (an index write that failed on our
+        side may still have reached the repository), and none while an index file is damaged
+        (it may list them)."""
+        if not self._unindexed:
+            return
+        batch, self._unindexed = self._unindexed, []
+        pending = self.index.pending
+        for pno, recs in batch:
+            for digest, *_ in PACK_RECORD.iter_unpack(recs):
+                loc = pending.get(digest)
+                if loc is not None and loc >> 84 == pno:
+                    del pending[digest]  # never deduplicate against them again
+        try:
+            _, listed, damaged = await read_index_files(self)
+            if damaged:
+                self.log.warning("unindexed_packs_kept", packs=len(batch), damaged_index_files=sorted(damaged))
+                return
+            for pno, _ in batch:
+                pack = self.index.packs[pno]
+                if pack not in listed:
+                    await self.backend.delete(pack_key(pack))
+                    self.log.info("unindexed_pack_removed", pack=pack)
+        except (RepositoryError, NotFoundError, CorruptionError) as exc:  # a gc removes them later
+            self.log.warning("unindexed_packs_kept", packs=len(batch), error=str(exc))
 
     @contextlib.asynccontextmanager
     async def reading(self, purpose: str) -> AsyncIterator[None]:
@@ -733,9 +764,26 @@ class RepositoryStore:
             raise AmbiguousError(f"{ref!r} matches {len(matches)} points: {', '.join(sorted(matches)[:5])}")
         return matches[0]
 
+    async def check_block_size(self) -> list[PointSummary]:
+        """The points' summaries, once it is checked that they were all made with the config's
+        block size (CorruptionError otherwise: the config was edited or damaged since)."""
+        summaries = await self.summaries(with_health=False, readable=True)
+        other = next((s for s in summaries if s.block_size != self.config.block_size), None)
+        if other is not None:
+            raise CorruptionError(
+                f"{self.backend.url}: the config says blocks of {self.config.block_size} bytes, but point {other.id} "
+                f"was made with {other.block_size}: the config was edited or damaged since (the block size is fixed "
+                "for a repository's life); put the block size back")
+        return summaries
+
     async def latest_disk(self, object_name: str, disk_name: str) -> tuple[str, DiskRecord] | None:
-        """The newest point of ``object_name`` that has ``disk_name``, with that disk's record."""
-        for s in reversed(await self.summaries(with_health=False, readable=True)):
+        """The newest point of ``object_name`` that has ``disk_name``, with that disk's record.
+
+        Every backup asks this first; a point made with another block size than the config's
+        means the config was edited (or damaged) since: CorruptionError, before anything is
+        written (an incremental would take the base's blocks for blocks of another size)."""
+        summaries = await self.check_block_size()
+        for s in reversed(summaries):
             if s.object == object_name and any(d.name == disk_name for d in s.disks):
                 try:
                     m = await self.manifest(s.id)

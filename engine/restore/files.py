@@ -662,13 +662,17 @@ class _PointRestorer:
             except BufferError:
                 pass  # an error's traceback still holds a slice: the mapping closes when it goes
 
-    async def _get_ranges(self, key: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    async def _fetch(self, key: str, ranges: list[tuple[int, int]], taken: list[tuple[str, int]]) -> list[Any]:
+        """The ranges' bytes, through the span reader when there is one. With ``allow_damaged`` a
+        pack that is gone reads as empty ranges: its chunks are damaged, and decoding zeroes them."""
         try:
+            if self.reader is not None:
+                return await self.reader.read(key, ranges, taken)
             return await self.store.backend.get_ranges(key, ranges)
         except NotFoundError:
             if not self.allow_damaged:
                 raise
-            return [b""] * len(ranges)  # the pack is gone: its chunks are damaged
+            return [b""] * len(ranges)
 
     async def _batch(self, work: list[tuple[int, int, int]]) -> list[int]:
         """One window: read and decode it (a CPU hop), then write it (an I/O hop, so waiting for
@@ -682,10 +686,7 @@ class _PointRestorer:
                 plan, first_use = self._plan(work)
                 taken: list[tuple[str, int]] = []  # spans held until decoded (their buffers are reused)
                 try:
-                    if self.reader is not None:
-                        fetched = [await self.reader.read(key, ranges, taken) for key, ranges, _ in plan]
-                    else:
-                        fetched = [await self._get_ranges(key, ranges) for key, ranges, _ in plan]
+                    fetched = [await self._fetch(key, ranges, taken) for key, ranges, _ in plan]
                     layout = await anyio.to_thread.run_sync(self._decode, work, plan, first_use, fetched, item[1],
                                                             limiter=cpu)
                 finally:

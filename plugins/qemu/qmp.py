@@ -33,6 +33,8 @@ MAX_LINE = 64 << 20
 #: events kept while nobody waits for them; older ones are dropped
 MAX_EVENTS = 1000
 _MAX_UNIX_PATH = 107
+#: seconds a QMP connection (connect, greeting, capabilities) and each of its commands may take
+QMP_TIMEOUT = 30.0
 
 
 class QMPError(SourceError):
@@ -131,12 +133,14 @@ class QMPClient(_JsonLines):
         await self.aclose()
 
     @classmethod
-    async def connect(cls, path: str, *, timeout: float = 30.0) -> QMPClient:
-        """Connect, read the greeting, leave capabilities negotiation mode."""
+    async def connect(cls, path: str, *, timeout: float | None = None) -> QMPClient:
+        """Connect, read the greeting, leave capabilities negotiation mode: all of it within
+        ``timeout`` seconds (default :data:`QMP_TIMEOUT`), which is also each later command's."""
+        timeout = QMP_TIMEOUT if timeout is None else timeout
+        deadline = anyio.current_time() + timeout
         stream = await _connect_unix(path, "QMP monitor", timeout)
         qmp = cls(stream, path, timeout)
         try:
-            deadline = anyio.current_time() + timeout
             try:
                 greeting = await qmp._line(deadline)
             except TimeoutError:
@@ -145,7 +149,7 @@ class QMPClient(_JsonLines):
             if not isinstance(greeting, dict) or "QMP" not in greeting:
                 raise SourceError(f"{path}: not a QMP socket (it said {str(greeting)[:80]!r})")
             qmp.greeting = greeting["QMP"]
-            await qmp.execute("qmp_capabilities")
+            await qmp.execute("qmp_capabilities", timeout=max(1e-3, deadline - anyio.current_time()))
         except BaseException:
             await qmp.aclose()
             raise

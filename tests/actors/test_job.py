@@ -258,7 +258,7 @@ async def test_unavailable_repository_fails_the_task_before_any_source_opens(
             sleeper.wait()
     assert session.state == "failed"
     error = session.objects[0].error or ""
-    expect = {"free space": "bytes free", "locked": f"pid {sleeper.pid if sleeper else 0}",
+    expect = {"free space": f"main at {repo} has ", "locked": f"pid {sleeper.pid if sleeper else 0}",
               "unreachable": "not reachable", "writable": "not writable"}[reason]
     assert expect in error
     assert probe.opened == []  # no source was opened

@@ -454,3 +454,51 @@ async def test_progress_is_reported(tmp_path: Path) -> None:
     assert seen and seen[-1].tasks[0].state == "done"
     assert seen[-1].tasks[0].done_bytes == seen[-1].tasks[0].total_bytes == 4 * MiB
     await anyio.sleep(0)
+
+
+async def test_numbers_that_could_hang_or_overflow_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    """A task limit of 0 used to wait forever for a slot, holding the writer lock."""
+    repo = await new_repo(tmp_path / "repo")
+    img = mixed_disk(tmp_path / "d.img", MiB)
+    before = repo_state(repo)
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="max_tasks"):
+            async with blockferry.open_repository(str(repo), max_tasks=bad):
+                pass
+    async with blockferry.open_repository(str(repo)) as r:
+        for kwargs, field in (({"retries": -1}, "retries"), ({"retry_delay": float("nan")}, "retry_delay"),
+                              ({"immutable_days": 0}, "immutable_days"), ({"immutable_days": 10**9}, "immutable_days"),
+                              ({"name": "two\nlines"}, "name")):
+            with pytest.raises(ConfigError, match=field):
+                await r.backup([str(img)], **kwargs)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="more than once"):
+            await r.backup([str(img), str(img)])
+        for sample in (0, 500, float("nan"), -1):
+            with pytest.raises(ConfigError, match="sample"):
+                await r.verify(sample=sample)
+        for kwargs in ({"rewrite_threshold": 5}, {"rewrite_threshold": float("nan")}, {"rewrite_threshold": -0.1},
+                       {"wait": -1}, {"wait": float("inf")}):
+            with pytest.raises(ConfigError):
+                await r.gc(**kwargs)
+        with pytest.raises(ConfigError, match="older_than_days"):
+            await r.archive(older_than_days=-5)
+    assert repo_state(repo) == before and not (repo / "locks" / "writer").exists()
+    for days in (-5, 0, 10**6):
+        with pytest.raises(ConfigError, match="immutable"):
+            await blockferry.init_repository(str(tmp_path / f"r{days}"), immutable_days=days)
+    with pytest.raises(ConfigError, match="already holds a repository"):
+        await blockferry.init_repository(str(repo))
+
+
+async def test_the_free_space_refusal_names_the_repository(tmp_path: Path) -> None:
+    repo = await new_repo(tmp_path / "store")
+    img = mixed_disk(tmp_path / "d.img", MiB)
+    async with blockferry.open_repository(str(repo)) as r:
+        async def nearly_full() -> int:
+            return 1000
+
+        r.store.backend.free_space = nearly_full  # type: ignore[method-assign]
+        session = await r.backup([str(img)], retries=0)
+    error = session.objects[0].error or ""
+    assert session.state == "failed" and f"repository store at {repo}" in error, error
+    assert "repository repository" not in error and "1000 B free" in error

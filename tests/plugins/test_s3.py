@@ -26,7 +26,7 @@ import anyio
 import anyio.to_thread
 import blockferry
 import pytest
-from blockferry.errors import BlockferryError, ConfigError, ImmutableError
+from blockferry.errors import BlockferryError, ConfigError, CorruptionError, ImmutableError
 from blockferry.plugins.s3 import S3Backend, S3BackendPlugin, _retryable, load_settings, parse_url
 from blockferry.repo.backend import AbortsUploads, PreparesRead, Protects, ReadsInto, Retention, StorageClasses
 from blockferry.repo.retention import RetentionPolicy
@@ -204,6 +204,29 @@ async def test_api_multipart_packs_and_ranged_reads(s3_env: dict[str, str], tmp_
         packs = {k: n for k, n in (await keys(c, url)).items() if k.startswith("packs/")}
         assert len(packs) == 2 and max(packs.values()) > 24 * MiB
 
+
+
+async def test_a_pack_gone_from_the_bucket_is_zeroed_with_allow_damaged_and_the_rest_restores(
+        s3_env: dict[str, str], tmp_path: Path) -> None:
+    url = new_url()
+    await blockferry.init_repository(url, block_size=MiB, compression="none", pack_size=8 * MiB,
+                                     backend_options={"create_bucket": True})
+    img = write_disk(tmp_path / "vda.img", 24 * MiB, [(0, "random", 24 * MiB)], seed=7)
+    data = img.read_bytes()
+    async with blockferry.open_repository(url) as r:
+        s = await r.backup([str(img)], name="vm")
+        disk = (await r.point(s.points[0])).disks[0]
+        packs = [(r.store.locate(disk.blocks[i * 32:(i + 1) * 32]) or ("?",))[0] for i in range(24)]
+        gone = packs[len(packs) // 2]
+        await r.store.backend.delete(gone)
+        with pytest.raises(CorruptionError):
+            await r.restore(s.points[0], tmp_path / "strict")
+        (result,) = await r.restore(s.points[0], tmp_path / "out", allow_damaged=True)
+    lost = [i for i, p in enumerate(packs) if p == gone]
+    assert lost and len(lost) < 24
+    expect = b"".join(bytes(MiB) if i in lost else data[i * MiB:(i + 1) * MiB] for i in range(24))
+    assert (tmp_path / "out" / "vda.img").read_bytes() == expect
+    assert sum(n for _, n in result.damaged_ranges) == len(lost) * MiB
 
 
 async def test_a_pack_is_hashed_as_it_is_written_so_its_put_goes_out_at_once(

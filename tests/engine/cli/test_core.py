@@ -267,12 +267,16 @@ def test_only_an_unread_stdout_counts_as_the_output_closed() -> None:
     assert stdout_unread() is False  # pytest's captured stdout: not a pipe with a reader gone
 
 
-def test_a_broken_pipe_that_is_not_the_output_stays_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_broken_pipe_that_is_not_the_output_stays_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     import blockferry.cli.core as cli
 
     def broken(*args: object, **kwargs: object) -> int:
         raise BrokenPipeError(32, "a socket of the command's own")
 
     monkeypatch.setattr(cli.anyio, "run", broken)
-    with pytest.raises(BrokenPipeError):
-        cli.main(["points", str(tmp_path)])
+    # an error of its own (exit 1, said in one line), not the output closed; never a traceback
+    assert cli.main(["points", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "unexpected BrokenPipeError: [Errno 32] a socket of the command's own" in err
+    assert "output was closed" not in err and "Traceback" not in err

@@ -229,3 +229,127 @@ def test_no_tcp_listener() -> None:
     import blockferry.daemon.control as control
 
     assert "create_tcp_listener" not in Path(control.__file__).read_text()
+
+
+# -- nobody can lock the others out ------------------------------------------------------------------
+
+HOLDER = (  # the system Python as another user, no msgspec: raw frames. Opens N connections, says
+    # hello on each, prints each answer's payload (hex), and holds them until stdin closes.
+    "import socket, struct, sys\n"
+    "path, n, hello = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])\n"
+    "held = []\n"
+    "for _ in range(n):\n"
+    "    s = socket.socket(socket.AF_UNIX); s.connect(path)\n"
+    "    try:\n"
+    "        s.sendall(hello)\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "    size = struct.unpack('>I', s.recv(4, socket.MSG_WAITALL))[0]\n"
+    "    print(s.recv(size, socket.MSG_WAITALL).hex(), flush=True)\n"
+    "    held.append(s)\n"
+    "sys.stdin.read()\n"
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as other users")
+@pytest.mark.anyio
+async def test_idle_clients_of_other_users_cannot_lock_out_each_other_or_the_owner(tmp_path: Path) -> None:
+    import tempfile
+
+    public = Path(tempfile.mkdtemp(prefix="bf-limit-"))
+    public.chmod(0o755)
+    hello = frame(Hello(versions=[1], client="holder")).hex()
+    try:
+        async with running_daemon(tmp_path, socket=public / "d.sock", allowed_users=["nobody", "65533"],
+                                  max_clients=3, max_clients_per_user=2) as (daemon, client):
+            os.chmod(daemon.options.socket, 0o666)
+            async with anyio.create_task_group() as tg:
+                answers: dict[int, list[str]] = {}
+                procs = []
+
+                async def hold(uid: int, n: int, ready: anyio.Event) -> None:
+                    proc = await anyio.open_process(["/usr/bin/python3", "-c", HOLDER, str(daemon.options.socket),
+                                                     str(n), hello], user=uid, group=65534, extra_groups=[])
+                    procs.append(proc)
+                    assert proc.stdout is not None
+                    lines = BufferedByteReceiveStream(proc.stdout)
+                    answers[uid] = []
+                    for _ in range(n):
+                        with anyio.fail_after(10):
+                            answers[uid].append((await lines.receive_until(b"\n", 1 << 20)).decode())
+                    ready.set()
+                    await proc.wait()
+
+                first, second = anyio.Event(), anyio.Event()
+                tg.start_soon(hold, 65534, 3, first)  # wants 3, may have 2 (its own limit)
+                await first.wait()
+                tg.start_soon(hold, 65533, 2, second)  # gets the last of the 3, then the limit is reached
+                await second.wait()
+                codes = {uid: [msgspec.msgpack.decode(bytes.fromhex(a)).get("code", "welcome") for a in got]
+                         for uid, got in answers.items()}
+                assert codes == {65534: ["welcome", "welcome", "too_many_clients"],
+                                 65533: ["welcome", "too_many_clients"]}, codes
+                refusal = msgspec.msgpack.decode(bytes.fromhex(answers[65534][2]))["message"]
+                assert "max_clients_per_user" in refusal and "nobody" in refusal
+                # every slot of the others is taken: the owner still gets in, many times over
+                async with connect(daemon.options.socket) as c1, connect(daemon.options.socket) as c2:
+                    assert (await c1.call("status"))["clients"]["clients"] == 3 + 3  # 3 others, 3 owner
+                    assert (await c2.call("status"))["pid"] == os.getpid()
+                for proc in procs:
+                    assert proc.stdin is not None
+                    await proc.stdin.aclose()
+    finally:
+        shutil.rmtree(public)
+
+
+@pytest.mark.anyio
+async def test_an_idle_connection_times_out_and_a_subscribed_one_does_not(tmp_path: Path) -> None:
+    async with running_daemon(tmp_path, idle_timeout=0.3) as (daemon, _):
+        sub, sub_buf = await raw(daemon.options.socket)  # the older of the two: subscribed
+        await sub.send(frame(Hello(versions=[1])))
+        assert isinstance(await receive(sub_buf), Welcome)
+        await sub.send(frame(Request(id=1, method="subscribe", params={"topics": ["session"]})))
+        assert getattr(await receive(sub_buf), "id", None) == 1
+        idle, idle_buf = await raw(daemon.options.socket)
+        await idle.send(frame(Hello(versions=[1])))
+        assert isinstance(await receive(idle_buf), Welcome)
+        err = await receive(idle_buf)  # nothing sent: the daemon closes it
+        assert isinstance(err, Error) and err.code == "timeout" and "without a request" in err.message
+        assert await closed(idle_buf)
+        await sub.send(frame(Request(id=2, method="status")))  # still served
+        reply = await receive(sub_buf)
+        assert getattr(reply, "id", None) == 2
+        assert reply.result["clients"]["timed_out"] >= 1  # type: ignore[attr-defined]
+        await idle.aclose()
+        await sub.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("after_hello", [True, False])
+async def test_a_frame_that_stalls_halfway_is_cut_off(tmp_path: Path, after_hello: bool) -> None:
+    async with running_daemon(tmp_path, frame_timeout=0.3) as (daemon, client):
+        s, buf = await raw(daemon.options.socket)
+        async with s:
+            if after_hello:
+                await s.send(frame(Hello(versions=[1])))
+                assert isinstance(await receive(buf), Welcome)
+            await s.send(frame(Request(id=1, method="status"))[:7])  # the header and a little: then nothing
+            err = await receive(buf)
+            assert isinstance(err, Error) and err.code == "timeout" and "did not arrive whole" in err.message
+            assert await closed(buf)
+        assert (await client.call("status"))["pid"] == os.getpid()
+
+
+def test_the_limits_and_timeouts_must_make_sense(tmp_path: Path) -> None:
+    from blockferry.daemon.control import AccessPolicy, ControlServer
+    from blockferry.errors import ConfigError
+    from blockferry.runtime.events import EventBus
+
+    async def handler(*args: object) -> None:
+        return None
+
+    for bad in ({"max_clients": 0}, {"max_clients_per_user": -1}, {"idle_timeout": 0},
+                {"frame_timeout": float("nan")}, {"stall_timeout": -1}):
+        with pytest.raises(ConfigError):
+            ControlServer(tmp_path / "s", handler=handler, bus=EventBus(), access=AccessPolicy(),
+                          **bad)  # type: ignore[arg-type]

@@ -444,3 +444,20 @@ async def test_limits_never_exceeded_under_random_workload(
     # the workload did press against the limits (else the checks above prove little)
     capacities = [e.slots for e in s.proxies] + list(s.repositories.values()) + [j for j in jobs if j is not None]
     assert any(c.peak == c.limit for c in capacities)
+
+
+async def test_a_limit_of_no_task_is_refused_not_waited_for() -> None:
+    """A proxy, repository or job limit below one would leave every request waiting forever."""
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="1 or more"):
+            Slots("job", bad)
+        with pytest.raises(ConfigError, match="max_tasks"):
+            ResourceScheduler().add_proxy(ProxyConfig(name="p", max_tasks=bad), actor=None)
+        s = scheduler(ProxyConfig(name="p"))
+        with pytest.raises(ConfigError, match="1 or more"):
+            s.add_repository("other", bad)
+        with pytest.raises(ConfigError, match="1 or more"):
+            s.update_repository("repo", bad)
+        with pytest.raises(ConfigError, match="max_tasks"):
+            s.update_proxy(ProxyConfig(name="p", max_tasks=bad))
+        assert s.proxies[0].slots.limit == 4 and s.repositories["repo"].limit == 100

@@ -163,7 +163,7 @@ def test_decode_config_refuses_another_format() -> None:
 
 
 def test_decode_config_refuses_non_object_json() -> None:
-    with pytest.raises(UnsupportedFormatError):
+    with pytest.raises(CorruptionError):  # damage, exit 3, like every other damage to the config
         decode_config(b"[1, 2, 3]", "r/config")
 
 
@@ -189,9 +189,9 @@ def test_decode_config_refuses_damaged_fields_and_bad_values() -> None:
     del raw["block_size"]
     with pytest.raises(CorruptionError):
         decode_config(msgspec.json.encode(raw), "c")
-    with pytest.raises(ConfigError):
+    with pytest.raises(CorruptionError):  # init allows neither: edited or damaged since
         decode_config(encode_config(_config(block_size=3 * MiB)), "c")
-    with pytest.raises(ConfigError):
+    with pytest.raises(CorruptionError):
         decode_config(encode_config(_config(compression="brotli")), "c")
     with pytest.raises(UnsupportedFormatError):
         decode_config(encode_config(_config(hash="sha256")), "c")
