@@ -56,7 +56,8 @@ def test_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
                                  "blockferry.plugins.file_source:FileSourcePlugin",
                                  "blockferry.plugins.local:LocalBackendPlugin",
                                  "blockferry.plugins.qemu:QemuSourcePlugin",
-                                 "blockferry.plugins.s3:S3BackendPlugin"]))
+                                 "blockferry.plugins.s3:S3BackendPlugin",
+                                 "blockferry.plugins.vsphere:VSphereSourcePlugin"]))
     assert out[3:6] == ["no engine", "no plugins", "no actors"]
     version = subprocess.run([str(venv / "bin" / "blockferry"), "--version"], check=True, capture_output=True,
                              text=True, env=env, timeout=60).stdout
