@@ -271,6 +271,9 @@ class JobManager(Actor[JobInbox]):
                     log.warning("object_failed", error=res.error, attempts=attempt + 1)
                     break
                 log.warning("object_retry", error=res.error, attempt=attempt + 1)
+            except BaseException:  # cancelled: the read is abandoned, sources release what they hold
+                await self._finish_sources(obj.name, tasks, committed=False)
+                raise
             finally:
                 for tk in tickets:
                     self.scheduler.release(tk)

@@ -240,8 +240,9 @@ class Repository:
         from blockferry.actors.server import running_server
 
         validated(spec)
-        # the embedded proxy runs here: it reaches local files and local QEMU sockets alike
-        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu"])
+        # the embedded proxy runs here: it reaches local files and local QEMU sockets alike, and
+        # the Ceph clusters whose configuration it is given (an RBD URL's ?conf=)
+        local = ProxyConfig(name="local", max_tasks=self.max_tasks, transports=["file", "qemu", "rbd"])
         cfg = ServerConfig(proxies=self.proxies or [local],
                            engine=self.runtime.settings)
         async with running_server(cfg) as server:
