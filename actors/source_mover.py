@@ -69,15 +69,21 @@ class SourceMover(Actor[MoverInbox]):
         raise BlockferryError(f"{self.name}: unexpected message {type(msg).__name__}")
 
     async def _work(self) -> None:
-        with anyio.CancelScope() as self._scope:
-            async with self.out:
-                started = anyio.current_time()
-                try:
-                    await self._move()
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    raise DownstreamClosedError(f"{self.task.id}: the target stopped receiving") from None
-                self.stats.duration = anyio.current_time() - started
-            self.done.set_result(self.stats)
+        try:
+            with anyio.CancelScope() as self._scope:
+                async with self.out:
+                    started = anyio.current_time()
+                    try:
+                        await self._move()
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        raise DownstreamClosedError(f"{self.task.id}: the target stopped receiving") from None
+                    self.stats.duration = anyio.current_time() - started
+                self.done.set_result(self.stats)
+        except anyio.get_cancelled_exc_class():
+            # the whole server is cancelled: the job waits on ``done`` (shielded), tell it now
+            if not self.done.done:
+                self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
+            raise
         if not self.done.done:
             self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
         self.request_stop()

@@ -74,6 +74,11 @@ class TargetMover(Actor[MoverInbox]):
     async def _work(self) -> None:
         try:
             await self._write()
+        except anyio.get_cancelled_exc_class():
+            # the whole server is cancelled: the job waits on ``done`` (shielded), tell it now
+            if not self.done.done:
+                self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
+            raise
         finally:
             self._drain()
         if not self.done.done:

@@ -197,6 +197,9 @@ async def test_cancelled_backup_removes_its_snapshot(ceph_rbd: RbdPool, image: t
         await reading.wait()
         assert any(is_temporary(s) for s in ceph_rbd.snapshots(name))
         tg.cancel_scope.cancel()
+        wound_down = anyio.current_time()
+    # promptly: the movers report their cancellation (the job once waited 60 s for them)
+    assert anyio.current_time() - wound_down < 30
     assert ceph_rbd.snapshots(name) == []
 
 
