@@ -150,6 +150,20 @@ class StoragePlugin(Protocol):
 SYSTEM_CAPABILITIES: tuple[type, ...] = (GroupSnapshots,)
 
 
+#: the temporary snapshots this process's backups hold now (see :func:`hold`)
+_live: set[str] = set()
+
+
+def hold(name: str, held: bool = True) -> None:
+    """Say that this process's backup holds the temporary snapshot ``name`` (or, ``held=False``,
+    that it has let it go): :func:`leftover` leaves held ones alone and counts this process's
+    others as leftovers (one a cancelled clean-up could not remove)."""
+    if held:
+        _live.add(name)
+    else:
+        _live.discard(name)
+
+
 def _stamp(now: dt.datetime | None = None) -> str:
     return (now or dt.datetime.now(dt.UTC)).strftime("%Y%m%dT%H%M%SZ")
 
@@ -193,7 +207,7 @@ def leftover(name: str, *, now: dt.datetime | None = None) -> bool:
     if host != me or not pid.isdigit():
         return False
     if int(pid) == os.getpid():
-        return False  # this process is reading it
+        return name not in _live  # this process's: a leftover unless a backup still reads it
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from blockferry.datapath.source import Buffer, Extent
-from blockferry.datapath.storage import Exposure, Snapshot, is_retained, leftover, retained_name, temporary_name
+from blockferry.datapath.storage import (
+    Exposure,
+    Snapshot,
+    hold,
+    is_retained,
+    leftover,
+    retained_name,
+    temporary_name,
+)
 from blockferry.errors import NotFoundError, SourceError
 from blockferry.log import get_logger
 from blockferry.nbd.client import NBDClient
@@ -86,6 +94,7 @@ class RbdDisk:
                 raise SourceError(f"{self.url}: read after the backup finished")
             try:
                 await self._remove_leftovers()
+                hold(self.temporary)
                 self.snapshot = (await self.storage.snapshot([self.volume], self.temporary))[0]
                 self.steps.append({"step": "snapshot", "at": _now()})
                 log.info("snapshot_created", volume=self.volume, snapshot=self.temporary)
@@ -135,6 +144,7 @@ class RbdDisk:
         with anyio.CancelScope(shield=True):
             self._finished = True
             await self._withdraw()
+            hold(self.temporary, False)
             snap, self.snapshot = self.snapshot, None
             if snap is None:
                 return
@@ -167,7 +177,8 @@ class RbdDisk:
         return await client.read_into(offset, buffers)
 
     async def aclose(self) -> None:
-        """The read is over: withdraw the export. The snapshot waits for :meth:`finish`."""
+        """The read is over: withdraw the export. The snapshot waits for :meth:`finish` (a disk
+        never finished, as a plain reader's, leaves it to the next run's leftover removal)."""
         await self._withdraw()
 
 

@@ -21,6 +21,7 @@ from blockferry.datapath.storage import (
     GroupSnapshots,
     StoragePlugin,
     StorageSystem,
+    hold,
     is_retained,
     is_temporary,
     leftover,
@@ -129,6 +130,44 @@ async def test_full_then_incremental_reads_only_rbd_diff(ceph_rbd: RbdPool, imag
     assert await _restored(repo_url, full.points[0], tmp_path / "r3") != bytes(content)
 
 
+async def test_a_job_backs_up_several_rbd_volumes_through_their_snapshots(ceph_rbd: RbdPool, tmp_path: Path) -> None:
+    """A job of two objects (one with two RBD volumes), run twice: every volume goes through its
+    own storage snapshot, the second run reads only what changed, each volume keeps one snapshot."""
+    names = [f"job-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
+    contents: list[bytearray] = []
+    for n in names:
+        data = bytearray(os.urandom(3 * MiB))
+        (tmp_path / n).write_bytes(data)
+        ceph_rbd.run("import", "--no-progress", "--object-size", "1M", str(tmp_path / n), f"{ceph_rbd.name}/{n}")
+        contents.append(data)
+    repo_url = str(tmp_path / "repo")
+    await blockferry.init_repository(repo_url)
+    spec = blockferry.JobSpec(name="volumes", repository="repo", retries=0, objects=[
+        blockferry.ObjectSpec(name="db", disks=[blockferry.DiskSpec(source=ceph_rbd.url(n)) for n in names[:2]]),
+        blockferry.ObjectSpec(name="web", disks=[blockferry.DiskSpec(source=ceph_rbd.url(names[2]))]),
+    ])
+    try:
+        async with blockferry.open_repository(repo_url) as repo:
+            first = await repo.run_job(spec)
+            assert first.state == "success", first
+            assert first.stats.read_bytes == 9 * MiB
+            _write(ceph_rbd, names[1], contents[1], MiB + 10, 10, tmp_path)
+            second = await repo.run_job(spec)
+            assert second.state == "success", second
+            assert all(d.plan.startswith("incremental") for o in second.objects for d in o.disks), second.objects
+            assert second.stats.read_bytes == BS
+            db = next(o for o in second.objects if o.name == "db")
+            out = await repo.restore(db.point or "", tmp_path / "out")
+        assert sorted(Path(r.path).read_bytes() for r in out) == sorted(bytes(c) for c in contents[:2])
+        for n in names:
+            (kept,) = ceph_rbd.snapshots(n)
+            assert is_retained(kept)
+    finally:
+        for n in names:
+            ceph_rbd.run("snap", "purge", "--no-progress", f"{ceph_rbd.name}/{n}")
+            ceph_rbd.run("rm", "--no-progress", f"{ceph_rbd.name}/{n}")
+
+
 async def test_previous_snapshot_gone_reads_everything_and_says_why(ceph_rbd: RbdPool, image: tuple[str, bytearray],
                                                                    tmp_path: Path) -> None:
     name, content = image
@@ -213,7 +252,12 @@ async def test_leftovers_of_a_killed_run_are_removed_by_the_next(ceph_rbd: RbdPo
     mine = temporary_name().split(".")
     mine[3] = str(dead.pid)  # what a run killed with SIGKILL leaves: its process is gone
     gone = ".".join(mine)
-    assert leftover(gone) and not leftover(temporary_name())
+    assert leftover(gone)
+    ours = temporary_name()  # this process's: a leftover only once no backup holds it
+    hold(ours)
+    assert not leftover(ours)
+    hold(ours, False)
+    assert leftover(ours)
     old = temporary_name(dt.datetime.now(dt.UTC) - dt.timedelta(days=2))  # another host's, long dead
     for snap in (gone, old, "users-own"):
         ceph_rbd.run("snap", "create", "--no-progress", f"{ceph_rbd.name}/{name}@{snap}")
@@ -284,3 +328,4 @@ async def test_storage_system_contract(ceph_rbd: RbdPool, tmp_path: Path) -> Non
         for v in volumes:
             ceph_rbd.run("snap", "purge", "--no-progress", v)
             ceph_rbd.run("rm", "--no-progress", v)
+
