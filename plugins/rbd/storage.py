@@ -1,7 +1,8 @@
 """Storage system ``rbd``: Ceph RBD images as volumes, RBD snapshots as storage snapshots.
 
 URL: ``rbd://POOL[?conf=/etc/ceph/ceph.conf&id=admin]`` (``conf`` and ``id`` may also be given
-as options); volumes are ``POOL/IMAGE``.
+as options, and ``timeout``: seconds before an unanswering cluster counts as unreachable, 60 by
+default); volumes are ``POOL/IMAGE``.
 
 Everything goes through the ``rbd`` command (``ceph-common``), run with :func:`anyio.run_process`:
 blockferry's virtualenv cannot import Debian's ``python3-rbd`` bindings (they are built for the
@@ -126,8 +127,8 @@ class RbdStorage:
             msg = lines[-1] if lines else proc.stderr.decode(errors="replace").strip()[-300:]
             if "No such file or directory" in msg:
                 raise NotFoundError(f"rbd pool {self.pool}: {msg} (rbd {' '.join(args)})")
-            raise SourceError(f"rbd pool {self.pool}: rbd {args[0]} {args[1] if len(args) > 1 else ''} "
-                              f"failed: {msg or proc.returncode}")
+            words = [a for a in args[:2] if not a.startswith("-")]
+            raise SourceError(f"rbd pool {self.pool}: rbd {' '.join(words)} of {args[-1]} failed: {msg or proc.returncode}")
         return proc.stdout
 
     def _spec(self, volume: str, snap: str | None = None) -> str:
@@ -274,4 +275,10 @@ class RbdStoragePlugin:
             raise ConfigError(f"{url}: a storage system is rbd://POOL (a volume is rbd://POOL/IMAGE)")
         if not Path(conf).is_file():
             raise ConfigError(f"{url}: the Ceph configuration {conf} does not exist (give ?conf=PATH)")
-        return RbdStorage(url, pool, conf, user)
+        try:
+            timeout = float(options.get("timeout", TIMEOUT))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{url}: timeout takes seconds, not {options.get('timeout')!r}") from None
+        if not 1 <= timeout <= 3600:
+            raise ConfigError(f"{url}: timeout takes 1 to 3600 seconds, not {timeout:g}")
+        return RbdStorage(url, pool, conf, user, timeout=timeout)

@@ -329,3 +329,20 @@ async def test_storage_system_contract(ceph_rbd: RbdPool, tmp_path: Path) -> Non
             ceph_rbd.run("snap", "purge", "--no-progress", v)
             ceph_rbd.run("rm", "--no-progress", v)
 
+
+
+async def test_an_unreachable_cluster_fails_clearly_before_anything_is_written(tmp_path: Path) -> None:
+    port = subprocess.run(["python3", "-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); "
+                           "print(s.getsockname()[1])"], capture_output=True, text=True, check=True).stdout.strip()
+    conf = tmp_path / "gone.conf"
+    conf.write_text(f"[global]\nmon host = 127.0.0.1:{port}\nauth client required = none\nkeyring = /dev/null\n")
+    repo_url = str(tmp_path / "repo")
+    await blockferry.init_repository(repo_url)
+    url = f"rbd://pool/image?conf={conf}"
+    with pytest.raises(SourceError, match="rbd pool pool"):
+        async with blockferry.open_repository(repo_url) as repo:
+            await repo.backup([blockferry.DiskSpec(source=url, options={"timeout": 2})])
+    async with blockferry.open_repository(repo_url) as repo:
+        assert await repo.points() == []
+    with pytest.raises(ConfigError, match="timeout"):
+        await storage_plugin(url).open(f"rbd://pool?conf={conf}", {"timeout": "soon"})
