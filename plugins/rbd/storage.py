@@ -51,6 +51,7 @@ log = get_logger(component="rbd")
 DEFAULT_CONF = "/etc/ceph/ceph.conf"
 #: seconds a command may take before the cluster counts as unreachable
 TIMEOUT = 60.0
+_SETPRIV = shutil.which("setpriv")
 
 
 class _DiffEntry(msgspec.Struct):
@@ -197,6 +198,10 @@ class RbdStorage:
                                              **({"user": self.user} if self.user else {})}}
         argv = ["qemu-nbd", "--read-only", "--persistent", "--shared=16", "--socket", sock,
                 "--export-name", image, "json:" + json.dumps(target)]
+        if _SETPRIV:
+            # the export dies with this process: a run killed with SIGKILL leaves no qemu-nbd
+            # holding the snapshot (util-linux's setpriv sets the parent-death signal, then execs)
+            argv = [_SETPRIV, "--pdeathsig", "TERM", *argv]
         try:
             proc = await anyio.open_process(argv)
         except OSError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -346,3 +347,62 @@ async def test_an_unreachable_cluster_fails_clearly_before_anything_is_written(t
         assert await repo.points() == []
     with pytest.raises(ConfigError, match="timeout"):
         await storage_plugin(url).open(f"rbd://pool?conf={conf}", {"timeout": "soon"})
+
+
+_KILLED_RUN = """
+import sys, anyio, blockferry
+from blockferry.plugins.rbd.source import RbdDisk
+
+async def stuck(self, offset, buffers):
+    await self._start()
+    print("reading", self.exposure.handle, flush=True)
+    await anyio.sleep_forever()
+
+RbdDisk.read_into = stuck
+
+async def main():
+    async with blockferry.open_repository(sys.argv[1]) as repo:
+        await repo.backup([sys.argv[2]], name="vol", retries=0)
+
+anyio.run(main)
+"""
+
+
+async def test_a_run_killed_with_sigkill_is_cleaned_by_the_next(ceph_rbd: RbdPool, image: tuple[str, bytearray],
+                                                                tmp_path: Path) -> None:
+    name, content = image
+    repo_url = str(tmp_path / "repo")
+    await blockferry.init_repository(repo_url)
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_RUN)
+    proc = subprocess.Popen([sys.executable, str(script), repo_url, ceph_rbd.url(name)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["reading"], line
+        nbd_pid = int(line[1])
+    finally:
+        proc.kill()
+        proc.wait()
+    (left,) = ceph_rbd.snapshots(name)
+    assert is_temporary(left) and leftover(left)
+    try:
+        async with blockferry.open_repository(repo_url) as repo:
+            await repo.break_lock()  # the killed run held the writer lock
+        result = await _backup(repo_url, ceph_rbd.url(name))
+        assert result.state == "success", result
+        (kept,) = ceph_rbd.snapshots(name)
+        assert is_retained(kept)
+        async with blockferry.open_repository(repo_url) as repo:
+            assert (await repo.point(result.points[0])).disks[0].metadata["storage"]["leftovers_removed"] == [left]
+        assert await _restored(repo_url, result.points[0], tmp_path / "r") == bytes(content)
+    finally:
+        try:
+            os.kill(nbd_pid, 0)
+            orphan = True
+        except ProcessLookupError:
+            orphan = False
+        if orphan:  # the killed run's qemu-nbd, by its pid (the test's own child's child)
+            os.kill(nbd_pid, 9)
+    assert not orphan, "the killed run's qemu-nbd outlived it"
