@@ -406,3 +406,23 @@ async def test_a_run_killed_with_sigkill_is_cleaned_by_the_next(ceph_rbd: RbdPoo
         if orphan:  # the killed run's qemu-nbd, by its pid (the test's own child's child)
             os.kill(nbd_pid, 9)
     assert not orphan, "the killed run's qemu-nbd outlived it"
+
+
+async def test_no_proxy_connected_to_the_storage_system_fails_clearly(ceph_rbd: RbdPool, image: tuple[str, bytearray],
+                                                                      tmp_path: Path) -> None:
+    """A proxy reaches RBD only when it declares the ``rbd`` transport (optionally limited to some
+    pools by ``reach``): a job with none fails clearly and leaves no snapshot."""
+    name, _ = image
+    repo_url = str(tmp_path / "repo")
+    await blockferry.init_repository(repo_url)
+    spec = blockferry.JobSpec(name="j", repository="repo", retries=0, objects=[
+        blockferry.ObjectSpec(name="vol", disks=[blockferry.DiskSpec(source=ceph_rbd.url(name))])])
+    for proxy in (blockferry.ProxyConfig(name="files", transports=["file"]),
+                  blockferry.ProxyConfig(name="other-pool", transports=["rbd"], reach=["rbd://elsewhere"])):
+        async with blockferry.open_repository(repo_url, proxies=[proxy]) as repo:
+            result = await repo.run_job(spec)
+        assert result.state == "failed" and "no proxy can reach" in (result.objects[0].error or ""), result
+    assert ceph_rbd.snapshots(name) == []
+    connected = blockferry.ProxyConfig(name="ceph", transports=["rbd"], reach=[f"rbd://{ceph_rbd.name}"])
+    async with blockferry.open_repository(repo_url, proxies=[connected]) as repo:
+        assert (await repo.run_job(spec)).state == "success"
