@@ -82,7 +82,8 @@ class SourceMover(Actor[MoverInbox]):
         except anyio.get_cancelled_exc_class():
             # cancelled from outside (the whole server stopping): whoever waits for the move (the
             # job, shielded) learns it ended now, not at its timeout (a failure is set by the host)
-            self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
+            if not self.done.done:
+                self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
             raise
         if not self.done.done:
             self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))

@@ -76,7 +76,8 @@ class TargetMover(Actor[MoverInbox]):
             await self._write()
         except anyio.get_cancelled_exc_class():
             # cancelled from outside: the job waiting for the move learns it ended now
-            self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
+            if not self.done.done:
+                self.done.set_error(BlockferryError(f"{self.task.id}: cancelled"))
             raise
         finally:
             self._drain()

@@ -1,7 +1,8 @@
 """Finding source plugins and repository backends by URL scheme, through entry points.
 
-Groups: ``blockferry.sources`` and ``blockferry.backends``; the entry point's name is the scheme
-(``file``, ``qemu``, ``s3``). A plain path (no ``scheme:``) means ``file``. Programs that embed
+Groups: ``blockferry.sources``, ``blockferry.backends`` and ``blockferry.storage`` (storage
+systems, engine/datapath/storage.py); the entry point's name is the scheme (``file``, ``qemu``,
+``s3``, ``rbd``). A plain path (no ``scheme:``) means ``file``. Programs that embed
 blockferry may also :func:`register` a plugin object for a scheme; it takes precedence over an
 entry point of the same name.
 
@@ -22,6 +23,7 @@ from blockferry.errors import ConfigError
 
 SOURCES = "blockferry.sources"
 BACKENDS = "blockferry.backends"
+STORAGE = "blockferry.storage"
 
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):")
 _loaded: dict[tuple[str, str], Any] = {}
@@ -50,7 +52,7 @@ def path_from_url(url: str) -> Path:
 
 
 def register(group: str, scheme: str, plugin: Any) -> None:
-    """Use ``plugin`` for ``scheme`` in ``group`` (SOURCES or BACKENDS); None removes it."""
+    """Use ``plugin`` for ``scheme`` in ``group`` (SOURCES, BACKENDS or STORAGE); None removes it."""
     if plugin is None:
         _registered.pop((group, scheme), None)
     else:
@@ -70,7 +72,7 @@ def _load(group: str, scheme: str) -> Any:
     # that is not built in
     from importlib.metadata import entry_points
 
-    kind = "source" if group == SOURCES else "repository"
+    kind = {SOURCES: "source", STORAGE: "storage system"}.get(group, "repository")
     for ep in entry_points(group=group, name=scheme):
         try:
             plugin = _loaded[key] = ep.load()()
@@ -90,3 +92,8 @@ def source_plugin(url: str) -> Any:
 def backend_plugin(url: str) -> Any:
     """The :class:`~blockferry.repo.backend.BackendPlugin` for ``url``."""
     return _load(BACKENDS, scheme_of(url))
+
+
+def storage_plugin(url: str) -> Any:
+    """The :class:`~blockferry.datapath.storage.StoragePlugin` for ``url``."""
+    return _load(STORAGE, scheme_of(url))

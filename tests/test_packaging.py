@@ -27,7 +27,7 @@ def test_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
         for src in folder.rglob("*.py"):
             assert f"{prefix}/{src.relative_to(folder).as_posix()}" in names, src
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "blockferry.sources" in entry_points and "blockferry.backends" in entry_points
+    assert all(f"[{g}]" in entry_points for g in ("blockferry.sources", "blockferry.backends", "blockferry.storage"))
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -41,7 +41,7 @@ def test_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
         "print(blockferry.__file__)\n"
         "print(type(r.source_plugin('x.img')).__name__, type(r.backend_plugin('/srv/repo')).__name__)\n"
         "from importlib.metadata import entry_points as e\n"
-        "print(sorted(x.value for g in (r.SOURCES, r.BACKENDS) for x in e(group=g)))\n"
+        "print(sorted(x.value for g in (r.SOURCES, r.BACKENDS, r.STORAGE) for x in e(group=g)))\n"
         "for name in ('engine', 'plugins', 'actors'):\n"
         "    try:\n"
         "        __import__(name)\n"
@@ -56,6 +56,8 @@ def test_wheel_in_a_fresh_virtualenv(tmp_path: Path) -> None:
                                  "blockferry.plugins.file_source:FileSourcePlugin",
                                  "blockferry.plugins.local:LocalBackendPlugin",
                                  "blockferry.plugins.qemu:QemuSourcePlugin",
+                                 "blockferry.plugins.rbd:RbdSourcePlugin",
+                                 "blockferry.plugins.rbd:RbdStoragePlugin",
                                  "blockferry.plugins.s3:S3BackendPlugin",
                                  "blockferry.plugins.vsphere:VSphereSourcePlugin"]))
     assert out[3:6] == ["no engine", "no plugins", "no actors"]

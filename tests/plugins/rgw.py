@@ -11,6 +11,7 @@ its own data pool), so that tests can place objects in a non-STANDARD class.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 ACCESS_KEY = "BFTESTACCESSKEY00001"
 SECRET_KEY = "bfTestSecretKey/DoNotLog+0123456789abcdef"
@@ -252,3 +254,51 @@ rgw usage log flush threshold = 1
                 except ProcessLookupError:
                     pass
         self.pids.clear()
+
+
+class RbdPool:
+    """An RBD pool of a running test cluster, with the ``rbd`` commands the RBD tests need."""
+
+    def __init__(self, conf: Path, name: str) -> None:
+        self.conf = conf
+        self.name = name
+
+    def run(self, *args: str, binary: str = "rbd", input: bytes | None = None) -> bytes:
+        r = subprocess.run([binary, "-c", str(self.conf), *args], capture_output=True, input=input, timeout=120)
+        if r.returncode != 0:
+            raise RuntimeError(f"{binary} {' '.join(args)} failed ({r.returncode}): {r.stderr.decode()[-2000:]}")
+        return r.stdout
+
+    def create(self) -> None:
+        self.run("osd", "pool", "create", self.name, "8", "8", binary="ceph")
+        self.run("pool", "init", self.name)
+
+    def url(self, image: str) -> str:
+        """The source URL of an image of this pool."""
+        return f"rbd://{self.name}/{image}?conf={self.conf}"
+
+    @property
+    def system_url(self) -> str:
+        return f"rbd://{self.name}?conf={self.conf}"
+
+    def snapshots(self, image: str) -> list[str]:
+        return [s["name"] for s in json.loads(self.run("snap", "ls", "--format", "json", f"{self.name}/{image}"))]
+
+    def diff(self, image: str, from_snap: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = json.loads(self.run("diff", "--format", "json", "--from-snap", from_snap,
+                                                        f"{self.name}/{image}"))
+        return out
+
+    def export(self, image: str) -> bytes:
+        return self.run("export", "--no-progress", f"{self.name}/{image}", "-")
+
+    def write(self, image: str, offset: int, data: bytes, scratch: Path) -> None:
+        """Write ``data`` at ``offset`` into the image through QEMU's rbd driver (qemu-io)."""
+        src = scratch / f"write-{offset}.bin"
+        src.write_bytes(data)
+        target = {"driver": "raw", "file": {"driver": "rbd", "pool": self.name, "image": image, "conf": str(self.conf)}}
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -s {src} {offset} {len(data)}",
+                            "json:" + json.dumps(target)], capture_output=True, timeout=120)
+        if r.returncode != 0 or b"wrote" not in r.stdout:
+            raise RuntimeError(f"qemu-io write failed: {r.stdout.decode()} {r.stderr.decode()}")
+        src.unlink()
