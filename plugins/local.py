@@ -31,6 +31,7 @@ import anyio
 import anyio.to_thread
 from blockferry.errors import ConfigError, CorruptionError, ImmutableError, NoSpaceError, NotFoundError, RepositoryError
 from blockferry.fileio import write_all
+from blockferry.processes import pid_alive
 from blockferry.registry import path_from_url
 from blockferry.repo.backend import BackendCapabilities, KeyExistsError, ObjectInfo
 
@@ -395,7 +396,7 @@ class LocalBackend:
         now = time.time()
         for p in self._tmp_dir.iterdir():
             pid = p.name.split("-", 1)[0]
-            alive = pid.isdigit() and _pid_alive(int(pid))
+            alive = pid.isdigit() and pid_alive(int(pid))
             try:
                 if not alive or now - p.stat().st_mtime > older_than and int(pid) != os.getpid():
                     p.unlink()
@@ -472,16 +473,6 @@ def _set_immutable(path: Path, on: bool) -> bool:
         raise
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class LocalBackendPlugin:

@@ -39,6 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 from blockferry.datapath.extents import Extent
+from blockferry.processes import pid_alive
 
 #: every snapshot blockferry makes starts with this
 PREFIX = "blockferry"
@@ -208,10 +209,4 @@ def leftover(name: str, *, now: dt.datetime | None = None) -> bool:
         return False
     if int(pid) == os.getpid():
         return name not in _live  # this process's: a leftover unless a backup still reads it
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, another user's
-    return False
+    return not pid_alive(int(pid))

@@ -34,6 +34,7 @@ from blockferry.errors import (
     plain_errors,
 )
 from blockferry.log import get_logger
+from blockferry.processes import process_start
 from blockferry.repo.backend import (
     AbortsUploads,
     Backend,
@@ -72,7 +73,7 @@ from blockferry.repo.format import (
 )
 from blockferry.repo.health import Health
 from blockferry.repo.index import INDEX_COMPACT_AT, ChunkIndex, IndexEntry
-from blockferry.repo.locks import LockInfo, holder_alive, process_start
+from blockferry.repo.locks import LockInfo, holder_alive
 from blockferry.repo.packs import PackWriter, Spawn, WriterHandle, pack_key
 from blockferry.repo.packscan import read_trailer
 from blockferry.repo.retention import parse_time

@@ -80,6 +80,7 @@ from blockferry.plugins.vsphere.vcenter import (
     owner_of,
     parse_port,
 )
+from blockferry.processes import pid_alive
 
 if TYPE_CHECKING:
     from blockferry.repo.format import DiskRecord
@@ -192,16 +193,6 @@ def quiesce_mode(options: Mapping[str, str]) -> str:
     if mode not in ("off", "try", "require"):
         raise ConfigError(f"quiesce must be off, try or require, not {mode!r}")
     return mode
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -507,7 +498,7 @@ class VSphereSourcePlugin:
     def _is_orphan(self, owner: dict[str, Any], max_hours: float) -> tuple[bool, str]:
         if owner.get("host") == self.hostname:
             pid = owner.get("pid")
-            if not isinstance(pid, int) or not _pid_alive(pid):
+            if not isinstance(pid, int) or not pid_alive(pid):
                 return True, f"its process {pid} on this host is gone"
             if pid == os.getpid():  # held ones were skipped by the caller
                 return True, "this process no longer holds it"

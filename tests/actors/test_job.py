@@ -27,7 +27,8 @@ from blockferry.jobs.config import (
 )
 from blockferry.plugins.file_source import FileSourcePlugin
 from blockferry.plugins.local import LocalBackendPlugin
-from blockferry.repo.locks import LockInfo, process_start
+from blockferry.processes import process_start
+from blockferry.repo.locks import LockInfo
 from blockferry.repo.retention import RetentionPolicy
 from blockferry.repo.store import LOCK_KEY
 from blockferry.runtime.settings import EngineSettings

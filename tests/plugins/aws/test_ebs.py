@@ -42,7 +42,7 @@ from moto.core.exceptions import ServiceException
 from moto.ebs.models import Block, EBSBackend
 from moto.ec2.models import EC2Backend
 
-from tests.plugins.aws.conftest import EBS_BLOCK, GiB, MiB, REGION, Aws
+from tests.plugins.aws.conftest import EBS_BLOCK, REGION, Aws, GiB, MiB
 from tests.plugins.s3proxy import FaultProxy, Rule
 
 pytestmark = pytest.mark.anyio

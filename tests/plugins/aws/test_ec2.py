@@ -12,15 +12,15 @@ from typing import Any
 
 import blockferry
 import pytest
+from blockferry.actors.server import running_server
 from blockferry.datapath.source import Expands
 from blockferry.errors import ConfigError, SourceError
-from blockferry.actors.server import running_server
 from blockferry.jobs.config import DiskSpec, JobSpec, ObjectSpec, ProxyConfig, RepositorySettings, ServerConfig
 from blockferry.plugins.aws import Ec2SourcePlugin
 from blockferry.plugins.aws.ec2 import parse_url
 from moto.ec2.models import EC2Backend
 
-from tests.plugins.aws.conftest import EBS_BLOCK, GiB, MiB, REGION, Aws
+from tests.plugins.aws.conftest import EBS_BLOCK, REGION, Aws, GiB, MiB
 from tests.plugins.aws.test_ebs import ZERO, blocks_of
 
 pytestmark = pytest.mark.anyio
