@@ -131,7 +131,7 @@ class SourceMover(Actor[MoverInbox]):
                 # the disk's capabilities, resolved once per task (never per block)
                 read=disk.read_blocking if isinstance(disk, ReadsBlocking) else None,
                 map=disk.map_blocking if isinstance(disk, MapsBlocking) else None,
-                prepared=getattr(task.index, "prepared", None),
+                prepared=task.index.prepared,
             )
             if processor.prepared is not None:
                 processor.prepared.stopped = True  # the lanes take the cores from here
